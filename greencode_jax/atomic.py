@@ -1,0 +1,49 @@
+"""Atomic outputs: write to a temporary sibling, then rename into place.
+
+A command that fails, or is interrupted, leaves no half-written output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from greencode_jax.errors import GreencodeError
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False):
+    """Yields a temporary directory beside `out`; renames it to `out` when the block succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise GreencodeError(f"{out}: already exists; choose another output path or pass --overwrite")
+    if not out.parent.exists():
+        raise GreencodeError(f"{out.parent}: output's parent directory does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # overwrite: move the old one aside first, so a crash never loses both
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

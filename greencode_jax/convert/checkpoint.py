@@ -1,0 +1,94 @@
+"""Our own checkpoint: `greencode_config.json` (ModelConfig) + Orbax parameters + tokenizer files.
+
+Layout of a checkpoint directory:
+    greencode_config.json   {"format": "greencode-jax", "version": 1, "dtype": ..., "model": {...}}
+    params/                 Orbax StandardCheckpointer tree of the model's parameters
+    tokenizer files         copied from the Hugging Face source, when it had them
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from greencode_jax.atomic import atomic_directory
+from greencode_jax.errors import GreencodeError
+from greencode_jax.models import EarlyExitLM, ModelConfig, abstract_model, resolve_dtype
+from greencode_jax.models.config import load_json
+
+CONFIG_NAME = "greencode_config.json"
+FORMAT = "greencode-jax"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_NAME).exists()
+
+
+def copy_tokenizer_files(source_dir, out_dir: Path) -> list[str]:
+    copied = []
+    if source_dir is None:
+        return copied
+    for name in TOKENIZER_FILES:
+        src = Path(source_dir) / name
+        if src.is_file():
+            shutil.copy2(src, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    return ocp.StandardCheckpointer()
+
+
+def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False) -> Path:
+    """Writes `model` as our checkpoint at `out`, atomically."""
+    out = Path(out)
+    with atomic_directory(out, overwrite) as tmp:
+        meta = {"format": FORMAT, "version": 1, "dtype": np.dtype(model.dtype).name,
+                "model": model.config.to_dict()}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        checkpointer = _checkpointer()
+        checkpointer.save((tmp / "params").absolute(), nnx.state(model, nnx.Param).to_pure_dict())
+        checkpointer.wait_until_finished()
+        copy_tokenizer_files(getattr(model, "source", None), tmp)
+    return out
+
+
+def load_checkpoint(path: str | Path, dtype=None, exit_layers=None) -> EarlyExitLM:
+    """Reads our checkpoint; `dtype` casts on restore (default: the dtype it was saved in)."""
+    path = Path(path)
+    meta = load_json(path / CONFIG_NAME, "greencode checkpoint config")
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise GreencodeError(f"{path / CONFIG_NAME}: not a greencode-jax checkpoint config")
+    config = ModelConfig.from_dict(meta["model"], source=str(path / CONFIG_NAME))
+    if exit_layers is not None:
+        config = config.replace(exit_layers=tuple(exit_layers))
+    dtype = resolve_dtype(dtype or meta.get("dtype", "float32"))
+    graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state.to_pure_dict())
+    if not (path / "params").is_dir():
+        raise GreencodeError(f"{path}: checkpoint has no params/ directory")
+    try:
+        restored = _checkpointer().restore((path / "params").absolute(), target)
+    except Exception as error:
+        raise GreencodeError(f"{path / 'params'}: cannot restore parameters ({_first_line(error)})") from None
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    model = nnx.merge(graphdef, abstract_state)
+    model.source = str(path)
+    return model
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__

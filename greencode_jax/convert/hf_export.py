@@ -1,0 +1,82 @@
+"""`EarlyExitLM` -> a Hugging Face directory that transformers' PyTorch classes load.
+
+config.json comes from transformers' own config class; weights are safetensors
+with `{"format": "pt"}` metadata, sharded with an index past `max_shard_bytes`.
+The same mapping table as the import drives the names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from greencode_jax.atomic import atomic_directory
+from greencode_jax.convert.checkpoint import copy_tokenizer_files
+from greencode_jax.convert.mapping import hf_names, param_table
+from greencode_jax.models import EarlyExitLM
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _hf_tensors(model: EarlyExitLM):
+    """Yields (hf_name, numpy array) one tensor at a time, in the table's order."""
+    flat = {path: v.value for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for entry in param_table(model.config):
+        value = flat[entry.path]
+        for layer, name in enumerate(hf_names(entry, model.config.num_layers)):
+            tensor = np.asarray(value[layer] if entry.per_layer else value)
+            yield name, np.ascontiguousarray(tensor.T if entry.transpose else tensor)
+
+
+def _shards(model: EarlyExitLM, max_shard_bytes: int):
+    """Groups tensor names into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
+    shards, current, size = [], [], 0
+    flat = {path: v.value for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for entry in param_table(model.config):
+        value = flat[entry.path]
+        nbytes = value.nbytes // (model.config.num_layers if entry.per_layer else 1)
+        for name in hf_names(entry, model.config.num_layers):
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = [], 0
+            current.append(name)
+            size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def export_pretrained(model: EarlyExitLM, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      overwrite: bool = False, tokenizer_dir=None) -> Path:
+    """Writes config.json + safetensors (+ tokenizer files of the source) to `out_dir`, atomically."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    shards = _shards(model, max_shard_bytes)
+    shard_of = {name: i for i, names in enumerate(shards) for name in names}
+    file_names = (["model.safetensors"] if len(shards) == 1 else
+                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    with atomic_directory(out_dir, overwrite) as tmp:
+        config = model.config.to_hf()
+        config.dtype = TORCH_DTYPE_NAMES[np.dtype(model.dtype).name]
+        config.save_pretrained(tmp)
+        pending, current_shard, total = {}, 0, 0
+        weight_map = {}
+        for name, tensor in _hf_tensors(model):
+            shard = shard_of[name]
+            if shard != current_shard:
+                save_file(pending, tmp / file_names[current_shard], metadata={"format": "pt"})
+                pending, current_shard = {}, shard
+            pending[name] = tensor
+            weight_map[name] = file_names[shard]
+            total += tensor.nbytes
+        save_file(pending, tmp / file_names[current_shard], metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        copy_tokenizer_files(tokenizer_dir or getattr(model, "source", None), tmp)
+    return out_dir

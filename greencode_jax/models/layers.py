@@ -1,0 +1,194 @@
+"""Building blocks shared by OPT and Llama: norms, rotary embeddings, attention, MLPs.
+
+Norms, softmax and rotary angles are computed in float32 whatever the parameter
+dtype, as DESIGN.md's precision convention asks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from greencode_jax.models.config import ModelConfig
+
+ACTIVATION_FNS = {
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def normal_init(std=0.02):
+    return nnx.initializers.normal(std)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm, in float32; `affine=False` has neither scale nor bias."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = True, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype)) if affine else None
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if affine else None
+
+    def __call__(self, x):
+        y = x.astype(jnp.float32)
+        mean = y.mean(-1, keepdims=True)
+        var = jnp.square(y - mean).mean(-1, keepdims=True)
+        y = (y - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then scale (HF's order of operations)."""
+
+    def __init__(self, dim: int, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x):
+        y = x.astype(jnp.float32)
+        y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), -1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies of rotary embeddings, with `linear` or `llama3` scaling (HF's formulas)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(scaling.factor)
+    elif scaling.rope_type == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq, positions):
+    """cos and sin of the rotary angles, [B, T, head_dim], in float32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """HF's `rotate_half` convention, so Llama q/k weights need no permutation. x: [B, T, H, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention_mask(query_valid, key_valid, query_positions=None, key_positions=None):
+    """Boolean mask [B, T, S]: causal by index, and keys that are padding are hidden.
+
+    `query_valid` / `key_valid` are [B, T] / [B, S] booleans. Positions default to
+    indices; a KV-cached step passes the cache slots' indices.
+    """
+    t, s = query_valid.shape[1], key_valid.shape[1]
+    qi = jnp.arange(t)[None, :] if query_positions is None else query_positions
+    ki = jnp.arange(s)[None, :] if key_positions is None else key_positions
+    causal = ki[:, None, :] <= qi[:, :, None]
+    return causal & key_valid[:, None, :]
+
+
+def dot_product_attention(q, k, v, mask, scale):
+    """Grouped-query attention. q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,N*D].
+
+    Scores and softmax in float32. Fully masked rows (queries that are padding) get
+    uniform weights instead of NaN, as HF's finite mask value gives.
+    """
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        scores = scores * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n * d)
+
+
+def linear(rngs: nnx.Rngs, d_in: int, d_out: int, bias: bool, dtype):
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                      kernel_init=normal_init(), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped K/V heads; RoPE when `rotary` (Llama)."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.rotary = c.family == "llama"
+        # OPT scales the query after its projection (bias included); Llama scales the scores.
+        self.scale_query = c.family == "opt"
+        bias = c.attention_bias
+        self.q_proj = linear(rngs, c.hidden_size, c.num_heads * c.head_dim, bias, dtype)
+        self.k_proj = linear(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, bias, dtype)
+        self.v_proj = linear(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, bias, dtype)
+        self.o_proj = linear(rngs, c.num_heads * c.head_dim, c.hidden_size, bias, dtype)
+
+    def key_value(self, x, cos=None, sin=None):
+        """K and V of `x` ([B, T, K, D] each), rotated for Llama. A skipped layer needs only this."""
+        b, t, _ = x.shape
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.rotary:
+            k = apply_rope(k, cos, sin)
+        return k, v
+
+    def query(self, x, cos=None, sin=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x)
+        if self.scale_query:
+            q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        if self.rotary:
+            q = apply_rope(q, cos, sin)
+        return q
+
+    def __call__(self, x, mask, cos=None, sin=None):
+        q = self.query(x, cos, sin)
+        k, v = self.key_value(x, cos, sin)
+        scale = 1.0 if self.scale_query else self.head_dim ** -0.5
+        return self.o_proj(dot_product_attention(q, k, v, mask, scale))
+
+
+class OPTMLP(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        self.act = ACTIVATION_FNS[c.activation]
+        self.fc1 = linear(rngs, c.hidden_size, c.intermediate_size, c.mlp_bias, dtype)
+        self.fc2 = linear(rngs, c.intermediate_size, c.hidden_size, c.mlp_bias, dtype)
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GatedMLP(nnx.Module):
+    """Llama's SwiGLU MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        self.act = ACTIVATION_FNS[c.activation]
+        self.gate_proj = linear(rngs, c.hidden_size, c.intermediate_size, c.mlp_bias, dtype)
+        self.up_proj = linear(rngs, c.hidden_size, c.intermediate_size, c.mlp_bias, dtype)
+        self.down_proj = linear(rngs, c.intermediate_size, c.hidden_size, c.mlp_bias, dtype)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

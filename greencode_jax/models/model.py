@@ -1,0 +1,219 @@
+"""`EarlyExitLM`: OPT or Llama as a Flax NNX module with an exit head usable after any layer.
+
+Exit i decodes decoder layer i's output through the model's own final norm, OPT's
+`project_out` when present, and the LM head (GREEN-CODE adds no heads of its own).
+Decoder layers are stored stacked (one leading axis of size `num_layers`) so the
+forward is a `lax.scan` that compiles one layer, and so a layer's parameters can be
+sliced out for the KV-cached decode step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from greencode_jax.errors import GreencodeError
+from greencode_jax.models.config import ModelConfig
+from greencode_jax.models.layers import (
+    Attention, GatedMLP, LayerNorm, OPTMLP, RMSNorm, attention_mask, linear, normal_init, rope_cos_sin,
+    rope_inv_freq,
+)
+
+OPT_POSITION_OFFSET = 2  # OPT's learned positions start at index 2 (fairseq legacy)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise GreencodeError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+class DecoderBlock(nnx.Module):
+    """One decoder layer. Pre-norm (Llama, most OPT) or post-norm (opt-350m)."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        if c.family == "llama":
+            self.attn_norm = RMSNorm(c.hidden_size, c.norm_eps, dtype)
+            self.mlp_norm = RMSNorm(c.hidden_size, c.norm_eps, dtype)
+            self.mlp = GatedMLP(c, dtype, rngs)
+        else:
+            self.attn_norm = LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, dtype)
+            self.mlp_norm = LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, dtype)
+            self.mlp = OPTMLP(c, dtype, rngs)
+        self.attn = Attention(c, dtype, rngs)
+        self.pre_norm = c.family == "llama" or c.pre_layer_norm
+
+    def attention_input(self, h):
+        """What this layer's attention projects: its K/V for a skipped layer come from here."""
+        return self.attn_norm(h) if self.pre_norm else h
+
+    def __call__(self, h, mask, cos=None, sin=None):
+        if self.pre_norm:
+            h = h + self.attn(self.attn_norm(h), mask, cos, sin)
+            return h + self.mlp(self.mlp_norm(h))
+        h = self.attn_norm(h + self.attn(h, mask, cos, sin))
+        return self.mlp_norm(h + self.mlp(h))
+
+
+class ForwardOutput(NamedTuple):
+    """The training forward's result. `exit_*` are stacked in `config.exit_layers` order."""
+
+    logits: jax.Array  # [B, T, V] float32, final layer
+    exit_logits: jax.Array  # [n_exits, B, T, V] float32 (the last entry is the final layer)
+    exit_hidden: jax.Array  # [n_exits, B, T, H], decoder-layer outputs before the exit head
+
+
+class EarlyExitLM(nnx.Module):
+    """A decoder-only LM whose every configured exit layer can produce logits."""
+
+    def __init__(self, config: ModelConfig, dtype="float32", *, rngs: nnx.Rngs):
+        c = self.config = config
+        dtype = self.dtype = resolve_dtype(dtype)
+        embed_dim = c.word_embed_dim
+        self.embed_tokens = nnx.Embed(c.vocab_size, embed_dim, dtype=dtype, param_dtype=dtype,
+                                      embedding_init=normal_init(), rngs=rngs)
+        self.embed_positions = nnx.Embed(
+            c.max_position_embeddings + OPT_POSITION_OFFSET, c.hidden_size, dtype=dtype, param_dtype=dtype,
+            embedding_init=normal_init(), rngs=rngs) if c.family == "opt" else None
+        self.project_in = linear(rngs, embed_dim, c.hidden_size, False, dtype) if c.has_projection else None
+        self.project_out = linear(rngs, c.hidden_size, embed_dim, False, dtype) if c.has_projection else None
+
+        @nnx.split_rngs(splits=c.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(rngs):
+            return DecoderBlock(c, dtype, rngs)
+
+        self.layers = stacked_blocks(rngs)
+        if not c.has_final_norm:
+            self.final_norm = None
+        elif c.family == "llama":
+            self.final_norm = RMSNorm(c.hidden_size, c.norm_eps, dtype)
+        else:
+            self.final_norm = LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, dtype)
+        self.lm_head = None if c.tie_word_embeddings else linear(rngs, embed_dim, c.vocab_size, False, dtype)
+
+    # ---- pieces ------------------------------------------------------------------
+    def positions(self, valid):
+        """Positions from the attention mask, so left padding works (padding gets -1)."""
+        return jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1)
+
+    def embed(self, input_ids, positions):
+        h = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            h = self.project_in(h)
+        if self.embed_positions is not None:
+            h = h + self.embed_positions(positions + OPT_POSITION_OFFSET)
+        return h
+
+    def rope(self, positions):
+        if self.config.family != "llama":
+            return None, None
+        return rope_cos_sin(rope_inv_freq(self.config), positions)
+
+    def exit_head(self, h):
+        """Final norm, OPT's project_out, LM head: the same head after any layer. float32 logits."""
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def block(self, index: int) -> DecoderBlock:
+        """Decoder layer `index` as its own module (its slice of the stacked parameters)."""
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state))
+
+    def run_layers(self, h, mask, cos, sin, num_layers: int, collect: bool):
+        """Runs decoder layers 0..num_layers-1; with `collect`, also returns every layer's output."""
+        graphdef, state = nnx.split(self.layers)
+        if num_layers < self.config.num_layers:
+            state = jax.tree.map(lambda x: x[:num_layers], state)
+
+        def body(h, layer_state):
+            h = nnx.merge(graphdef, layer_state)(h, mask, cos, sin)
+            return h, (h if collect else None)
+
+        if self.config.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        if self.config.scan_layers:
+            return jax.lax.scan(body, h, state)
+        outputs = []
+        for i in range(num_layers):
+            h, out = body(h, jax.tree.map(lambda x: x[i], state))
+            outputs.append(out)
+        return h, (jnp.stack(outputs) if collect else None)
+
+    def _prepare(self, input_ids, attention_mask_):
+        valid = (jnp.ones(input_ids.shape, bool) if attention_mask_ is None
+                 else jnp.asarray(attention_mask_).astype(bool))
+        positions = self.positions(valid)
+        mask = attention_mask(valid, valid)
+        return self.embed(input_ids, positions), mask, *self.rope(positions)
+
+    # ---- forwards ------------------------------------------------------------------
+    def __call__(self, input_ids, attention_mask=None) -> ForwardOutput:
+        """Training forward: final logits and every configured exit's logits and hidden states."""
+        h, mask, cos, sin = self._prepare(input_ids, attention_mask)
+        _, hidden = self.run_layers(h, mask, cos, sin, self.config.num_layers, collect=True)
+        exits = jnp.asarray(self.config.exit_layers)
+        exit_hidden = hidden[exits]
+        n, b, t, d = exit_hidden.shape
+        exit_logits = self.exit_head(exit_hidden.reshape(n * b, t, d)).reshape(n, b, t, -1)
+        return ForwardOutput(exit_logits[-1], exit_logits, exit_hidden)
+
+    def forward_logits(self, input_ids, attention_mask=None, layer: int | None = None):
+        """Logits at one layer (default the last), running only the layers up to it."""
+        layer = self.config.num_layers - 1 if layer is None else layer
+        h, mask, cos, sin = self._prepare(input_ids, attention_mask)
+        h, _ = self.run_layers(h, mask, cos, sin, layer + 1, collect=False)
+        return self.exit_head(h)
+
+    def logits(self, input_ids, attention_mask=None, layer: int | None = None):
+        """[B, T, V] float32 logits through the exit head after 0-based decoder `layer` (None: final)."""
+        input_ids, attention_mask = check_inputs(self.config, input_ids, attention_mask)
+        if layer is not None and not (isinstance(layer, int) and 0 <= layer < self.config.num_layers):
+            raise GreencodeError(f"layer={layer!r}: expected a 0-based decoder layer in 0..{self.config.num_layers - 1}")
+        graphdef, state = nnx.split(self)
+        return _jitted_logits(graphdef, state, input_ids, attention_mask, layer)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer"))
+def _jitted_logits(graphdef, state, input_ids, attention_mask, layer):
+    return nnx.merge(graphdef, state).forward_logits(input_ids, attention_mask, layer)
+
+
+def check_inputs(config: ModelConfig, input_ids, attention_mask):
+    """Validates token ids and mask shapes, naming what is wrong."""
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise GreencodeError(f"input_ids: expected an integer array [batch, length], got {input_ids.dtype}{list(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise GreencodeError("input_ids: the prompt is empty")
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise GreencodeError(f"input_ids: length {input_ids.shape[1]} exceeds the model's "
+                             f"max_position_embeddings={config.max_position_embeddings}")
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise GreencodeError(f"attention_mask: shape {list(attention_mask.shape)} differs from "
+                                 f"input_ids {list(input_ids.shape)}")
+    return input_ids, attention_mask
+
+
+def init_model(config: ModelConfig, dtype="float32", seed: int = 0) -> EarlyExitLM:
+    """A randomly initialised model (for training from scratch and for tests)."""
+    return EarlyExitLM(config, dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: ModelConfig, dtype="float32") -> EarlyExitLM:
+    """The model's structure with shape-only parameters: allocates no weights."""
+    return nnx.eval_shape(lambda: EarlyExitLM(config, dtype, rngs=nnx.Rngs(0)))
