@@ -59,7 +59,7 @@ def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False
                 "model": model.config.to_dict()}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         checkpointer = _checkpointer()
-        checkpointer.save((tmp / "params").absolute(), nnx.state(model, nnx.Param).to_pure_dict())
+        checkpointer.save((tmp / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()
         copy_tokenizer_files(getattr(model, "source", None), tmp)
     return out
@@ -76,7 +76,7 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None) -> EarlyExit
         config = config.replace(exit_layers=tuple(exit_layers))
     dtype = resolve_dtype(dtype or meta.get("dtype", "float32"))
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state.to_pure_dict())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state))
     if not (path / "params").is_dir():
         raise GreencodeError(f"{path}: checkpoint has no params/ directory")
     try:

@@ -22,9 +22,13 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
+def _params(model: EarlyExitLM) -> dict:
+    return {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def _hf_tensors(model: EarlyExitLM):
     """Yields (hf_name, numpy array) one tensor at a time, in the table's order."""
-    flat = {path: v.value for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = _params(model)
     for entry in param_table(model.config):
         value = flat[entry.path]
         for layer, name in enumerate(hf_names(entry, model.config.num_layers)):
@@ -35,7 +39,7 @@ def _hf_tensors(model: EarlyExitLM):
 def _shards(model: EarlyExitLM, max_shard_bytes: int):
     """Groups tensor names into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
     shards, current, size = [], [], 0
-    flat = {path: v.value for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = _params(model)
     for entry in param_table(model.config):
         value = flat[entry.path]
         nbytes = value.nbytes // (model.config.num_layers if entry.per_layer else 1)

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 
+from greencode_jax.convert.host import host_buffer, to_jax
 from greencode_jax.convert.mapping import IGNORED_SUFFIXES, Entry, canonical_name, hf_names, param_table
 from greencode_jax.convert.readers import TensorSource
 from greencode_jax.errors import GreencodeError
@@ -54,39 +54,28 @@ def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None) -> EarlyEx
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
     flat_abstract = {path: leaf for path, leaf in nnx.to_flat_state(abstract_state)}
 
-    # Where each HF tensor goes: (entry, layer index or None).
     table = param_table(config)
-    targets: dict[str, tuple[Entry, int | None]] = {}
-    for entry in table:
-        for layer, name in enumerate(hf_names(entry, config.num_layers)):
-            targets[name] = (entry, layer if entry.per_layer else None)
-    _check_names(source, targets, config, model_dir)
+    _check_names(source, {name for entry in table for name in hf_names(entry, config.num_layers)}, config, model_dir)
 
-    buffers: dict[tuple[str, ...], np.ndarray] = {}
-    remaining = {entry.path: (config.num_layers if entry.per_layer else 1) for entry in table}
+    # One parameter at a time, in table order: read its tensors (every layer's, for a
+    # stacked one) into a host buffer, hand that to JAX, and free it before the next.
+    present = {canonical_name(n): n for n in source.names()}
     arrays: dict[tuple[str, ...], jax.Array] = {}
-    np_dtype = np.dtype(dtype)
-    for raw_name, tensor in source.iter_tensors():
-        name = canonical_name(raw_name)
-        if name not in targets:
-            continue  # ignorable, already vetted by _check_names
-        entry, layer = targets[name]
-        our_shape = tuple(flat_abstract[entry.path].value.shape)
+    for entry in table:
+        our_shape = tuple(flat_abstract[entry.path].get_value().shape)
         expected = _hf_shape(entry, our_shape)
-        if tuple(tensor.shape) != expected:
-            raise GreencodeError(f"{source.file_of(raw_name)}: tensor '{raw_name}' has shape {list(tensor.shape)}, "
-                                 f"expected {list(expected)} for this config")
-        value = tensor.T if entry.transpose else tensor
-        if entry.path not in buffers:
-            buffers[entry.path] = np.empty(our_shape, np_dtype)
-        if layer is None:
-            buffers[entry.path][...] = value.astype(np_dtype, copy=False)
-        else:
-            buffers[entry.path][layer] = value.astype(np_dtype, copy=False)
-        del tensor, value
-        remaining[entry.path] -= 1
-        if remaining[entry.path] == 0:  # complete: hand it to JAX and free the host buffer
-            arrays[entry.path] = jax.device_put(buffers.pop(entry.path))
+        buffer, view = host_buffer(our_shape, dtype)
+        for layer, name in enumerate(hf_names(entry, config.num_layers)):
+            raw_name = present[name]
+            if source.shape(raw_name) != expected:
+                raise GreencodeError(f"{source.file_of(raw_name)}: tensor '{raw_name}' has shape "
+                                     f"{list(source.shape(raw_name))}, expected {list(expected)} for this config")
+            tensor = source.read(raw_name)
+            target = view[layer] if entry.per_layer else view
+            target[...] = tensor.T if entry.transpose else tensor  # casts to the requested dtype
+            del tensor
+        arrays[entry.path] = to_jax(buffer, dtype)
+        del buffer, view
 
     state = nnx.from_flat_state({path: flat_abstract[path].replace(arrays[path]) for path in flat_abstract})
     model = nnx.merge(graphdef, state)
@@ -94,7 +83,7 @@ def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None) -> EarlyEx
     return model
 
 
-def _check_names(source: TensorSource, targets: dict, config: ModelConfig, model_dir: Path):
+def _check_names(source: TensorSource, targets: set[str], config: ModelConfig, model_dir: Path):
     present = {canonical_name(n): n for n in source.names()}
     missing = [name for name in targets if name not in present]
     if missing:

@@ -1,0 +1,151 @@
+"""`greencode bench forward`: prefill throughput against transformers PyTorch, and import memory.
+
+Both sides run the same random weights on the same prompt in the same process;
+the import memory is measured in a fresh subprocess so earlier allocations do not
+hide the peak.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from greencode_jax.errors import GreencodeError
+
+SHAPES = {
+    "opt-125m": ("opt", dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
+                             num_attention_heads=12, max_position_embeddings=2048)),
+    "opt-350m": ("opt", dict(vocab_size=50272, hidden_size=1024, num_hidden_layers=24, ffn_dim=4096,
+                             num_attention_heads=16, max_position_embeddings=2048, word_embed_proj_dim=512,
+                             do_layer_norm_before=False)),
+    "llama-160m": ("llama", dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
+                                 num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048)),
+    "tiny-opt": ("opt", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                             num_attention_heads=4, max_position_embeddings=1024)),
+    "tiny-llama": ("llama", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)),
+}
+
+TARGET_SPEED_RATIO = 1.0  # issue 2: our prefill tokens/s >= 1.0x PyTorch's (opt-125m, 512 tokens, fp32, CPU)
+TARGET_MEMORY_RATIO = 1.5  # issue 2: import peak RSS <= 1.5x the checkpoint's size
+
+_MEMORY_PROBE = r"""
+import json, sys, psutil
+import jax
+jax.devices()
+import greencode_jax as gc
+# Warm up every code path on a tiny model first, so the baseline already holds the
+# libraries' own memory and the growth is what the import of this checkpoint costs.
+gc.load_pretrained(sys.argv[3], dtype=sys.argv[2])
+baseline = psutil.Process().memory_info().rss
+model = gc.load_pretrained(sys.argv[1], dtype=sys.argv[2])
+jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
+# VmHWM is this process image's own peak; ru_maxrss would include the parent's RSS at fork.
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"baseline_rss": baseline, "peak_rss": peak}))
+"""
+
+
+def build_reference(shape: str, dtype: str):
+    import torch
+    import transformers
+
+    if shape not in SHAPES:
+        raise GreencodeError(f"--shape {shape!r}: unknown; choose one of {sorted(SHAPES)}")
+    family, fields = SHAPES[shape]
+    config_class = transformers.OPTConfig if family == "opt" else transformers.LlamaConfig
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**fields))
+    return model.to(getattr(torch, dtype)).eval()
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_bench_forward(args) -> dict:
+    import jax
+    import numpy as np
+    import torch
+
+    import greencode_jax as gc
+
+    if args.tokens <= 0 or args.batch <= 0 or args.repeats <= 0:
+        raise GreencodeError("--tokens, --batch and --repeats must be positive")
+    print(f"bench forward: shape {args.shape}, batch {args.batch} x {args.tokens} tokens, {args.dtype}, "
+          f"{args.repeats} timed runs; JAX {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+    reference = build_reference(args.shape, args.dtype)
+    if args.tokens > reference.config.max_position_embeddings:
+        raise GreencodeError(f"--tokens {args.tokens} exceeds the shape's {reference.config.max_position_embeddings} positions")
+    results = {"shape": args.shape, "tokens": args.tokens, "batch": args.batch, "dtype": args.dtype,
+               "device": str(jax.devices()[0]), "torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        reference.save_pretrained(tmp)
+        checkpoint_bytes = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+        model = gc.load_pretrained(tmp, dtype=args.dtype)
+        if not args.skip_memory:
+            results["memory"] = _import_memory(tmp, args.dtype, checkpoint_bytes)
+
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.tokens))
+    torch_ids = torch.tensor(ids)
+
+    start = time.perf_counter()
+    jax.block_until_ready(model.logits(ids))
+    results["jax_compile_s"] = time.perf_counter() - start
+    ours = _median_seconds(lambda: jax.block_until_ready(model.logits(ids)), args.repeats)
+
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up
+            reference(torch_ids)
+        theirs = _median_seconds(lambda: reference(torch_ids).logits, args.repeats)
+
+    tokens = args.batch * args.tokens
+    results.update(jax_tokens_per_s=tokens / ours, torch_tokens_per_s=tokens / theirs,
+                   speed_ratio=theirs / ours, speed_target=TARGET_SPEED_RATIO)
+    _print_results(results)
+    if args.json:
+        from greencode_jax.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _import_memory(model_dir: str, dtype: str, checkpoint_bytes: int) -> dict:
+    family = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    with tempfile.TemporaryDirectory() as warmup_dir:
+        build_reference(f"tiny-{family}", dtype).save_pretrained(warmup_dir)
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, model_dir, dtype, warmup_dir],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GreencodeError(f"import memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = probe["peak_rss"] - probe["baseline_rss"]
+    return {"checkpoint_bytes": checkpoint_bytes, "baseline_rss": probe["baseline_rss"], "peak_rss": probe["peak_rss"],
+            "import_growth_bytes": growth, "growth_ratio": growth / checkpoint_bytes, "target": TARGET_MEMORY_RATIO}
+
+
+def _print_results(r: dict):
+    mib = 1024**2
+    verdict = lambda ok: "meets" if ok else "MISSES"  # noqa: E731
+    print(f"  compile (first call)       {r['jax_compile_s']:8.2f} s")
+    print(f"  greencode-jax prefill      {r['jax_tokens_per_s']:10.1f} tokens/s")
+    print(f"  transformers PyTorch       {r['torch_tokens_per_s']:10.1f} tokens/s")
+    print(f"  ratio ours / PyTorch       {r['speed_ratio']:10.2f} x   (target >= {r['speed_target']:.1f} x: "
+          f"{verdict(r['speed_ratio'] >= r['speed_target'])})")
+    if "memory" in r:
+        m = r["memory"]
+        print(f"  checkpoint size            {m['checkpoint_bytes'] / mib:10.1f} MiB")
+        print(f"  import peak RSS growth     {m['import_growth_bytes'] / mib:10.1f} MiB  = {m['growth_ratio']:.2f} x "
+              f"checkpoint (target <= {m['target']:.1f} x: {verdict(m['growth_ratio'] <= m['target'])}); "
+              f"process peak {m['peak_rss'] / mib:.0f} MiB over a {m['baseline_rss'] / mib:.0f} MiB baseline")

@@ -1,0 +1,79 @@
+"""YAML configs with `section.field=value` overrides, into typed frozen dataclasses."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from pathlib import Path
+
+import yaml
+
+from greencode_jax.errors import GreencodeError
+
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    name: str = "demo"
+    seed: int = 0
+    dtype: str = "float32"
+    prompt_tokens: int = 512
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise GreencodeError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        raise GreencodeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise GreencodeError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+    """`section.field=value` (value parsed as YAML) replaces or adds a field of a known section.
+
+    Deeper keys (`model.rope_parameters.factor=8`) reach into nested mappings.
+    """
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise GreencodeError(f"override {item!r}: expected section.field=value")
+        if parts[0] not in data:
+            raise GreencodeError(f"override {item!r}: no section '{parts[0]}' in {source}{_hint(parts[0], data)}")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise GreencodeError(f"override {item!r}: '{part}' is not a mapping in {source}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def typed_section(cls, values: dict, section: str, source: str):
+    """Builds dataclass `cls` from a section, naming any misspelt field and its closest valid one."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise GreencodeError(f"{source}: unknown field '{section}.{key}'{_hint(key, names)}")
+    typed = {}
+    for key, value in values.items():
+        expected = type(names[key].default)
+        if expected is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise GreencodeError(f"{source}: field '{section}.{key}' is {value!r}, expected {expected.__name__}")
+        typed[key] = value
+    return cls(**typed)
+
+
+def _hint(word, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

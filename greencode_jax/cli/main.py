@@ -1,0 +1,129 @@
+"""The `greencode` command.
+
+Heavy imports (JAX, transformers, torch) happen inside each command, so `--help`
+answers at once. A `GreencodeError` is printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _exit_layers(text: str):
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 3,5,7, got {text!r}")
+
+
+def _size(text: str) -> int:
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+    upper = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if upper.endswith(unit):
+            try:
+                return int(float(upper[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    try:
+        return int(upper)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB or 500MiB, got {text!r}")
+
+
+def cmd_convert_from_hf(args):
+    from greencode_jax.convert import load_hf, resolve_model_dir, save_checkpoint
+
+    model = load_hf(resolve_model_dir(args.src), args.dtype, args.exit_layers)
+    out = save_checkpoint(model, args.out, overwrite=args.overwrite)
+    c = model.config
+    print(f"wrote {out}: {c.family}, {c.num_layers} layers, exits {list(c.exit_layers)}, {args.dtype}")
+
+
+def cmd_export_hf(args):
+    from greencode_jax.convert import export_pretrained, load_pretrained
+
+    model = load_pretrained(args.src, args.dtype, args.exit_layers)
+    out = export_pretrained(model, args.out, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+    print(f"wrote {out}: config.json + safetensors for transformers' {model.config.to_hf().architectures[0]}")
+
+
+def cmd_bench_forward(args):
+    from greencode_jax.cli.bench_forward import run_bench_forward
+
+    run_bench_forward(args)
+
+
+def cmd_run(args):
+    from greencode_jax.cli.pipeline import run_pipeline
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        config, overrides = None, [config, *overrides]  # `greencode run a.b=c`: overrides of the default
+    run_pipeline(config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="greencode", description="greencode-jax: early-exit code LLMs in JAX/Flax that spend less energy "
+        "per token. Run `greencode COMMAND --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the main job on a config (default: the embedded demo)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/demo.yaml, embedded)")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("convert-from-hf", help="Hugging Face model dir or hub id -> greencode checkpoint")
+    p.add_argument("src", help="HF model directory (config.json + safetensors or pytorch_model.bin) or hub id")
+    p.add_argument("out", help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--exit-layers", type=_exit_layers, default=None,
+                   help="0-based decoder layers with an exit, e.g. 3,5,7,9 (default: every layer)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_convert_from_hf)
+
+    p = sub.add_parser("export-hf", help="greencode checkpoint (or HF dir) -> HF dir for transformers/PyTorch")
+    p.add_argument("src", help="greencode checkpoint directory (or a HF model directory)")
+    p.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype of the export (default: the checkpoint's)")
+    p.add_argument("--exit-layers", type=_exit_layers, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-shard-size", type=_size, default="5GB", help="shard the safetensors past this size (5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export_hf)
+
+    bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    p = bench_sub.add_parser("forward", help="prefill tokens/s vs transformers PyTorch, and import peak memory")
+    p.add_argument("--shape", default="opt-125m", help="model shape: opt-125m, opt-350m, llama-160m, tiny-opt, "
+                   "tiny-llama (default opt-125m)")
+    p.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=5, help="timed runs after warm-up (median reported)")
+    p.add_argument("--skip-memory", action="store_true", help="skip the import peak-memory measurement")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_forward)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from greencode_jax.errors import GreencodeError
+
+    try:
+        args.func(args)
+    except GreencodeError as error:
+        print(f"greencode: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("greencode: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

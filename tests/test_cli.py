@@ -1,0 +1,101 @@
+"""The `greencode` command: conversions end to end, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from greencode_jax.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                    num_attention_heads=4, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("cli") / "hf"
+    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    return path
+
+
+def leftovers(parent: Path, name: str):
+    """The output and any temporary sibling a failed command might leave."""
+    return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}."))
+
+
+def test_convert_then_export_round_trips_to_pytorch(hf_dir, tmp_path, capsys):
+    ours, back = tmp_path / "ours", tmp_path / "back"
+    assert main(["convert-from-hf", str(hf_dir), str(ours), "--exit-layers", "0"]) == 0
+    assert main(["export-hf", str(ours), str(back)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    saved = json.loads((ours / "greencode_config.json").read_text())
+    assert saved["model"]["exit_layers"] == [0, 1]
+    assert (back / "tokenizer_config.json").exists()  # carried from the source through our checkpoint
+
+    original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    exported, info = transformers.AutoModelForCausalLM.from_pretrained(back, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.tensor(np.random.default_rng(0).integers(0, 64, (1, 40)))
+    with torch.inference_mode():
+        np.testing.assert_allclose(exported.eval()(ids).logits.numpy(), original(ids).logits.numpy(), atol=1e-5)
+    assert json.loads((back / "config.json").read_text())["greencode_exit_layers"] == [0, 1]
+
+
+@pytest.mark.parametrize("case", ["missing_path", "not_json", "unknown_type", "truncated", "exists"])
+def test_bad_input_is_one_line_and_leaves_nothing(hf_dir, tmp_path, case):
+    src = tmp_path / "src"
+    if case != "missing_path":
+        src.mkdir()
+        (src / "config.json").write_text((hf_dir / "config.json").read_text())
+        data = (hf_dir / "model.safetensors").read_bytes()
+        (src / "model.safetensors").write_bytes(data[: len(data) // 2] if case == "truncated" else data)
+    if case == "not_json":
+        (src / "config.json").write_text("{ not json")
+    if case == "unknown_type":
+        config = json.loads((hf_dir / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    out = tmp_path / "out"
+    if case == "exists":
+        out.mkdir()
+    expected = {"missing_path": "no such directory", "not_json": "not valid JSON",
+                "unknown_type": "unsupported model_type 'gpt2'", "truncated": "truncated",
+                "exists": "already exists"}[case]
+    proc = subprocess.run([sys.executable, "-m", "greencode_jax.cli.main", "convert-from-hf", str(src), str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("greencode:")]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert leftovers(tmp_path, "out") == (["out"] if case == "exists" else [])
+
+
+def test_run_demo_pipeline_reports_parity_and_skips_done_stages(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["run.name=t", "run.prompt_tokens=40", "model.num_hidden_layers=3", "model.hidden_size=32",
+            "model.intermediate_size=64", "model.num_attention_heads=4", "model.vocab_size=96",
+            "model.max_position_embeddings=64", "model.rope_parameters.original_max_position_embeddings=16",
+            "model.exit_layers=[0]"]
+    assert main(["run", *tiny]) == 0
+    report = json.loads((tmp_path / "runs/t/report.json").read_text())
+    assert report["pytorch_checked"] and set(report["exits"]) == {"0", "2"}
+    for row in report["exits"].values():
+        assert row["jax_round_trip"] == 0.0 and row["vs_pytorch"] < 1e-4
+    assert main(["run", *tiny]) == 0
+    assert "[checkpoint] up to date, skipped" in capsys.readouterr().out
+    assert main(["run", *tiny, "run.nmae=x"]) == 2
+    assert "did you mean 'name'" in capsys.readouterr().err
+
+
+def test_bench_forward_prints_ratio(capsys):
+    assert main(["bench", "forward", "--shape", "tiny-llama", "--tokens", "16", "--repeats", "1",
+                 "--skip-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio ours / PyTorch" in out and "tokens/s" in out
