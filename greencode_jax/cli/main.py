@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
+
 
 def _exit_layers(text: str):
     try:
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export_hf)
 
+    register_energy(sub)
+
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = bench_sub.add_parser("forward", help="prefill tokens/s vs transformers PyTorch, and import peak memory")
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-memory", action="store_true", help="skip the import peak-memory measurement")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_forward)
+    register_bench_energy(bench_sub)
     return parser
 
 

@@ -73,7 +73,7 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None) -> EarlyExit
         raise GreencodeError(f"{path / CONFIG_NAME}: not a greencode-jax checkpoint config")
     config = ModelConfig.from_dict(meta["model"], source=str(path / CONFIG_NAME))
     if exit_layers is not None:
-        config = config.replace(exit_layers=tuple(exit_layers))
+        config = config.replace(exit_layers=exit_layers)
     dtype = resolve_dtype(dtype or meta.get("dtype", "float32"))
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state))

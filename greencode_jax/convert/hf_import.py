@@ -33,7 +33,8 @@ def resolve_model_dir(path: str | Path) -> Path:
 
             return Path(snapshot_download(str(path), allow_patterns=HF_FILES))
         except Exception as error:
-            raise GreencodeError(f"{path}: could not download from the Hugging Face hub ({error})") from None
+            raise GreencodeError(f"{path}: no such local directory, and downloading it as a Hugging Face hub id "
+                                 f"failed ({str(error).splitlines()[0][:200]})") from None
     raise GreencodeError(
         f"{path}: no such directory (expected a Hugging Face model directory, a greencode checkpoint, "
         "or a hub id such as facebook/opt-125m)")

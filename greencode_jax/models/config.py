@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import numbers
 from typing import Any, Mapping
 
 from greencode_jax.errors import GreencodeError
@@ -83,9 +84,11 @@ class ModelConfig:
             bad("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
         if self.rope_scaling.rope_type not in ROPE_TYPES:
             bad("rope_scaling.rope_type", f"got {self.rope_scaling.rope_type!r}, supported: {ROPE_TYPES}")
-        exits = self.exit_layers or tuple(range(self.num_layers))
-        if isinstance(exits, int) or not all(isinstance(i, int) for i in exits):
+        exits = () if self.exit_layers is None else self.exit_layers
+        is_index = lambda i: isinstance(i, numbers.Integral) and not isinstance(i, bool)  # noqa: E731
+        if is_index(exits) or isinstance(exits, str) or not all(is_index(i) for i in exits):
             bad("exit_layers", f"got {exits!r}, expected a list of 0-based decoder-layer indices")
+        exits = tuple(int(i) for i in exits) or tuple(range(self.num_layers))
         out_of_range = [i for i in exits if not 0 <= i < self.num_layers]
         if out_of_range:
             bad("exit_layers", f"{out_of_range} outside 0..{self.num_layers - 1} (0-based decoder layers)")
@@ -151,7 +154,7 @@ class ModelConfig:
         fields = readers[model_type](_Reader(hf, source))
         if exit_layers is None:
             exit_layers = hf.get("greencode_exit_layers")
-        fields["exit_layers"] = tuple(exit_layers) if exit_layers is not None else ()
+        fields["exit_layers"] = exit_layers if exit_layers is not None else ()  # validated by __post_init__
         return cls(**fields)
 
     def to_hf(self):
@@ -168,7 +171,7 @@ class ModelConfig:
         if self.family == "opt":
             config = transformers.OPTConfig(
                 **common, ffn_dim=self.intermediate_size, do_layer_norm_before=self.pre_layer_norm,
-                _remove_final_layer_norm=not self.final_layer_norm and self.pre_layer_norm,
+                _remove_final_layer_norm=not self.final_layer_norm,
                 word_embed_proj_dim=self.word_embed_dim, activation_function=self.activation,
                 enable_bias=self.attention_bias, layer_norm_elementwise_affine=self.layer_norm_affine,
                 dropout=0.0, attention_dropout=0.0)
