@@ -1,0 +1,183 @@
+"""`greencode energy probe | calibrate` and `greencode bench energy`.
+
+`register(subparsers)` adds the `energy` command; `register_bench(bench_subparsers)` adds
+`bench energy`. Heavy imports (JAX, the model) happen inside the handlers so `--help`
+answers at once; user mistakes raise `GreencodeError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from greencode_jax.errors import GreencodeError
+
+MAX_DEFAULT_DEPTHS = 8
+
+
+def _depths(text: str) -> list[int]:
+    try:
+        depths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of layers such as 1,4,8, got {text!r}")
+    if not depths:
+        raise argparse.ArgumentTypeError("expected at least two numbers of layers such as 1,4,8")
+    return depths
+
+
+def _energy_config(overrides):
+    from greencode_jax.energy import EnergyConfig
+
+    return EnergyConfig().with_overrides(overrides or [])
+
+
+def cmd_energy_probe(args):
+    from greencode_jax.energy import format_probe, probe
+
+    if args.sample_seconds < 0:
+        raise GreencodeError(f"--sample-seconds {args.sample_seconds}: expected 0 or more")
+    report = probe(_energy_config(args.set), sample_s=args.sample_seconds)
+    print(format_probe(report))
+    if args.json:
+        from greencode_jax.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+def prefill_workload(model, tokens: int, batch: int, seed: int = 0):
+    """`workload(layers) -> (step, tokens_per_step)`: prefill of random ids through decoder
+    layers 0..layers-1 and the exit head. Prefill stands in for decoding until the
+    KV-cached decode with FixedExit lands; the generation code can pass its own workload."""
+    import numpy as np
+
+    num_layers = model.config.num_layers
+    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, tokens), dtype=np.int32)
+
+    def workload(layers: int):
+        if not 1 <= layers <= num_layers:
+            raise GreencodeError(f"depth {layers}: expected a number of layers in 1..{num_layers}")
+        return (lambda: model.logits(ids, layer=layers - 1)), batch * tokens
+
+    return workload
+
+
+def default_depths(model) -> list[int]:
+    """Layers computed at each exit (exit layer + 1), thinned to at most MAX_DEFAULT_DEPTHS, ends kept."""
+    depths = [layer + 1 for layer in model.config.exit_layers]
+    if len(depths) > MAX_DEFAULT_DEPTHS:
+        picks = {round(i * (len(depths) - 1) / (MAX_DEFAULT_DEPTHS - 1)) for i in range(MAX_DEFAULT_DEPTHS)}
+        depths = [depths[i] for i in sorted(picks)]
+    if len(set(depths)) < 2:
+        depths = sorted({1, model.config.num_layers})
+    return depths
+
+
+def cmd_energy_calibrate(args):
+    import greencode_jax as gc
+    from greencode_jax.energy import EnergyMeter, fit_cost_model, window_measure
+
+    for name in ("tokens", "batch", "repeats"):
+        if getattr(args, name) <= 0:
+            raise GreencodeError(f"--{name} {getattr(args, name)}: expected a positive number")
+    if args.min_seconds <= 0 or args.idle_seconds < 0:
+        raise GreencodeError("--min-seconds must be positive and --idle-seconds 0 or more")
+    config = _energy_config(args.set)
+    model = gc.load_pretrained(args.model, dtype=args.dtype)
+    depths = args.depths or default_depths(model)
+    c = model.config
+    workload = (f"prefill of {args.batch} x {args.tokens} random tokens per step through the first k layers "
+                "and the exit head (stand-in for KV-cached decoding with FixedExit)")
+    print(f"calibrate: {args.model} ({c.family}, {c.num_layers} layers), depths {depths}, {args.repeats} repeat(s), "
+          f">= {args.min_seconds} s per window\n  workload: {workload}", flush=True)
+    meter = EnergyMeter(config)
+    try:
+        for selection in meter.selections:
+            b = selection.backend
+            print(f"  metering {selection.spec.key}: {b.method} via {b.name}")
+        if args.idle_seconds > 0:
+            meter.measure_idle(args.idle_seconds)
+        measure = window_measure(meter, prefill_workload(model, args.tokens, args.batch, args.seed),
+                                 args.min_seconds, above_idle=args.idle_seconds > 0)
+        model_fit = fit_cost_model(_printing(measure), depths, args.repeats, workload)
+    finally:
+        meter.close()
+    print(f"  fit ({model_fit.method}): J/token = {model_fit.a_j:.6g} + {model_fit.b_j_per_layer:.6g} x layers"
+          f"   R² = {'undefined' if model_fit.r2 is None else f'{model_fit.r2:.4f}'}")
+    print("  residuals (J/token): " + ", ".join(f"{r:+.3g}" for r in model_fit.residuals))
+    for warning in model_fit.warnings:
+        print(f"  warning: {warning}")
+    if args.out:
+        from greencode_jax.atomic import atomic_write_text
+
+        record = {"model": str(args.model), "depths": depths, "tokens": args.tokens, "batch": args.batch,
+                  "dtype": args.dtype, "energy_config": dataclasses.asdict(config), **model_fit.to_dict()}
+        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return model_fit
+
+
+def _printing(measure):
+    def wrapped(layers):
+        sample = measure(layers)
+        figure = "no figure" if sample.energy_j is None else f"{sample.joules_per_token:.6g} J/token"
+        note = f": {sample.note}" if sample.note else ""
+        print(f"  {layers:3d} layers: {sample.tokens} tokens, {figure} ({sample.method}{note})", flush=True)
+        return sample
+    return wrapped
+
+
+def cmd_bench_energy(args):
+    from greencode_jax.energy.bench import run_bench_energy
+
+    return run_bench_energy(args)
+
+
+def _add_set(parser):
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="EnergyConfig field override, repeatable: e.g. cpu_backend=estimate, watts_per_core=12, "
+                             "gpu_backend=power, tpu_idle_w=60")
+
+
+def register(subparsers):
+    """Adds `energy probe` and `energy calibrate` to the `greencode` command's subparsers."""
+    energy = subparsers.add_parser("energy", help="energy metering: what this machine can measure; "
+                                   "per-layer cost model")
+    sub = energy.add_subparsers(dest="energy", required=True, metavar="ENERGY_COMMAND")
+
+    p = sub.add_parser("probe", help="what this machine can measure, per device and method, and why not")
+    p.add_argument("--sample-seconds", type=float, default=0.5,
+                   help="length of a live sample window per device (default 0.5; 0 skips it)")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    _add_set(p)
+    p.set_defaults(func=cmd_energy_probe)
+
+    p = sub.add_parser("calibrate", help="fit joules/token = a + b x layers computed, under the meter")
+    p.add_argument("model", help="greencode checkpoint or Hugging Face model directory")
+    p.add_argument("--depths", type=_depths, default=None,
+                   help="numbers of decoder layers computed, e.g. 1,4,8,12 (default: each exit layer + 1, "
+                        f"at most {MAX_DEFAULT_DEPTHS})")
+    p.add_argument("--tokens", type=int, default=128, help="prompt length per step (default 128)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="windows per depth, depths interleaved (default 3)")
+    p.add_argument("--min-seconds", type=float, default=2.0,
+                   help="each window repeats the step at least this long (default 2; counters refresh ~0.1 s)")
+    p.add_argument("--idle-seconds", type=float, default=0.0,
+                   help="measure idle power this long first and fit the energy above idle (default 0: total)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    p.add_argument("--out", default=None, help="write the fit and its samples to this JSON file")
+    _add_set(p)
+    p.set_defaults(func=cmd_energy_calibrate)
+    return energy
+
+
+def register_bench(bench_subparsers):
+    """Adds `bench energy` to the `greencode bench` subparsers."""
+    p = bench_subparsers.add_parser("energy", help="energy meter overhead per window, per backend, vs the 1 ms bound")
+    p.add_argument("--windows", type=int, default=1000, help="empty windows per round (default 1000; 5 rounds)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_energy)
+    return p
