@@ -65,8 +65,12 @@ def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False
     return out
 
 
-def load_checkpoint(path: str | Path, dtype=None, exit_layers=None) -> EarlyExitLM:
-    """Reads our checkpoint; `dtype` casts on restore (default: the dtype it was saved in)."""
+def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers: bool | None = None) -> EarlyExitLM:
+    """Reads our checkpoint; `dtype` casts on restore (default: the dtype it was saved in).
+
+    Parameters are restored in the layer layout they were saved in, then converted in
+    place when `scan_layers` asks for the other one.
+    """
     path = Path(path)
     meta = load_json(path / CONFIG_NAME, "greencode checkpoint config")
     if meta.get("format") != FORMAT or "model" not in meta:
@@ -86,6 +90,8 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None) -> EarlyExit
     nnx.replace_by_pure_dict(abstract_state, restored)
     model = nnx.merge(graphdef, abstract_state)
     model.source = str(path)
+    if scan_layers is not None:
+        model.set_scan_layers(scan_layers)
     return model
 
 

@@ -15,35 +15,34 @@ from flax import nnx
 
 from greencode_jax.atomic import atomic_directory
 from greencode_jax.convert.checkpoint import copy_tokenizer_files
-from greencode_jax.convert.mapping import hf_names, param_table
+from greencode_jax.convert.mapping import param_table, parameter_arrays
 from greencode_jax.models import EarlyExitLM
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def _params(model: EarlyExitLM) -> dict:
-    return {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+def _hf_arrays(model: EarlyExitLM):
+    """Yields (our array, entry, HF names it holds) in the table's order, for either layer layout."""
+    flat = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for path, entry, names in parameter_arrays(param_table(model.config), model.config):
+        yield flat[path], entry, names
 
 
 def _hf_tensors(model: EarlyExitLM):
-    """Yields (hf_name, numpy array) one tensor at a time, in the table's order."""
-    flat = _params(model)
-    for entry in param_table(model.config):
-        value = flat[entry.path]
-        for layer, name in enumerate(hf_names(entry, model.config.num_layers)):
-            tensor = np.asarray(value[layer] if entry.per_layer else value)
+    """Yields (hf_name, numpy array) one tensor at a time."""
+    for value, entry, names in _hf_arrays(model):
+        for layer, name in enumerate(names):
+            tensor = np.asarray(value[layer] if len(names) > 1 else value)
             yield name, np.ascontiguousarray(tensor.T if entry.transpose else tensor)
 
 
 def _shards(model: EarlyExitLM, max_shard_bytes: int):
     """Groups tensor names into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
     shards, current, size = [], [], 0
-    flat = _params(model)
-    for entry in param_table(model.config):
-        value = flat[entry.path]
-        nbytes = value.nbytes // (model.config.num_layers if entry.per_layer else 1)
-        for name in hf_names(entry, model.config.num_layers):
+    for value, _, names in _hf_arrays(model):
+        nbytes = value.nbytes // len(names)
+        for name in names:
             if current and size + nbytes > max_shard_bytes:
                 shards.append(current)
                 current, size = [], 0

@@ -9,7 +9,9 @@ import jax
 from flax import nnx
 
 from greencode_jax.convert.host import host_buffer, to_jax
-from greencode_jax.convert.mapping import IGNORED_SUFFIXES, Entry, canonical_name, hf_names, param_table
+from greencode_jax.convert.mapping import (
+    IGNORED_SUFFIXES, Entry, canonical_name, hf_names, param_table, parameter_arrays,
+)
 from greencode_jax.convert.readers import TensorSource
 from greencode_jax.errors import GreencodeError
 from greencode_jax.models import EarlyExitLM, ModelConfig, abstract_model, resolve_dtype
@@ -41,15 +43,16 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def _hf_shape(entry: Entry, our_shape: tuple[int, ...]) -> tuple[int, ...]:
-    shape = our_shape[1:] if entry.per_layer else our_shape
-    return tuple(reversed(shape)) if entry.transpose else tuple(shape)
+    """The PyTorch shape of one tensor whose (per-layer) shape here is `our_shape`."""
+    return tuple(reversed(our_shape)) if entry.transpose else tuple(our_shape)
 
 
-def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None) -> EarlyExitLM:
+def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None, scan_layers: bool = True) -> EarlyExitLM:
     """Reads a Hugging Face model directory (config.json + safetensors or pytorch_model.bin)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_hf(load_json(model_dir / "config.json", "Hugging Face config"),
                                  exit_layers=exit_layers, source=str(model_dir / "config.json"))
+    config = config.replace(scan_layers=scan_layers)
     dtype = resolve_dtype(dtype)
     source = TensorSource(model_dir)
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
@@ -58,24 +61,25 @@ def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None) -> EarlyEx
     table = param_table(config)
     _check_names(source, {name for entry in table for name in hf_names(entry, config.num_layers)}, config, model_dir)
 
-    # One parameter at a time, in table order: read its tensors (every layer's, for a
-    # stacked one) into a host buffer, hand that to JAX, and free it before the next.
+    # One parameter array at a time, in table order: read its tensors (every layer's,
+    # for a stacked one) into a host buffer, hand that to JAX, free it before the next.
     present = {canonical_name(n): n for n in source.names()}
-    arrays: dict[tuple[str, ...], jax.Array] = {}
-    for entry in table:
-        our_shape = tuple(flat_abstract[entry.path].get_value().shape)
-        expected = _hf_shape(entry, our_shape)
+    arrays: dict[tuple, jax.Array] = {}
+    for path, entry, names in parameter_arrays(table, config):
+        our_shape = tuple(flat_abstract[path].get_value().shape)
+        stacked = len(names) > 1 or (entry.per_layer and config.scan_layers)
+        expected = _hf_shape(entry, our_shape[1:] if stacked else our_shape)
         buffer, view = host_buffer(our_shape, dtype)
-        for layer, name in enumerate(hf_names(entry, config.num_layers)):
+        for layer, name in enumerate(names):
             raw_name = present[name]
             if source.shape(raw_name) != expected:
                 raise GreencodeError(f"{source.file_of(raw_name)}: tensor '{raw_name}' has shape "
                                      f"{list(source.shape(raw_name))}, expected {list(expected)} for this config")
             tensor = source.read(raw_name)
-            target = view[layer] if entry.per_layer else view
+            target = view[layer] if stacked else view
             target[...] = tensor.T if entry.transpose else tensor  # casts to the requested dtype
             del tensor
-        arrays[entry.path] = to_jax(buffer, dtype)
+        arrays[path] = to_jax(buffer, dtype)
         del buffer, view
 
     state = nnx.from_flat_state({path: flat_abstract[path].replace(arrays[path]) for path in flat_abstract})

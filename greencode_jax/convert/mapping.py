@@ -85,6 +85,21 @@ def hf_names(entry: Entry, num_layers: int) -> list[str]:
     return [entry.hf_name.format(i=i) for i in range(num_layers)]
 
 
+def parameter_arrays(table: list[Entry], config: ModelConfig):
+    """Yields (our parameter path, entry, HF names it holds) for each of our arrays.
+
+    With stacked layers (`config.scan_layers`) a per-layer entry is one array holding
+    every layer; otherwise it is one array per layer, at path ("layers", i, ...).
+    """
+    for entry in table:
+        names = hf_names(entry, config.num_layers)
+        if entry.per_layer and not config.scan_layers:
+            for layer, name in enumerate(names):
+                yield (entry.path[0], layer, *entry.path[1:]), entry, [name]
+        else:
+            yield entry.path, entry, names
+
+
 # Tensors some checkpoints carry that are not parameters (buffers) and can be ignored.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
 

@@ -86,12 +86,15 @@ class EarlyExitLM(nnx.Module):
         self.project_in = linear(rngs, embed_dim, c.hidden_size, False, dtype) if c.has_projection else None
         self.project_out = linear(rngs, c.hidden_size, embed_dim, False, dtype) if c.has_projection else None
 
-        @nnx.split_rngs(splits=c.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def stacked_blocks(rngs):
-            return DecoderBlock(c, dtype, rngs)
+        if c.scan_layers:
+            @nnx.split_rngs(splits=c.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked_blocks(rngs):
+                return DecoderBlock(c, dtype, rngs)
 
-        self.layers = stacked_blocks(rngs)
+            self.layers = stacked_blocks(rngs)
+        else:
+            self.layers = nnx.List([DecoderBlock(c, dtype, rngs) for _ in range(c.num_layers)])
         if not c.has_final_norm:
             self.final_norm = None
         elif c.family == "llama":
@@ -128,29 +131,68 @@ class EarlyExitLM(nnx.Module):
         return logits.astype(jnp.float32)
 
     def block(self, index: int) -> DecoderBlock:
-        """Decoder layer `index` as its own module (its slice of the stacked parameters)."""
+        """Decoder layer `index` as its own module."""
+        if not self.config.scan_layers:
+            return self.layers[index]
         graphdef, state = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state))
 
     def run_layers(self, h, mask, cos, sin, num_layers: int, collect: bool):
         """Runs decoder layers 0..num_layers-1; with `collect`, also returns every layer's output."""
-        graphdef, state = nnx.split(self.layers)
-        if num_layers < self.config.num_layers:
-            state = jax.tree.map(lambda x: x[:num_layers], state)
 
-        def body(h, layer_state):
+        def body(graphdef, h, layer_state):
             h = nnx.merge(graphdef, layer_state)(h, mask, cos, sin)
             return h, (h if collect else None)
 
         if self.config.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+            body = jax.checkpoint(body, static_argnums=(0,), prevent_cse=not self.config.scan_layers)
         if self.config.scan_layers:
-            return jax.lax.scan(body, h, state)
+            graphdef, state = nnx.split(self.layers)
+            if num_layers < self.config.num_layers:
+                state = jax.tree.map(lambda x: x[:num_layers], state)
+            return jax.lax.scan(functools.partial(body, graphdef), h, state)
         outputs = []
-        for i in range(num_layers):
-            h, out = body(h, jax.tree.map(lambda x: x[i], state))
+        for block in self.layers[:num_layers]:
+            h, out = body(*nnx.split(block)[:1], h, nnx.state(block))
             outputs.append(out)
         return h, (jnp.stack(outputs) if collect else None)
+
+    def set_scan_layers(self, scan: bool) -> "EarlyExitLM":
+        """Converts the layer storage in place, one parameter at a time.
+
+        Stacked (`scan=True`): one array per parameter with a leading layer axis, for a
+        scanned training forward that compiles one layer. Per-layer (`scan=False`): one
+        array per layer, which decoding needs: slicing a layer out of a stacked array
+        copies its weights on every step (10x slower per token on CPU).
+        """
+        if scan == self.config.scan_layers:
+            return self
+        n = self.config.num_layers
+        if scan:
+            graphdef, _ = nnx.split(self.layers[0])
+            per_layer = [nnx.to_flat_state(nnx.state(block)) for block in self.layers]
+            self.layers = None  # drop our references so each parameter is freed once restacked
+            stacked = {}
+            for index, (path, variable) in enumerate(per_layer[0]):
+                leaves = [per_layer[i][index][1] for i in range(n)]
+                stacked[path] = variable.replace(jnp.stack([leaf.get_value() for leaf in leaves]))
+                for leaf in leaves:
+                    leaf.set_value(None)
+            self.layers = nnx.merge(graphdef, nnx.from_flat_state(stacked))
+        else:
+            graphdef, state = nnx.split(self.layers)
+            flat = nnx.to_flat_state(state)
+            self.layers, state = None, None
+            per_layer = [{} for _ in range(n)]
+            for path, variable in flat:
+                value = variable.get_value()
+                for i in range(n):
+                    per_layer[i][path] = variable.replace(value[i])
+                variable.set_value(None)
+                del value
+            self.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state(layer)) for layer in per_layer])
+        self.config = self.config.replace(scan_layers=scan)
+        return self
 
     def _prepare(self, input_ids, attention_mask_):
         valid = (jnp.ones(input_ids.shape, bool) if attention_mask_ is None
