@@ -7,5 +7,6 @@ from greencode_jax.convert import export_pretrained, load_pretrained
 __all__ = ["EarlyExitLM", "GreencodeError", "ModelConfig", "export_pretrained", "load_pretrained"]
 __version__ = "0.1.0"
 from greencode_jax.convert import load_checkpoint, save_checkpoint
+from greencode_jax.generate import GenerateOutput, Sampling, generate, policies
 
-__all__ += ["load_checkpoint", "save_checkpoint"]
+__all__ += ["GenerateOutput", "Sampling", "generate", "load_checkpoint", "policies", "save_checkpoint"]

@@ -58,6 +58,12 @@ def cmd_bench_forward(args):
     run_bench_forward(args)
 
 
+def cmd_bench_decode(args):
+    from greencode_jax.cli.bench_decode import run_bench_decode
+
+    run_bench_decode(args)
+
+
 def cmd_run(args):
     from greencode_jax.cli.pipeline import run_pipeline
 
@@ -111,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-memory", action="store_true", help="skip the import peak-memory measurement")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_forward)
+    p = bench_sub.add_parser("decode", help="early-exit decode tokens/s vs transformers generate and the memory floor")
+    p.add_argument("--shape", default="opt-125m", help="model shape (see bench forward; default opt-125m)")
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens (default 256)")
+    p.add_argument("--new", type=int, default=15, help="new tokens (default 15)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median reported)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_decode)
     register_bench_energy(bench_sub)
     return parser
 

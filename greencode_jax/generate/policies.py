@@ -21,9 +21,11 @@ CONFIDENCE_MEASURES = ("softmax_max", "top2_margin")
 
 
 def _policy(cls):
-    data = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static") is not True]
-    meta = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static") is True]
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls), data, meta)
+    """A frozen dataclass registered as a pytree: fields marked static are part of the treedef."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    data = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")]
+    meta = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static")]
+    return jax.tree_util.register_dataclass(cls, data, meta)
 
 
 def _static(default):

@@ -162,11 +162,13 @@ class Attention(nnx.Module):
             q = apply_rope(q, cos, sin)
         return q
 
-    def __call__(self, x, mask, cos=None, sin=None):
-        q = self.query(x, cos, sin)
-        k, v = self.key_value(x, cos, sin)
+    def attend(self, x, keys, values, mask, cos=None, sin=None):
+        """Output projection of `x`'s queries attending over `keys`/`values` ([B, S, K, D])."""
         scale = 1.0 if self.scale_query else self.head_dim ** -0.5
-        return self.o_proj(dot_product_attention(q, k, v, mask, scale))
+        return self.o_proj(dot_product_attention(self.query(x, cos, sin), keys, values, mask, scale))
+
+    def __call__(self, x, mask, cos=None, sin=None):
+        return self.attend(x, *self.key_value(x, cos, sin), mask, cos, sin)
 
 
 class OPTMLP(nnx.Module):

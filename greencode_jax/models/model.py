@@ -56,10 +56,19 @@ class DecoderBlock(nnx.Module):
         return self.attn_norm(h) if self.pre_norm else h
 
     def __call__(self, h, mask, cos=None, sin=None):
+        x = self.attention_input(h)
+        keys, values = self.attn.key_value(x, cos, sin)
+        return self.finish(h, x, keys, values, mask, cos, sin)
+
+    def finish(self, h, x, keys, values, mask, cos=None, sin=None):
+        """The layer after its K/V projection: attention of `x`'s queries over `keys`/`values`
+        (this sequence's, or a KV cache's), the residuals and the MLP. A skipped layer stops
+        before this."""
+        attended = self.attn.attend(x, keys, values, mask, cos, sin)
         if self.pre_norm:
-            h = h + self.attn(self.attn_norm(h), mask, cos, sin)
+            h = h + attended
             return h + self.mlp(self.mlp_norm(h))
-        h = self.attn_norm(h + self.attn(h, mask, cos, sin))
+        h = self.attn_norm(h + attended)
         return self.mlp_norm(h + self.mlp(h))
 
 
@@ -168,28 +177,29 @@ class EarlyExitLM(nnx.Module):
         if scan == self.config.scan_layers:
             return self
         n = self.config.num_layers
+        # Only references are dropped, never Variables mutated: a clone may share them.
         if scan:
             graphdef, _ = nnx.split(self.layers[0])
-            per_layer = [nnx.to_flat_state(nnx.state(block)) for block in self.layers]
-            self.layers = None  # drop our references so each parameter is freed once restacked
+            per_layer = [list(nnx.to_flat_state(nnx.state(block))) for block in self.layers]
+            self.layers = None
             stacked = {}
-            for index, (path, variable) in enumerate(per_layer[0]):
-                leaves = [per_layer[i][index][1] for i in range(n)]
-                stacked[path] = variable.replace(jnp.stack([leaf.get_value() for leaf in leaves]))
-                for leaf in leaves:
-                    leaf.set_value(None)
+            while per_layer[0]:
+                leaves = [layer.pop(0) for layer in per_layer]
+                path, variable = leaves[0]
+                stacked[path] = variable.replace(jnp.stack([leaf.get_value() for _, leaf in leaves]))
+                del leaves, variable
             self.layers = nnx.merge(graphdef, nnx.from_flat_state(stacked))
         else:
             graphdef, state = nnx.split(self.layers)
-            flat = nnx.to_flat_state(state)
-            self.layers, state = None, None
+            flat = list(nnx.to_flat_state(state))
+            self.layers = state = None
             per_layer = [{} for _ in range(n)]
-            for path, variable in flat:
+            while flat:
+                path, variable = flat.pop(0)
                 value = variable.get_value()
                 for i in range(n):
                     per_layer[i][path] = variable.replace(value[i])
-                variable.set_value(None)
-                del value
+                del variable, value
             self.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state(layer)) for layer in per_layer])
         self.config = self.config.replace(scan_layers=scan)
         return self
@@ -226,6 +236,13 @@ class EarlyExitLM(nnx.Module):
             raise GreencodeError(f"layer={layer!r}: expected a 0-based decoder layer in 0..{self.config.num_layers - 1}")
         graphdef, state = nnx.split(self)
         return _jitted_logits(graphdef, state, input_ids, attention_mask, layer)
+
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Early-exit generation; see `greencode_jax.generate.generate` for the arguments."""
+        from greencode_jax.generate import generate  # generate builds on models, not the reverse
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layer"))

@@ -1,0 +1,177 @@
+"""`greencode bench decode`: early-exit decoding against transformers' `generate` and the memory floor.
+
+Decoding one token at batch 1 reads every weight it uses once, so its floor is the
+bytes of weights read divided by this machine's read bandwidth (measured in the same
+run with a jitted reduction over a buffer larger than the caches). Per-token time is
+(t(prefill + N tokens) - t(prefill + 1 token)) / (N - 1), so the prompt pass is excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+
+from greencode_jax.errors import GreencodeError
+
+# issue 4's bounds
+FLOOR_BOUND = 1.25  # Full(): time per token <= 1.25x the memory floor
+HF_BOUND = 1.0  # Full(): tokens/s >= 1.0x transformers' generate
+HF_BOUND_SMALL = 3.0  # ... >= 3x for a ~10M-parameter model, whose cost is overhead
+SMALL_MODEL_PARAMS = 20e6
+EXIT_RATIO_BOUND = 1.15  # t(FixedExit(k)) / t(Full()) within 1.15x of the ratio of bytes read
+LEARNED_BOUND = 1.03  # Learned adds <= 3 % to a full-depth token
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Bytes/s of a jitted sum over an `nbytes` float32 buffer (best of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    buffer = jnp.ones(nbytes // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(buffer).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(buffer).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    del buffer
+    return nbytes / best
+
+
+def weight_bytes(model, exit_layer: int | None = None) -> int:
+    """Bytes of weights one decoded token reads when it exits after `exit_layer` (None: full depth).
+
+    Layers up to the exit: all their weights. Later layers: their input norm and K/V
+    projections (state propagation). Then the exit head once (final norm, project_out,
+    LM head). One embedding row (and position row) is negligible and left out.
+    """
+    from flax import nnx
+
+    config = model.config
+    exit_layer = config.num_layers - 1 if exit_layer is None else exit_layer
+    total = 0
+    for i in range(config.num_layers):
+        block = model.block(i)
+        if i <= exit_layer:
+            total += sum(x.nbytes for x in jax_leaves(nnx.state(block, nnx.Param)))
+        else:
+            parts = [block.attn.k_proj, block.attn.v_proj] + ([block.attn_norm] if block.pre_norm else [])
+            total += sum(x.nbytes for part in parts for x in jax_leaves(nnx.state(part, nnx.Param)))
+    head = [m for m in (model.final_norm, model.project_out) if m is not None]
+    head.append(model.embed_tokens if model.lm_head is None else model.lm_head)
+    return total + sum(x.nbytes for part in head for x in jax_leaves(nnx.state(part, nnx.Param)))
+
+
+def jax_leaves(state):
+    import jax
+
+    return jax.tree.leaves(state)
+
+
+def _seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_bench_decode(args) -> dict:
+    import jax
+    import numpy as np
+    import torch
+
+    import greencode_jax as gc
+    from greencode_jax.cli.bench_forward import build_reference
+
+    if args.prompt <= 0 or args.new < 2 or args.repeats <= 0:
+        raise GreencodeError("--prompt and --repeats must be positive and --new at least 2")
+    reference = build_reference(args.shape, "float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        reference.save_pretrained(tmp)
+        model = gc.load_pretrained(tmp, scan_layers=False)
+    config = model.config
+    params = sum(x.size for x in jax.tree.leaves(__import__("flax").nnx.state(model)))
+    print(f"bench decode: shape {args.shape} ({params / 1e6:.1f}M parameters), batch 1, {args.prompt}-token prompt, "
+          f"{args.new} new tokens, fp32; JAX {jax.__version__} on {jax.devices()[0].platform}, torch "
+          f"{torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+    ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, args.prompt))
+    bandwidth = read_bandwidth()
+
+    def per_token(policy) -> tuple[float, float]:
+        run = lambda n: jax.block_until_ready(  # noqa: E731
+            model.generate(ids, max_new_tokens=n, policy=policy, stop_tokens=()).tokens)
+        run(1), run(args.new)  # compile both lengths
+        one, full = _seconds(lambda: run(1), args.repeats), _seconds(lambda: run(args.new), args.repeats)
+        return (full - one) / (args.new - 1), full
+
+    rows = {}
+    full_token, full_total = per_token(gc.policies.Full())
+    full_bytes = weight_bytes(model)
+    rows["Full()"] = dict(seconds_per_token=full_token, bytes=full_bytes)
+
+    torch_ids = torch.tensor(ids)
+
+    def hf_generate(n):
+        with torch.inference_mode():
+            return reference.generate(torch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=0, eos_token_id=None)
+
+    hf_generate(2)
+    hf_one, hf_full = _seconds(lambda: hf_generate(1), args.repeats), _seconds(lambda: hf_generate(args.new), args.repeats)
+    hf_token = (hf_full - hf_one) / (args.new - 1)
+
+    last = config.num_layers - 1
+    targets = sorted({min(config.exit_layers, key=lambda e: abs(e - q * config.num_layers)) for q in (0.25, 0.5, 0.75)})
+    for k in targets:
+        if k == last:
+            continue
+        seconds, _ = per_token(gc.policies.FixedExit(k))
+        rows[f"FixedExit({k})"] = dict(seconds_per_token=seconds, bytes=weight_bytes(model, k))
+    learned = gc.policies.Learned(gc.policies.Learned.init_params(jax.random.key(0), config.hidden_size), threshold=2.0)
+    seconds, _ = per_token(learned)  # threshold 2: never exits, so every token runs full depth plus the policy
+    rows["Learned (never exits)"] = dict(seconds_per_token=seconds, bytes=full_bytes)
+
+    floor = full_bytes / bandwidth
+    hf_bound = HF_BOUND_SMALL if params < SMALL_MODEL_PARAMS else HF_BOUND
+    results = {"shape": args.shape, "params": params, "prompt": args.prompt, "new_tokens": args.new,
+               "read_bandwidth_gbs": bandwidth / 1e9, "memory_floor_ms": floor * 1e3, "rows": rows,
+               "hf_seconds_per_token": hf_token, "hf_total_s": hf_full, "ours_total_s": full_total,
+               "device": str(jax.devices()[0])}
+    _print(results, hf_bound)
+    if args.json:
+        from greencode_jax.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _print(r: dict, hf_bound: float):
+    verdict = lambda ok: "meets" if ok else "MISSES"  # noqa: E731
+    full = r["rows"]["Full()"]
+    print(f"  read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s; Full() reads {full['bytes'] / 1e6:.1f} MB/token "
+          f"-> memory floor {r['memory_floor_ms']:.2f} ms/token")
+    ratio_floor = full["seconds_per_token"] * 1e3 / r["memory_floor_ms"]
+    print(f"  Full()            {full['seconds_per_token'] * 1e3:8.2f} ms/token = {ratio_floor:.2f}x floor "
+          f"(bound <= {FLOOR_BOUND}: {verdict(ratio_floor <= FLOOR_BOUND)})")
+    speedup = r["hf_seconds_per_token"] / full["seconds_per_token"]
+    print(f"  transformers      {r['hf_seconds_per_token'] * 1e3:8.2f} ms/token -> ours {speedup:.2f}x its tokens/s "
+          f"(bound >= {hf_bound}: {verdict(speedup >= hf_bound)}); whole generate incl. prompt: ours "
+          f"{r['ours_total_s']:.3f} s, transformers {r['hf_total_s']:.3f} s")
+    for name, row in r["rows"].items():
+        if name == "Full()":
+            continue
+        time_ratio = row["seconds_per_token"] / full["seconds_per_token"]
+        bytes_ratio = row["bytes"] / full["bytes"]
+        if name.startswith("Learned"):
+            print(f"  {name:17s} {row['seconds_per_token'] * 1e3:8.2f} ms/token = {time_ratio:.3f}x Full() "
+                  f"(bound <= {LEARNED_BOUND}: {verdict(time_ratio <= LEARNED_BOUND)})")
+        else:
+            within = time_ratio / bytes_ratio
+            print(f"  {name:17s} {row['seconds_per_token'] * 1e3:8.2f} ms/token = {time_ratio:.3f}x Full(), bytes "
+                  f"{bytes_ratio:.3f}x -> {within:.2f}x the byte ratio (bound <= {EXIT_RATIO_BOUND}: "
+                  f"{verdict(within <= EXIT_RATIO_BOUND)})")

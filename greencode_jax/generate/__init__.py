@@ -1,0 +1,121 @@
+"""Early-exit generation: KV cache, a `lax.cond` per layer, state propagation, exit policies.
+
+    out = gc.generate(model, input_ids, max_new_tokens=15, policy=gc.policies.Confidence(0.9))
+    out.tokens       # [B, N] int32 (after a stop token: the pad id)
+    out.exit_layers  # [B, N] 0-based layer each token exited at (the last layer: no early exit; -1: after a stop)
+    out.lengths      # [B] tokens generated, the stop token included
+
+Compilation is keyed on (batch size, prompt-length bucket, max_new_tokens, policy kind,
+sampling); policy numbers (thresholds, layers, MLP weights) are traced, so changing them
+never recompiles.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from greencode_jax.errors import GreencodeError
+from greencode_jax.generate import policies
+from greencode_jax.generate.decode import generate_jit
+from greencode_jax.generate.policies import POLICY_TYPES, Confidence, FixedExit, Full, Learned
+from greencode_jax.generate.sampling import Sampling
+
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
+STRATEGIES = ("skip", "masked")
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array
+    exit_layers: jax.Array
+    lengths: jax.Array
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _prompt(input_ids, attention_mask):
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple)):
+        if len({len(row) for row in input_ids}) > 1 and attention_mask is None:
+            raise GreencodeError("input_ids: rows of unequal lengths; left-pad them and pass attention_mask")
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise GreencodeError(f"input_ids: expected integer token ids [batch, length], got {ids.dtype}{list(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise GreencodeError("input_ids: the prompt is empty; generation needs at least one token")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise GreencodeError(f"attention_mask: shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
+    if not mask.any(axis=1).all():
+        raise GreencodeError("attention_mask: a row has no real token (an empty prompt)")
+    if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+        raise GreencodeError("attention_mask: padding must be on the left (a real token is followed by padding)")
+    return ids, mask
+
+
+def _check_policy(policy, config):
+    if not isinstance(policy, POLICY_TYPES):
+        raise GreencodeError(f"policy {policy!r}: expected one of {[p.__name__ for p in POLICY_TYPES]}")
+    if isinstance(policy, FixedExit):
+        layer = int(np.asarray(policy.layer))
+        if layer not in config.exit_layers:
+            raise GreencodeError(f"FixedExit({layer}): layer {layer} is not one of the model's exit layers "
+                                 f"{list(config.exit_layers)} (0-based)")
+    if isinstance(policy, Learned) and policy.params is None:
+        raise GreencodeError("Learned policy has no params (train them with train-policy, or Learned.init_params)")
+    if not 0 <= policy.min_layer < config.num_layers:
+        raise GreencodeError(f"policy min_layer={policy.min_layer}: expected 0..{config.num_layers - 1}")
+
+
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 15, policy=None,
+             sampling: Sampling | None = None, key=None, stop_tokens=None, strategy: str = "skip") -> GenerateOutput:
+    """Generates up to `max_new_tokens` per sequence with early exits chosen by `policy`.
+
+    `stop_tokens` defaults to the model's eos token(s); pass () to always generate
+    `max_new_tokens`. `strategy="skip"` skips a layer's attention and MLP when every
+    sequence has exited (with batch 1: whenever it has); "masked" always computes them
+    and masks (the same tokens; for testing and comparison). A model stored with stacked
+    layers is converted in place to per-layer storage, which decoding needs.
+    """
+    config = model.config
+    policy = Full() if policy is None else policy
+    sampling = Sampling() if sampling is None else sampling
+    _check_policy(policy, config)
+    if strategy not in STRATEGIES:
+        raise GreencodeError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GreencodeError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
+    ids, mask = _prompt(input_ids, attention_mask)
+    longest = int(mask.sum(1).max())
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise GreencodeError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"max_position_embeddings={config.max_position_embeddings}")
+    if not sampling.greedy and key is None:
+        raise GreencodeError("sampling needs a PRNG key: pass key=jax.random.key(seed)")
+    if config.scan_layers:
+        model.set_scan_layers(False)
+
+    padded = _round_up(ids.shape[1], PROMPT_BUCKET)
+    ids = np.pad(ids, ((0, 0), (padded - ids.shape[1], 0)))
+    mask = np.pad(mask, ((0, 0), (padded - mask.shape[1], 0)))
+    if stop_tokens is None:
+        eos = config.eos_token_id
+        stop_tokens = () if eos is None else (eos if isinstance(eos, tuple) else (eos,))
+    stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+    pad = config.pad_token_id if config.pad_token_id is not None else (stop_tokens[0] if stop_tokens else 0)
+    graphdef, state = nnx.split(model)
+    tokens, exit_layers, lengths = generate_jit(
+        graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), policy, stop, jnp.int32(pad),
+        jax.random.key(0) if key is None else key, sampling=sampling, max_new_tokens=max_new_tokens,
+        cache_len=padded + _round_up(max_new_tokens, 16), skip=strategy == "skip")
+    return GenerateOutput(tokens, exit_layers, lengths)
+
+
+__all__ = ["Confidence", "FixedExit", "Full", "GenerateOutput", "Learned", "Sampling", "generate", "policies"]

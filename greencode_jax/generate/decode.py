@@ -1,0 +1,139 @@
+"""KV-cached early-exit decoding, the whole generation inside one `jit`.
+
+Per token, layer by layer:
+  1. the layer's input norm and K/V projection run for every sequence and are written
+     to its cache slot (for a sequence that has exited, from its frozen exit hidden
+     state: CALM-style state propagation, so later tokens can attend at every layer);
+  2. the rest of the layer (queries, attention, MLP) runs under `lax.cond`, skipped
+     when every sequence in the batch has exited; otherwise computed for the batch and
+     masked, so an exited sequence keeps its exit hidden state;
+  3. after each configured exit layer the policy decides, per sequence.
+The LM head runs once per token, on each sequence's exit hidden state (a policy that
+needs logits to decide, such as Confidence, also runs it at each exit it considers).
+
+The cache is a tuple of per-layer arrays carried through a `lax.while_loop`, updated in
+place with `dynamic_update_slice`; only the slice of the layer being computed is read.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from greencode_jax.generate.sampling import Sampling, choose_tokens
+from greencode_jax.models.layers import attention_mask
+
+
+class DecodeState(NamedTuple):
+    step: jax.Array  # scalar int32: tokens generated so far
+    token: jax.Array  # [B] the last token, input of the next step
+    position: jax.Array  # [B] its position id
+    done: jax.Array  # [B] bool: a stop token was emitted
+    keys: tuple  # per layer [B, S, K, D]
+    values: tuple
+    key_valid: jax.Array  # [B, S] bool: which cache slots hold real tokens
+    tokens: jax.Array  # [B, N] output
+    exit_layers: jax.Array  # [B, N] output (-1 after a stop)
+    lengths: jax.Array  # [B] tokens generated, the stop token included
+    rng: jax.Array
+
+
+def prefill(model, ids, valid, cache_len: int):
+    """Full-depth forward over the prompt, filling every layer's cache. Returns the last hidden state."""
+    positions = model.positions(valid)
+    h = model.embed(ids, positions)
+    cos, sin = model.rope(positions)
+    mask = attention_mask(valid, valid)
+    keys, values = [], []
+    pad = ((0, 0), (0, cache_len - ids.shape[1]), (0, 0), (0, 0))
+    for i in range(model.config.num_layers):
+        block = model.block(i)
+        x = block.attention_input(h)
+        k, v = block.attn.key_value(x, cos, sin)
+        h = block.finish(h, x, k, v, mask, cos, sin)
+        keys.append(jnp.pad(k, pad))
+        values.append(jnp.pad(v, pad))
+    return h[:, -1], tuple(keys), tuple(values)
+
+
+def decode_token(model, policy, token, position, keys, values, key_valid, slot, skip: bool):
+    """One token through the early-exit stack. Returns (logits [B, V], exit layer [B], keys, values)."""
+    config = model.config
+    last = config.num_layers - 1
+    batch = token.shape[0]
+    h = model.embed(token[:, None], position[:, None])
+    cos, sin = model.rope(position[:, None])
+    mask = attention_mask(jnp.ones((batch, 1), bool), key_valid, slot[None, None], jnp.arange(key_valid.shape[1])[None])
+    exited = jnp.zeros(batch, bool)
+    exit_layer = jnp.full(batch, last, jnp.int32)
+    exit_logits = None
+    keys, values = list(keys), list(values)
+    for i in range(config.num_layers):
+        block = model.block(i)
+        x = block.attention_input(h)
+        k, v = block.attn.key_value(x, cos, sin)
+        keys[i] = jax.lax.dynamic_update_slice(keys[i], k, (0, slot, 0, 0))
+        values[i] = jax.lax.dynamic_update_slice(values[i], v, (0, slot, 0, 0))
+
+        def run_layer(h, x=x, block=block, layer_keys=keys[i], layer_values=values[i]):
+            new = block.finish(h, x, layer_keys, layer_values, mask, cos, sin)
+            return jnp.where(exited[:, None, None], h, new)
+
+        h = jax.lax.cond(jnp.all(exited), lambda h: h, run_layer, h) if skip else run_layer(h)
+        if i == last or i not in config.exit_layers or i < policy.min_layer:
+            continue
+        logits = model.exit_head(h[:, 0]) if policy.needs_logits else None
+        decide = policy.decide(i, h[:, 0], logits) & ~exited
+        exit_layer = jnp.where(decide, i, exit_layer)
+        if logits is not None:  # keep the exit's logits: the head need not run again for it
+            exit_logits = logits if exit_logits is None else jnp.where(decide[:, None], logits, exit_logits)
+        exited = exited | decide
+    if exit_logits is None:
+        logits = model.exit_head(h[:, 0])
+    else:
+        logits = jax.lax.cond(jnp.all(exited), lambda h: exit_logits,
+                              lambda h: jnp.where(exited[:, None], exit_logits, model.exit_head(h[:, 0])), h)
+    return logits, exit_layer, tuple(keys), tuple(values)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens", "cache_len", "skip"))
+def generate_jit(graphdef, state, ids, valid, policy, stop_tokens, pad_token, rng, *, sampling: Sampling,
+                 max_new_tokens: int, cache_len: int, skip: bool):
+    """Prefill + decode loop. Returns tokens [B, N], exit layers [B, N] and lengths [B]."""
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = ids.shape
+    last_hidden, keys, values = prefill(model, ids, valid, cache_len)
+    rng, first_key = jax.random.split(rng)
+    first = choose_tokens(model.exit_head(last_hidden), sampling, first_key)
+    done = jnp.isin(first, stop_tokens)
+    key_valid = jnp.zeros((batch, cache_len), bool).at[:, :prompt_len].set(valid)
+    init = DecodeState(
+        step=jnp.int32(1), token=first, position=valid.sum(1).astype(jnp.int32), done=done, keys=keys,
+        values=values, key_valid=key_valid,
+        tokens=jnp.full((batch, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(first),
+        exit_layers=jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(model.config.num_layers - 1),
+        lengths=jnp.ones(batch, jnp.int32), rng=rng)
+
+    def body(s: DecodeState) -> DecodeState:
+        slot = prompt_len + s.step - 1  # the cache slot of s.token
+        key_valid = jax.lax.dynamic_update_slice(s.key_valid, jnp.ones((batch, 1), bool), (0, slot))
+        logits, exit_layer, keys, values = decode_token(
+            model, policy, s.token, s.position, s.keys, s.values, key_valid, slot, skip)
+        rng, key = jax.random.split(s.rng)
+        token = jnp.where(s.done, pad_token, choose_tokens(logits, sampling, key))
+        tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+        exits = jax.lax.dynamic_update_slice(s.exit_layers, jnp.where(s.done, -1, exit_layer)[:, None], (0, s.step))
+        lengths = jnp.where(s.done, s.lengths, s.step + 1)
+        done = s.done | jnp.isin(token, stop_tokens)
+        return DecodeState(s.step + 1, token, s.position + 1, done, keys, values, key_valid, tokens, exits, lengths,
+                           rng)
+
+    def cond(s: DecodeState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    final = jax.lax.while_loop(cond, body, init)
+    return final.tokens, final.exit_layers, final.lengths
