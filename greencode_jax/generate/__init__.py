@@ -74,6 +74,14 @@ def _check_policy(policy, config):
         raise GreencodeError(f"policy min_layer={policy.min_layer}: expected 0..{config.num_layers - 1}")
 
 
+def _traced(policy):
+    """The policy's numbers as arrays of one dtype per kind. A Python int, a Python float and
+    a numpy scalar trace to different avals, so Confidence(0) after Confidence(0.5) (or a
+    numpy threshold) would otherwise compile the whole generation again."""
+    dtype = jnp.int32 if isinstance(policy, FixedExit) else jnp.float32
+    return jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), policy)
+
+
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 15, policy=None,
              sampling: Sampling | None = None, key=None, stop_tokens=None, strategy: str = "skip") -> GenerateOutput:
     """Generates up to `max_new_tokens` per sequence with early exits chosen by `policy`.
@@ -112,7 +120,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 15,
     pad = config.pad_token_id if config.pad_token_id is not None else (stop_tokens[0] if stop_tokens else 0)
     graphdef, state = nnx.split(model)
     tokens, exit_layers, lengths = generate_jit(
-        graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), policy, stop, jnp.int32(pad),
+        graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), _traced(policy), stop, jnp.int32(pad),
         jax.random.key(0) if key is None else key, sampling=sampling, max_new_tokens=max_new_tokens,
         cache_len=padded + _round_up(max_new_tokens, 16), skip=strategy == "skip")
     return GenerateOutput(tokens, exit_layers, lengths)

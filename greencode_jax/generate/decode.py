@@ -33,8 +33,8 @@ class DecodeState(NamedTuple):
     token: jax.Array  # [B] the last token, input of the next step
     position: jax.Array  # [B] its position id
     done: jax.Array  # [B] bool: a stop token was emitted
-    keys: tuple  # per layer [B, S, K, D]
-    values: tuple
+    keys: tuple  # per layer [B, K, S, D] (see models.layers.dot_product_attention)
+    values: tuple  # per layer [B, K, D, S]
     key_valid: jax.Array  # [B, S] bool: which cache slots hold real tokens
     tokens: jax.Array  # [B, N] output
     exit_layers: jax.Array  # [B, N] output (-1 after a stop)
@@ -49,14 +49,14 @@ def prefill(model, ids, valid, cache_len: int):
     cos, sin = model.rope(positions)
     mask = attention_mask(valid, valid)
     keys, values = [], []
-    pad = ((0, 0), (0, cache_len - ids.shape[1]), (0, 0), (0, 0))
+    grow = cache_len - ids.shape[1]
     for i in range(model.config.num_layers):
         block = model.block(i)
         x = block.attention_input(h)
         k, v = block.attn.key_value(x, cos, sin)
         h = block.finish(h, x, k, v, mask, cos, sin)
-        keys.append(jnp.pad(k, pad))
-        values.append(jnp.pad(v, pad))
+        keys.append(jnp.pad(k, ((0, 0), (0, 0), (0, grow), (0, 0))))
+        values.append(jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, grow))))
     return h[:, -1], tuple(keys), tuple(values)
 
 
@@ -76,8 +76,8 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
         block = model.block(i)
         x = block.attention_input(h)
         k, v = block.attn.key_value(x, cos, sin)
-        keys[i] = jax.lax.dynamic_update_slice(keys[i], k, (0, slot, 0, 0))
-        values[i] = jax.lax.dynamic_update_slice(values[i], v, (0, slot, 0, 0))
+        keys[i] = jax.lax.dynamic_update_slice(keys[i], k, (0, 0, slot, 0))
+        values[i] = jax.lax.dynamic_update_slice(values[i], v, (0, 0, 0, slot))
 
         def run_layer(h, x=x, block=block, layer_keys=keys[i], layer_values=values[i]):
             new = block.finish(h, x, layer_keys, layer_values, mask, cos, sin)

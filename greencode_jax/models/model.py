@@ -136,7 +136,12 @@ class EarlyExitLM(nnx.Module):
             h = self.final_norm(h)
         if self.project_out is not None:
             h = self.project_out(h)
-        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        if self.lm_head is not None:
+            return self.lm_head(h).astype(jnp.float32)
+        # Tied head: contract with the embedding [V, E] as it is stored. `embedding.T @`
+        # would make XLA copy the whole transposed matrix on every call (every token).
+        embedding = self.embed_tokens.embedding[...]
+        logits = jax.lax.dot_general(h.astype(embedding.dtype), embedding, (((h.ndim - 1,), (1,)), ((), ())))
         return logits.astype(jnp.float32)
 
     def block(self, index: int) -> DecoderBlock:
