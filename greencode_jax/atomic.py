@@ -25,6 +25,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _usual_permissions(tmp, directory=True)  # mkdtemp makes it owner-only
         if out.exists():  # overwrite: move the old one aside first, so a crash never loses both
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -37,12 +38,20 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _usual_permissions(path: Path, directory: bool):
+    """What a plain mkdir / open would have given under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 def atomic_write_text(path: str | Path, text: str):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        _usual_permissions(Path(tmp), directory=False)  # mkstemp makes it owner-only
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

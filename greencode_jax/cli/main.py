@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
+from greencode_jax.cli import data_cmd
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
 
 
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export_hf)
 
+    data_cmd.register(sub)
     register_energy(sub)
 
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
@@ -124,14 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median reported)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_decode)
+    data_cmd.register_bench(bench_sub)
     register_bench_energy(bench_sub)
     return parser
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # let `finally` blocks remove temporary outputs (a long job may install its own)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from greencode_jax.errors import GreencodeError
 
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
     except GreencodeError as error:

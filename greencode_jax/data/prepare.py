@@ -1,0 +1,563 @@
+"""`prepare_data`: a source -> the prepared corpus directory (`greencode prepare-data`).
+
+Passes, each in memory that does not grow with the corpus (the duplicate-digest set grows
+by ~100 bytes per file, the literal counter up to its fixed capacity; every buffer is
+bounded in documents and bytes):
+1. preprocess: the main process reads each file, drops exact duplicates (by content
+   digest) and assigns the split by path; worker processes tokenise chunks of files,
+   spill their raw tokens to a work directory and count literals in training files;
+2. whitelist: the user's `literals.json`, or the most frequent literals of the train split;
+3. write: raw tokens -> CodeXGLUE lines -> the TFDS ArrayRecord corpus, stats, line-level
+   samples from the test split;
+4. tokenizer: the model's own, or a byte-level BPE trained on (a sample of) the train split;
+5. encode: every split to memory-mappable token files.
+
+The output appears only when every pass has succeeded (`atomic_directory`). Output:
+`prepare.json` (what was prepared, how), `stats.json`, `literals.json`, `tfds/`,
+`tokenizer/` and `tokens/` (unless --tokenizer none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import pickle
+import re
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+from greencode_jax.errors import GreencodeError
+
+FORMAT = "greencode-prepared-data"
+FORMAT_VERSION = 1
+CHUNK_BYTES = 256 * 1024  # source bytes per worker task
+CHUNK_FILES = 64
+ENCODE_BATCH = 256  # documents per tokenizer call, and at most
+ENCODE_BYTES = 1 << 20  # this much text (the tokenizer's per-token records dwarf the text)
+MAX_FAILURES_LISTED = 100
+_LIT = re.compile(r"<(STR|NUM|CHAR)_LIT(:)?")
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+    lang: str
+    out: str
+    source: str | None = None  # None: stdlib (python) or jdk (java)
+    literals: str | None = None  # a CodeXGLUE literals.json; None: built from the train split
+    split: tuple = (0.8, 0.1, 0.1)
+    seed: int = 0
+    workers: int = 0  # 0: one per CPU core (at most 8); 1: in this process
+    tokenizer: str = "bpe"  # "bpe", "none", or a Hugging Face model directory
+    vocab_size: int = 8192
+    view: str = "codexglue"  # what the model sees: "codexglue" (space-joined tokens) or "raw" (source text)
+    line_samples: int = 1000
+    max_files: int | None = None
+    bpe_sample_mb: float = 8.0
+    tfds_data_dir: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def shown_text(line: str, source_text: str, view: str) -> str:
+    """What the model sees of one document: the CodeXGLUE tokens between <s> and </s>, space-joined
+    (GREEN-CODE's `' '.join(code[1:-1])`), or the raw source."""
+    if view == "raw":
+        return source_text
+    return line[4:-5] if len(line) > 9 else ""
+
+
+# ------------------------------------------------------------------------------------- workers
+
+
+def _preprocess_file(lang: str, data: bytes):
+    """-> (raw tokens, decoded text); raises PreprocessError."""
+    if lang == "python":
+        from greencode_jax.data.codexglue_python import decode_python, python_raw_tokens_from_text
+
+        text = decode_python(data)
+        return python_raw_tokens_from_text(text), text
+    from greencode_jax.data.codexglue_java import decode_java, java_raw_tokens_from_text
+
+    text = decode_java(data)
+    return java_raw_tokens_from_text(text), text
+
+
+def preprocess_chunk(task):
+    """Worker: tokenise a chunk, spill successes to `work_dir`, count literals of training files."""
+    from greencode_jax.data.codexglue_python import PreprocessError
+
+    chunk_id, lang, work_dir, items, count_literals = task
+    results, spilled = [], []
+    counts = {"str": Counter(), "num": Counter(), "char": Counter()}
+    kinds = {"s": "str", "c": "char", "n": "num"}
+    for path, split, data in items:
+        try:
+            raw, text = _preprocess_file(lang, data)
+        except PreprocessError as error:
+            results.append((path, split, "failed", error.reason, error.detail, 0))
+            continue
+        except Exception as error:  # never fatal: any surprise is one failed file
+            results.append((path, split, "failed", "error", f"{type(error).__name__}: {error}", 0))
+            continue
+        if not raw:
+            results.append((path, split, "empty", "", "", 0))
+            continue
+        if count_literals and split == "train":
+            for token in raw:
+                if not isinstance(token, str):
+                    kind = kinds[token[0]]
+                    counts[kind][token[1] if kind == "num" else token[3]] += 1
+        spilled.append((path, split, raw, text))
+        results.append((path, split, "ok", "", "", len(raw)))
+    with open(Path(work_dir) / f"chunk-{chunk_id:07d}.pkl", "wb") as f:
+        pickle.dump(spilled, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return chunk_id, results, counts
+
+
+def _ordered_pool_map(function, tasks, workers: int):
+    """Yields function(task) in task order, at most 3 x workers tasks in flight (bounded memory)."""
+    if workers <= 1:
+        for task in tasks:
+            yield function(task)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn: the parent may hold threads (JAX, tokenizers) that fork would copy half-way. A worker that
+    # dies (killed for memory, or a script without a __main__ guard) breaks the pool instead of hanging it.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context)
+    try:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.submit(function, task))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise GreencodeError(
+            "preprocessing worker processes died: out of memory, or prepare_data was called from a script "
+            "without an `if __name__ == '__main__':` guard (worker processes re-import the main script); "
+            "use --workers 1 to preprocess in this process") from None
+    finally:  # on an error or Ctrl-C, drop queued work instead of finishing it
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------------------- stats
+
+
+class Stats:
+    def __init__(self):
+        self.found = 0
+        self.docs = Counter()  # split -> documents kept
+        self.tokens = Counter()  # split -> CodeXGLUE tokens (without <s> </s>)
+        self.model_tokens = Counter()
+        self.duplicates = 0
+        self.empty = 0
+        self.failure_reasons = Counter()
+        self.failures: list = []
+        self.literals = {k: Counter() for k in ("str", "num", "char")}  # kind -> {"kept", "normalised"}
+        self.line_samples = 0
+        self.spilled = 0  # documents that passed preprocessing and deduplication
+        self.stage_seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str):
+        now = time.perf_counter()
+        self.stage_seconds[stage] = round(now - self._clock, 3)
+        self._clock = now
+
+    def fail(self, path: str, reason: str, detail: str):
+        self.failure_reasons[reason] += 1
+        if len(self.failures) < MAX_FAILURES_LISTED:
+            self.failures.append({"path": path, "reason": reason, "detail": detail})
+
+    def count_line(self, split: str, line: str):
+        tokens = line.split()
+        self.docs[split] += 1
+        self.tokens[split] += len(tokens) - 2
+        for token in tokens:
+            if "_LIT" in token:
+                match = _LIT.search(token)
+                if match:
+                    self.literals[match.group(1).lower()]["kept" if match.group(2) else "normalised"] += 1
+
+    def as_dict(self) -> dict:
+        return {
+            "files_found": self.found,
+            "documents": dict(self.docs), "documents_total": sum(self.docs.values()),
+            "codexglue_tokens": dict(self.tokens), "model_tokens": dict(self.model_tokens),
+            "duplicates_removed": self.duplicates, "empty_removed": self.empty,
+            "failures": {"count": sum(self.failure_reasons.values()), "by_reason": dict(self.failure_reasons),
+                         "first": self.failures},
+            "literals": {k: dict(v) for k, v in self.literals.items()},
+            "line_samples": self.line_samples,
+            "stage_seconds": self.stage_seconds,
+        }
+
+
+# ------------------------------------------------------------------------------------- the passes
+
+
+def _progress(total, desc, unit, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5)
+
+
+def _file_tasks(source, options, work: Path, stats: Stats, count_literals: bool):
+    """Reads files in path order, drops duplicates, yields worker tasks of about CHUNK_BYTES."""
+    from greencode_jax.data.sources import read_ref
+    from greencode_jax.data.split import Deduplicator, content_digest, split_of
+
+    dedup = Deduplicator()
+    items, size, chunk_id = [], 0, 0
+    for path, origin in source.refs:
+        try:
+            data = read_ref(origin)
+        except Exception as error:  # OSError, zipfile.BadZipFile, ...: counted, never fatal
+            stats.fail(path, "unreadable", getattr(error, "strerror", None) or str(error))
+            continue
+        if not dedup.first(content_digest(data)):
+            stats.duplicates += 1
+            continue
+        items.append((path, split_of(path, options.split), data))
+        size += len(data)
+        if size >= CHUNK_BYTES or len(items) >= CHUNK_FILES:
+            yield chunk_id, options.lang, str(work), items, count_literals
+            items, size, chunk_id = [], 0, chunk_id + 1
+    if items:
+        yield chunk_id, options.lang, str(work), items, count_literals
+
+
+def _preprocess_files(source, options, work: Path, stats: Stats, counter) -> list[Path]:
+    refs = source.refs[: options.max_files] if options.max_files else source.refs
+    source.refs = refs
+    stats.found = len(refs)
+    workers = options.workers or default_workers()
+    chunks = []
+    bar = _progress(len(refs), "preprocess", " files", options.progress)
+    tasks = _file_tasks(source, options, work, stats, counter is not None)
+    processed = shown = 0
+    try:
+        for chunk_id, results, counts in _ordered_pool_map(preprocess_chunk, tasks, workers):
+            chunks.append(work / f"chunk-{chunk_id:07d}.pkl")
+            for path, _split, status, reason, detail, _n in results:
+                if status == "failed":
+                    stats.fail(path, reason, detail)
+                elif status == "empty":
+                    stats.empty += 1
+                else:
+                    stats.spilled += 1
+            if counter is not None:
+                counter.update(counts)
+            processed += len(results)
+            seen = processed + stats.duplicates + stats.failure_reasons["unreadable"]
+            bar.update(seen - shown)
+            shown = seen
+    finally:
+        bar.close()
+    return chunks
+
+
+def _preprocess_lines(source, options, work: Path, stats: Stats, counter) -> list[Path]:
+    """CodeXGLUE lines: dedup (test first, so official test documents stay), carve missing splits from train."""
+    from greencode_jax.data.split import SPLITS, Deduplicator, content_digest, split_of
+
+    missing = [s for s in SPLITS if s not in source.splits]
+    dedup = Deduplicator()
+    chunks, spilled, chunk_id = [], [], 0
+    bar = _progress(None, "read", " docs", options.progress)
+
+    def flush():
+        nonlocal spilled, chunk_id
+        path = work / f"chunk-{chunk_id:07d}.pkl"
+        with open(path, "wb") as f:
+            pickle.dump(spilled, f, protocol=pickle.HIGHEST_PROTOCOL)
+        chunks.append(path)
+        spilled, chunk_id = [], chunk_id + 1
+
+    try:
+        for given in ("test", "dev", "train"):
+            if given not in source.splits:
+                continue
+            for record_path, line in source.splits[given]():
+                if options.max_files and stats.found >= options.max_files:
+                    break
+                stats.found += 1
+                bar.update(1)
+                if line == "<s> </s>":
+                    stats.empty += 1
+                    continue
+                if not dedup.first(content_digest(line.encode("utf-8"))):
+                    stats.duplicates += 1
+                    continue
+                split = given
+                if given == "train" and missing:
+                    carved = split_of(line, options.split)
+                    split = carved if carved in missing else "train"
+                if counter is not None and split == "train":
+                    counter.update(_whitelisted_in_line(line))
+                spilled.append((record_path, split, line, ""))
+                stats.spilled += 1
+                if len(spilled) >= CHUNK_FILES:
+                    flush()
+        if spilled:
+            flush()
+    finally:
+        bar.close()
+    return chunks
+
+
+_QUOTE = "(?:'''|\"\"\"|'|\")"
+_KEPT = re.compile(f"[A-Za-z]*{_QUOTE}?<(STR|NUM|CHAR)_LIT:(.*)>{_QUOTE}?")
+
+
+def _whitelisted_in_line(line: str) -> dict:
+    """The literal values a CodeXGLUE line keeps (`<STR_LIT:v>` …): its source's whitelist, observed."""
+    counts = {"str": Counter(), "num": Counter(), "char": Counter()}
+    for token in line.split():
+        if "_LIT:" in token:
+            match = _KEPT.fullmatch(token)
+            if match:
+                counts[match.group(1).lower()][match.group(2)] += 1
+    return counts
+
+
+def _iter_chunks(chunks):
+    for chunk in chunks:
+        with open(chunk, "rb") as f:
+            yield from pickle.load(f)
+
+
+def _no_documents_error(source, stats: Stats) -> GreencodeError:
+    parts = [f"{stats.found} found"]
+    if stats.duplicates:
+        parts.append(f"{stats.duplicates} duplicates")
+    if stats.empty:
+        parts.append(f"{stats.empty} empty")
+    for reason, count in stats.failure_reasons.items():
+        parts.append(f"{count} {reason}")
+    first = "; first: " + ", ".join(f"{f['path']} ({f['reason']}: {f['detail']})" for f in stats.failures[:3]) \
+        if stats.failures else ""
+    return GreencodeError(f"{source.description}: no usable documents ({', '.join(parts)}){first}; "
+                          "provide readable, decodable source files")
+
+
+def _write_corpus(chunks, source, options, literals, tfds_dir: Path, work: Path, stats: Stats, line_writer):
+    """Pass 3: CodeXGLUE lines into the TFDS corpus; shown texts spilled per split for the tokenizer."""
+    from greencode_jax.data.corpus import CorpusWriter, token_dataset_name
+    from greencode_jax.data.literals import render_line
+    from greencode_jax.data.samples import line_rng, line_sample
+
+    writer = CorpusWriter(tfds_dir, token_dataset_name(options.lang), "token",
+                          f"CodeXGLUE token-level {options.lang} corpus from {source.description}")
+    shown_files = {}
+    shown_buffers = {}
+    buffered = Counter()
+    shown_bytes = Counter()
+    rng = line_rng(options.seed)  # the same cuts as samples.line_samples over the test split
+    test_index = 0
+    bar = _progress(stats.spilled, "write", " docs", options.progress)
+    try:
+        for path, split, payload, text in _iter_chunks(chunks):
+            line = payload if isinstance(payload, str) else render_line(payload, literals)
+            writer.add(split, {"path": path, "code": line, "source": text})
+            stats.count_line(split, line)
+            shown = shown_text(line, text, options.view)
+            shown_bytes[split] += len(shown)
+            buffer = shown_buffers.setdefault(split, [])
+            buffer.append((path, shown))
+            buffered[split] += len(shown)
+            if len(buffer) >= ENCODE_BATCH or buffered[split] >= ENCODE_BYTES:
+                if split not in shown_files:
+                    shown_files[split] = open(work / f"shown-{split}.pkl", "wb")
+                pickle.dump(buffer, shown_files[split], protocol=pickle.HIGHEST_PROTOCOL)
+                shown_buffers[split] = []
+                buffered[split] = 0
+            if split == "test":
+                if line_writer is not None and stats.line_samples < options.line_samples:
+                    sample = line_sample(line, options.lang, rng, test_index)
+                    if sample is not None:
+                        line_writer.add("test", sample)
+                        stats.line_samples += 1
+                test_index += 1
+            bar.update(1)
+        for split, buffer in shown_buffers.items():
+            if split not in shown_files:
+                shown_files[split] = open(work / f"shown-{split}.pkl", "wb")
+            if buffer:
+                pickle.dump(buffer, shown_files[split], protocol=pickle.HIGHEST_PROTOCOL)
+        writer.close()  # on an error the half-written dataset goes with the temporary output
+    finally:
+        bar.close()
+        for f in shown_files.values():
+            f.close()
+    return {split: work / f"shown-{split}.pkl" for split in shown_files}, shown_bytes
+
+
+def _iter_shown(path: Path):
+    with open(path, "rb") as f:
+        while True:
+            try:
+                yield from pickle.load(f)
+            except EOFError:
+                return
+
+
+def _make_tokenizer(options, literals, shown, shown_bytes, placeholders: bool):
+    from greencode_jax.data.split import unit_hash
+    from greencode_jax.data.tokenizer import load_hf_tokenizer, train_bpe
+
+    if options.tokenizer != "bpe":
+        return load_hf_tokenizer(options.tokenizer)
+    if "train" not in shown or not shown_bytes["train"]:
+        raise GreencodeError("--tokenizer bpe: the train split is empty, nothing to train a BPE on; pass "
+                             "--tokenizer MODEL_DIR (a Hugging Face model's tokenizer) or --tokenizer none")
+    keep = min(1.0, options.bpe_sample_mb * 1e6 / shown_bytes["train"])
+    if options.progress:
+        print(f"training a byte-level BPE (vocab {options.vocab_size}) on "
+              f"{min(shown_bytes['train'], options.bpe_sample_mb * 1e6) / 1e6:.1f} MB of train text", file=sys.stderr)
+    texts = (text for path, text in _iter_shown(shown["train"]) if keep >= 1.0 or unit_hash("bpe:" + path) < keep)
+    specials = literals.placeholder_tokens() if placeholders else []
+    return train_bpe(texts, options.vocab_size, specials)
+
+
+def _encode(tokenizer, shown, tokens_dir: Path, stats: Stats, progress: bool) -> dict:
+    from greencode_jax.data.packing import TokenWriter, token_dtype, write_meta
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    splits = {}
+    bar = _progress(sum(stats.docs.values()), "encode", " docs", progress)
+    try:
+        for split, path in shown.items():
+            writer = TokenWriter(tokens_dir, split, dtype)
+            batch, size = [], 0
+            for _, text in _iter_shown(path):
+                batch.append(text)
+                size += len(text)
+                if len(batch) >= ENCODE_BATCH or size >= ENCODE_BYTES:
+                    for ids in tokenizer.encode_docs(batch):
+                        writer.add(ids)
+                    bar.update(len(batch))
+                    batch, size = [], 0
+            if batch:
+                for ids in tokenizer.encode_docs(batch):
+                    writer.add(ids)
+                bar.update(len(batch))
+            splits[split] = writer.close()
+            stats.model_tokens[split] = splits[split]["tokens"]
+    finally:
+        bar.close()
+    write_meta(tokens_dir, dtype, splits)
+    return splits
+
+
+def _validate(options: PrepareOptions):
+    if options.view not in ("codexglue", "raw"):
+        raise GreencodeError(f"--view {options.view!r}: expected codexglue or raw")
+    if options.vocab_size <= 0 or options.line_samples < 0 or options.bpe_sample_mb <= 0:
+        raise GreencodeError("--vocab-size and --bpe-sample-mb must be positive and --line-samples non-negative")
+    if options.max_files is not None and options.max_files <= 0:
+        raise GreencodeError("--max-files must be positive")
+    if options.workers < 0:
+        raise GreencodeError("--workers must be 0 (one per core) or more")
+
+
+def prepare_data(options: PrepareOptions) -> dict:
+    """Prepares the corpus; returns the summary written to prepare.json (with the stats under 'stats')."""
+    from greencode_jax.atomic import atomic_directory
+    from greencode_jax.data.corpus import TFDS_DIR, CorpusWriter, line_dataset_name, token_dataset_name
+    from greencode_jax.data.literals import LiteralCounter, load_literals
+    from greencode_jax.data.sources import resolve_source
+
+    started = time.perf_counter()
+    _validate(options)
+    source = resolve_source(options.source, options.lang, options.tfds_data_dir)
+    if options.view == "raw" and source.kind != "files":
+        raise GreencodeError(f"--view raw needs source files, but {source.description} holds CodeXGLUE tokens "
+                             "only; use --view codexglue")
+    user_literals = load_literals(options.literals) if options.literals else None
+    if options.tokenizer not in ("bpe", "none") and not Path(options.tokenizer).is_dir():
+        raise GreencodeError(f"--tokenizer {options.tokenizer}: no such directory; pass bpe, none, or a Hugging "
+                             "Face model directory")
+    stats = Stats()
+    out = Path(options.out)
+    if options.progress:
+        print(f"prepare-data: {options.lang} from {source.description}", file=sys.stderr)
+    with atomic_directory(out, overwrite=options.overwrite) as tmp:
+        tfds_dir = tmp / TFDS_DIR
+        work = tmp / ".work"
+        work.mkdir()
+        summary = {"format": FORMAT, "format_version": FORMAT_VERSION, "lang": options.lang,
+                   "source": source.description, "source_spec": options.source or
+                   ("stdlib" if options.lang == "python" else "jdk"), "view": options.view,
+                   "python": sys.version.split()[0], "split_ratios": list(options.split), "seed": options.seed,
+                   "datasets": {}, "tokenizer": None}
+        if source.kind == "line_level":
+            line_writer = CorpusWriter(tfds_dir, line_dataset_name(options.lang), "line",
+                                       f"CodeXGLUE line-level {options.lang} samples from {source.description}")
+            for sample in source.samples():
+                line_writer.add("test", sample)
+                stats.line_samples += 1
+            line_writer.close()
+            if not stats.line_samples:
+                raise GreencodeError(f"{source.description}: no samples found; expected JSON lines with 'input' "
+                                     "and 'gt'")
+            summary["datasets"]["line"] = line_dataset_name(options.lang)
+            summary["literals"] = None
+        else:
+            counter = None if user_literals else LiteralCounter()
+            if source.kind == "files":
+                chunks = _preprocess_files(source, options, work, stats, counter)
+            else:
+                chunks = _preprocess_lines(source, options, work, stats, counter)
+            stats.lap("preprocess")
+            if not stats.spilled:
+                raise _no_documents_error(source, stats)
+            literals = user_literals or counter.whitelist(java=options.lang == "java")
+            (tmp / "literals.json").write_text(literals.to_json())
+            summary["literals"] = options.literals or "built from the train split"
+            line_writer = (CorpusWriter(tfds_dir, line_dataset_name(options.lang), "line",
+                                        f"CodeXGLUE line-level {options.lang} samples cut from the test split")
+                           if options.line_samples else None)
+            shown, shown_bytes = _write_corpus(chunks, source, options, literals, tfds_dir, work, stats, line_writer)
+            if line_writer is not None:
+                line_writer.close()
+            stats.lap("write")
+            summary["datasets"]["token"] = token_dataset_name(options.lang)
+            if stats.line_samples:
+                summary["datasets"]["line"] = line_dataset_name(options.lang)
+            if options.tokenizer != "none":
+                tokenizer = _make_tokenizer(options, literals, shown, shown_bytes, options.view == "codexglue")
+                tokenizer.save(tmp / "tokenizer")
+                stats.lap("tokenizer")
+                _encode(tokenizer, shown, tmp / "tokens", stats, options.progress)
+                stats.lap("encode")
+                summary["tokenizer"] = {"kind": tokenizer.kind, "name": tokenizer.name,
+                                        "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
+                                        "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+        shutil.rmtree(work)
+        seconds = time.perf_counter() - started
+        stats_dict = stats.as_dict()
+        stats_dict["seconds"] = round(seconds, 3)
+        if source.kind == "files" and source.unreadable_dirs:
+            stats_dict["unreadable_directories"] = source.unreadable_dirs[:MAX_FAILURES_LISTED]
+        (tmp / "stats.json").write_text(json.dumps(stats_dict, indent=2, ensure_ascii=False) + "\n")
+        summary["documents"] = dict(stats.docs)
+        summary["line_samples"] = stats.line_samples
+        (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    summary["stats"] = stats_dict
+    summary["out"] = str(out)
+    return summary
