@@ -46,10 +46,10 @@ def _prompt(input_ids, attention_mask):
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
+    if ids.ndim == 2 and ids.shape[1] == 0:  # before the dtype check: np.asarray([]) is float64
+        raise GreencodeError("input_ids: the prompt is empty; generation needs at least one token")
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise GreencodeError(f"input_ids: expected integer token ids [batch, length], got {ids.dtype}{list(ids.shape)}")
-    if ids.shape[1] == 0:
-        raise GreencodeError("input_ids: the prompt is empty; generation needs at least one token")
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if mask.shape != ids.shape:
         raise GreencodeError(f"attention_mask: shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
