@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from greencode_jax.errors import GreencodeError
+from greencode_jax.yamlfile import read_yaml  # noqa: F401  (re-exported for the CLI)
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -20,19 +21,6 @@ class RunSection:
     seed: int = 0
     dtype: str = "float32"
     prompt_tokens: int = 512
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise GreencodeError(f"{path}: config file not found") from None
-    except yaml.YAMLError as error:
-        raise GreencodeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise GreencodeError(f"{path}: expected a mapping of sections at the top level")
-    return data
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from greencode_jax.errors import GreencodeError
+from greencode_jax.yamlfile import read_yaml
 
 # Backend choices per kind of device. "auto" tries them in the issue's order:
 # GPU counter -> integrated power -> estimate; TPU power metric -> duty-cycle estimate;
@@ -87,13 +88,8 @@ class EnergyConfig:
 def load_tpu_constants(path: str | Path | None = None) -> dict:
     """Per-generation idle/peak watts: {generation: {device_kinds, idle_w, peak_w, source}}."""
     path = Path(path) if path else TPU_CONSTANTS
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise GreencodeError(f"{path}: TPU power constants file not found") from None
-    except yaml.YAMLError as error:
-        raise GreencodeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("generations"), dict):
+    data = read_yaml(path, "TPU power constants file")
+    if not isinstance(data.get("generations"), dict):
         raise GreencodeError(f"{path}: expected a mapping 'generations' of TPU generations")
     for name, entry in data["generations"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("device_kinds"), list) or "source" not in entry:
