@@ -2,6 +2,8 @@
 
 The public names are imported lazily (PEP 562), so `import greencode_jax.data` or
 `greencode_jax.energy` in a worker process does not pay for JAX, Flax and the models.
+Generation is `model.generate(...)` (or `greencode_jax.generate.generate(model, ...)`):
+`greencode_jax.generate` is the subpackage.
 """
 
 import importlib
@@ -16,7 +18,6 @@ _PUBLIC = {
     "load_checkpoint": "greencode_jax.convert",
     "save_checkpoint": "greencode_jax.convert",
     "export_pretrained": "greencode_jax.convert",
-    "generate": "greencode_jax.generate",
     "GenerateOutput": "greencode_jax.generate",
     "Sampling": "greencode_jax.generate",
     "policies": "greencode_jax.generate",

@@ -1,6 +1,6 @@
 """Early-exit generation: KV cache, a `lax.cond` per layer, state propagation, exit policies.
 
-    out = gc.generate(model, input_ids, max_new_tokens=15, policy=gc.policies.Confidence(0.9))
+    out = model.generate(input_ids, max_new_tokens=15, policy=gc.policies.Confidence(0.9))
     out.tokens       # [B, N] int32 (after a stop token: the pad id)
     out.exit_layers  # [B, N] 0-based layer each token exited at (the last layer: no early exit; -1: after a stop)
     out.lengths      # [B] tokens generated, the stop token included
@@ -41,8 +41,9 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _prompt(input_ids, attention_mask):
     if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple)):
-        if len({len(row) for row in input_ids}) > 1 and attention_mask is None:
-            raise GreencodeError("input_ids: rows of unequal lengths; left-pad them and pass attention_mask")
+        if len({len(row) for row in input_ids}) > 1:
+            raise GreencodeError("input_ids: rows of unequal lengths; left-pad them to one length and pass "
+                                 "attention_mask (0 on the padding)")
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
@@ -51,6 +52,8 @@ def _prompt(input_ids, attention_mask):
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise GreencodeError(f"input_ids: expected integer token ids [batch, length], got {ids.dtype}{list(ids.shape)}")
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.ndim == 1:  # the mask of one unbatched prompt, like its ids
+        mask = mask[None]
     if mask.shape != ids.shape:
         raise GreencodeError(f"attention_mask: shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
     if not mask.any(axis=1).all():
@@ -114,8 +117,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 15,
     ids = np.pad(ids, ((0, 0), (padded - ids.shape[1], 0)))
     mask = np.pad(mask, ((0, 0), (padded - mask.shape[1], 0)))
     if stop_tokens is None:
-        eos = config.eos_token_id
-        stop_tokens = () if eos is None else (eos if isinstance(eos, tuple) else (eos,))
+        stop_tokens = config.eos_token_id if config.eos_token_id is not None else ()
+    stop_tokens = (stop_tokens,) if isinstance(stop_tokens, (int, np.integer)) else tuple(stop_tokens)
+    if sampling.top_k > config.vocab_size:
+        raise GreencodeError(f"sampling top_k={sampling.top_k} exceeds the vocabulary ({config.vocab_size} tokens)")
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     pad = config.pad_token_id if config.pad_token_id is not None else (stop_tokens[0] if stop_tokens else 0)
     graphdef, state = nnx.split(model)

@@ -1,0 +1,79 @@
+"""One compilation per (batch size, prompt-length bucket, policy kind).
+
+Counted with the size of `generate_jit`'s compilation cache. Policy numbers (thresholds,
+FixedExit layers, Learned weights) are traced, and prompts are left-padded to a bucket of
+64 tokens, so none of them may recompile; a new batch size, bucket or policy kind compiles
+exactly once. `max_new_tokens` is a static argument: the "exactly once" test uses one no
+other test uses, so every compilation it counts is its own whatever ran before; the
+"never again" test reuses the compilations the other modules need (LLAMA, 15 tokens).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import greencode_jax as gc
+from generate_helpers import gen_models, learned_policy, llama, rows_of, run  # noqa: F401 (fixtures)
+from greencode_jax.generate import PROMPT_BUCKET
+from greencode_jax.generate.decode import generate_jit
+
+# The same matmul precision as the other generate modules: it is part of the jit cache key,
+# so their compilations are shared.
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
+P = gc.policies
+N_NEW = 4  # used by no other test module
+MODEL = "opt_pre_untied"  # the smallest model: 2 layers, exit layers (0, 1)
+HIDDEN = 64  # LLAMA's
+
+
+class Compiles:
+    def __init__(self):
+        self.seen = generate_jit._cache_size()
+
+    def new(self) -> int:
+        """Compilations since the last call."""
+        now = generate_jit._cache_size()
+        count, self.seen = now - self.seen, now
+        return count
+
+
+def test_policy_numbers_and_prompt_lengths_never_recompile(llama):
+    """After one call per kind (which may compile, or reuse another test's compilation),
+    other thresholds, layers, MLP weights, stop tokens and prompt lengths within the
+    bucket reuse it: ints, floats and numpy scalars alike."""
+    prompts = rows_of(llama, [40, 1, 64])  # one bucket of 64: its ends
+    gen = lambda prompt, policy, **kw: run(llama.ours, np.asarray(prompt)[None], policy=policy, **kw)  # noqa: E731
+    compiles = Compiles()
+    for policy in (P.FixedExit(1), P.Confidence(0.5), learned_policy(HIDDEN, 0.5), P.Full()):
+        gen(prompts[0], policy)
+        assert compiles.new() <= 1
+    for prompt in prompts[1:]:
+        for layer in (0, 2, 3, np.int64(0), np.int32(1)):
+            gen(prompt, P.FixedExit(layer))
+        for threshold in (0, 1, 0.25, 2.0, np.float32(0.9), np.float64(0.1)):
+            gen(prompt, P.Confidence(threshold))
+        for seed, threshold in [(1, 0), (2, 0.3), (3, np.float32(1))]:
+            gen(prompt, learned_policy(HIDDEN, threshold, seed=seed))
+        gen(prompt, P.Full(), stop_tokens=(5,))
+        gen(prompt, P.Full(), stop_tokens=None)  # the model's eos
+    assert compiles.new() == 0
+
+
+def test_new_kind_batch_size_or_bucket_compiles_exactly_once(gen_models):
+    m = gen_models[MODEL]
+    assert PROMPT_BUCKET == 64
+    prompts = rows_of(m, [40, 1, 64])
+    compiles = Compiles()
+    for policy in (P.FixedExit(0), P.Confidence(0.5)):  # a kind: once, whatever the prompt length or numbers
+        for prompt, number in zip(prompts, (0, 1, 0)):
+            run(m.ours, prompt[None], policy=type(policy)(number), max_new_tokens=N_NEW)
+        assert compiles.new() == 1
+    batch = np.stack(rows_of(m, [30, 30, 30]))  # a batch size: once
+    run(m.ours, batch, policy=P.FixedExit(1), max_new_tokens=N_NEW)
+    run(m.ours, batch[::-1], policy=P.FixedExit(0), max_new_tokens=N_NEW)
+    assert compiles.new() == 1
+    for prompt in rows_of(m, [65, 128, 100]):  # a bucket (65..128 tokens): once
+        run(m.ours, prompt[None], policy=P.FixedExit(0), max_new_tokens=N_NEW)
+    assert compiles.new() == 1
