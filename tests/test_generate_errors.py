@@ -67,8 +67,10 @@ def test_empty_prompt(model, ids, mask):
 
 
 def test_unequal_lengths_without_a_mask(model):
-    with pytest.raises(GreencodeError, match="unequal lengths; left-pad them and pass attention_mask"):
+    with pytest.raises(GreencodeError, match="unequal lengths; left-pad them to one length and pass attention_mask"):
         model.generate([[5, 6, 7], [8, 9]])
+    with pytest.raises(GreencodeError, match="unequal lengths"):  # a mask cannot describe ragged rows either
+        model.generate([[5, 6, 7], [8, 9]], [[1, 1, 1], [1, 1]])
 
 
 def test_right_padding(model):
