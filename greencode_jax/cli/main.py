@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from greencode_jax.cli import data_cmd
+from greencode_jax.cli import data_cmd, train_cmd
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
 
 
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_hf)
 
     data_cmd.register(sub)
+    train_cmd.register(sub)
     register_energy(sub)
 
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_decode)
     data_cmd.register_bench(bench_sub)
+    train_cmd.register_bench(bench_sub)
     register_bench_energy(bench_sub)
     return parser
 

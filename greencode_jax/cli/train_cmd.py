@@ -1,0 +1,193 @@
+"""`greencode finetune CONFIG [section.field=value ...]` and `greencode bench train`.
+
+Wiring (in main.py's build_parser): `train_cmd.register(sub)` and `train_cmd.register_bench(bench_sub)`.
+Heavy imports happen inside the handlers, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from greencode_jax.errors import GreencodeError
+
+# fields whose YAML value is not of their default's type (typed_section checks that), checked here instead
+_SPECIAL_FIELDS = {("model", "exit_layers"), ("model", "config"), ("train", "exit_weights")}
+
+
+def load_finetune_config(path, overrides):
+    """YAML + overrides -> (FinetuneConfig, the resolved YAML text)."""
+    import yaml
+
+    from greencode_jax.cli.config import _hint, apply_overrides, read_yaml, typed_section
+    from greencode_jax.train.config import SECTION_CLASSES, FinetuneConfig
+
+    source = str(path)
+    data = read_yaml(path)
+    for name in SECTION_CLASSES:  # every section has defaults, so an override may name one the file leaves out
+        if data.get(name) is None:
+            data[name] = {}
+    data = apply_overrides(data, list(overrides), source)
+    sections = {}
+    for name, values in data.items():
+        if name not in SECTION_CLASSES:
+            raise GreencodeError(f"{source}: unknown section '{name}'{_hint(name, SECTION_CLASSES)}; expected "
+                                 f"{list(SECTION_CLASSES)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise GreencodeError(f"{source}: section '{name}' must be a mapping of fields")
+        plain = _floats({k: v for k, v in values.items() if (name, k) not in _SPECIAL_FIELDS},
+                        SECTION_CLASSES[name])
+        section = typed_section(SECTION_CLASSES[name], plain, name, source)
+        special = {k: _special(name, k, v, source) for k, v in values.items() if (name, k) in _SPECIAL_FIELDS}
+        sections[name] = dataclasses.replace(section, **special)
+    config = FinetuneConfig(**sections)
+    return config, yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def _floats(values: dict, cls) -> dict:
+    """PyYAML reads `1e-5` (no dot) as a string; a float field takes it as the number it spells."""
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        if kinds.get(key) is float and isinstance(value, str):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass  # typed_section names the field and the expected type
+    return out
+
+
+def _special(section: str, key: str, value, source: str):
+    field = f"{section}.{key}"
+    if key == "exit_layers":
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a list of 0-based layer indices")
+        return tuple(value)
+    if key == "config":
+        if value is not None and not isinstance(value, dict):
+            raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a mapping of Hugging Face "
+                                 "config.json fields")
+        return value
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a scheme name (greencode, uniform, "
+                         "linear) or a list of weights")
+
+
+def cmd_finetune(args):
+    from greencode_jax.train import PREEMPTED_EXIT_STATUS, train
+
+    config, resolved = load_finetune_config(args.config, args.overrides)
+    result = train(config, source=str(args.config), resolved_yaml=resolved,
+                   progress=False if args.no_progress else None)
+    import jax
+
+    primary = jax.process_index() == 0
+    if result.stopped_by is not None:
+        if primary:
+            print(f"finetune: stopped by {result.stopped_by} at step {result.step}/{result.total_steps}; checkpoint "
+                  f"saved in {result.run_dir}; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_STATUS)
+    if not primary:
+        return result
+    rate = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
+    print(f"finetune: {result.step} steps in {result.seconds:.1f} s{rate}; final checkpoint {result.final_checkpoint}")
+    if result.evaluation:
+        print_evaluation(result.evaluation)
+    return result
+
+
+def print_evaluation(ev: dict):
+    print(f"  {ev['split']} split, {ev['tokens']:,} next-token predictions; unigram baseline accuracy "
+          f"{ev['unigram_accuracy']:.4f}")
+    print(f"  {'exit layer':>10}  {'loss':>8}  {'accuracy':>8}")
+    for layer, loss in ev["exit_loss"].items():
+        print(f"  {layer:>10}  {loss:8.4f}  {ev['exit_accuracy'][layer]:8.4f}")
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "finetune", help="train the exits: aggregated exit loss, sharded over a device mesh, resumable",
+        description="Fine-tunes an early-exit model (or trains a small one from scratch) with the aggregated exit "
+                    "loss. Outputs go to <run.out_dir>/<run.name>/: config.yaml, metrics.jsonl, checkpoints/, "
+                    "eval.json and final/ (a greencode checkpoint). Rerunning the same command resumes from the "
+                    "latest checkpoint; SIGTERM or Ctrl-C saves one and stops (exit status 143).")
+    p.add_argument("config", help="YAML config (see configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.learning_rate=3e-5")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_bench_train(args):
+    from greencode_jax.cli.bench_forward import SHAPES
+    from greencode_jax.train.bench import print_bench_train, run_bench_train
+
+    if args.shape not in SHAPES:
+        raise GreencodeError(f"--shape {args.shape!r}: unknown; choose one of {sorted(SHAPES)}")
+    family, fields = SHAPES[args.shape]
+    results = run_bench_train(family, dict(fields), args.shape, batch=args.batch, seq_len=args.seq_len,
+                              exits=args.exit_layers, repeats=args.repeats, dtype=args.dtype)
+    print_bench_train(results)
+    if args.json:
+        import json
+
+        from greencode_jax.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _layers(text: str):
+    import argparse
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 1,2, got {text!r}")
+
+
+def register_bench(bench_subparsers):
+    p = bench_subparsers.add_parser(
+        "train", help="train-step tokens/s vs a PyTorch train step of the same model and loss",
+        description="Times our jitted train step (aggregated exit loss, AdamW, clipping) against a transformers "
+                    "PyTorch train step of the same model with the same loss over the same exits and AdamW, "
+                    "interleaved in one process, and prints the ratio.")
+    p.add_argument("--shape", default="llama-10m", help="model shape (see bench forward; default llama-10m)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--exit-layers", type=_layers, default=None, help="exit layers (default: every other layer)")
+    p.add_argument("--dtype", default="float32", choices=["float32"], help="compute dtype (float32 on CPU)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per side after warm-up (median reported)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_train)
+
+
+def main(argv=None) -> int:
+    """`python -m greencode_jax.cli.train_cmd finetune|bench-train ...`, for use before main.py wires these."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="greencode")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    bench = sub.add_parser("bench")
+    register_bench(bench.add_subparsers(dest="bench", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except GreencodeError as error:
+        print(f"greencode: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("greencode: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

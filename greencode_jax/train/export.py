@@ -1,0 +1,83 @@
+"""The run's final model as a greencode checkpoint (`gc.save_checkpoint`), which
+`gc.load_pretrained` and `greencode export-hf` read.
+
+One process writes it directly. Several processes first save the (sharded) parameters
+together with Orbax into the shared checkpoint directory; then the primary process
+writes the checkpoint from them in a single-process CPU subprocess
+(`python -m greencode_jax.train.export`): `save_checkpoint`'s own Orbax call would
+otherwise wait for the other processes at its barriers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from greencode_jax.errors import GreencodeError
+
+DISTRIBUTED_ENV = ("GREENCODE_COORDINATOR", "GREENCODE_NUM_PROCESSES", "GREENCODE_PROCESS_ID")
+
+
+def write_checkpoint(params, config, dtype, out: Path, tokenizer_dir) -> Path:
+    import jax
+    from flax import nnx
+
+    from greencode_jax.convert import save_checkpoint
+    from greencode_jax.models import abstract_model
+
+    # One device's arrays (the host CPU's): Orbax records each array's sharding, and
+    # `load_checkpoint` restores without a target sharding, so parameters saved sharded over
+    # a mesh would only load on a machine with that same mesh.
+    cpu = jax.local_devices(backend="cpu")[0]
+    params = jax.device_put(jax.device_get(params), cpu)
+    model = nnx.merge(nnx.graphdef(abstract_model(config, dtype)), params)
+    model.source = str(tokenizer_dir) if tokenizer_dir is not None else None
+    return save_checkpoint(model, out, overwrite=True)
+
+
+def save_final(params, config, dtype, out: Path, checkpoints, step: int, tokenizer_dir, info) -> Path:
+    config = config.replace(remat=False)
+    if info.process_count == 1:
+        return write_checkpoint(params, config, dtype, out, tokenizer_dir)
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+
+    staged = checkpoints.directory / f"final-params-{step}"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(staged, params, force=True)
+    checkpointer.wait_until_finished()
+    multihost_utils.sync_global_devices("greencode-final-params")
+    if info.is_primary:
+        env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+        env.update(JAX_PLATFORMS="cpu", GREENCODE_DISTRIBUTED="off")
+        spec = {"params": str(staged), "model": config.to_dict(), "dtype": dtype, "out": str(out),
+                "tokenizer_dir": None if tokenizer_dir is None else str(tokenizer_dir)}
+        proc = subprocess.run([sys.executable, "-m", "greencode_jax.train.export", json.dumps(spec)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise GreencodeError(f"{out}: writing the final checkpoint from {staged} failed ({tail})")
+    multihost_utils.sync_global_devices("greencode-final-checkpoint")
+    return out
+
+
+def _main(spec: dict):
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from greencode_jax.models import ModelConfig, abstract_model
+
+    config = ModelConfig.from_dict(spec["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nnx.to_pure_dict(nnx.state(abstract_model(config, spec["dtype"]), nnx.Param)))
+    params = ocp.StandardCheckpointer().restore(Path(spec["params"]).absolute(), target)
+    write_checkpoint(params, config, spec["dtype"], Path(spec["out"]), spec["tokenizer_dir"])
+
+
+if __name__ == "__main__":
+    _main(json.loads(sys.argv[1]))

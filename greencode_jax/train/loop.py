@@ -1,0 +1,227 @@
+"""`train`: the fine-tuning run, from config to final checkpoint.
+
+    run dir (<run.out_dir>/<run.name>/): config.yaml, metrics.jsonl, checkpoints/, eval.json, final/
+
+Start or resume: with checkpoints in the run's checkpoint directory the run continues
+from the latest (parameters, optimiser state, step, data position and PRNG key), so an
+interrupted and resumed run computes exactly what an uninterrupted one would. SIGTERM
+(preemption) or Ctrl-C saves a checkpoint at the next step and stops; every host stops at
+the same step because the "stop" bit travels through the step as a sharded input. A
+non-finite loss, gradient norm or parameter norm stops the run with an error; the step is
+never saved, so the latest checkpoint is the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from greencode_jax.atomic import atomic_write_text
+from greencode_jax.errors import GreencodeError
+from greencode_jax.models import abstract_model
+from greencode_jax.parallel import initialize_distributed, make_mesh
+from greencode_jax.train.checkpointing import (
+    TrainCheckpoints, abstract_like, check_same_model, check_same_state, model_signature, state_signature,
+)
+from greencode_jax.train.config import FinetuneConfig
+from greencode_jax.train.data import TrainData
+from greencode_jax.train.evaluate import Evaluator
+from greencode_jax.train.export import save_final
+from greencode_jax.train.feed import BatchFeeder
+from greencode_jax.train.metrics import MetricsLog
+from greencode_jax.train.model_source import ModelSource
+from greencode_jax.train.monitor import StepMonitor
+from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from greencode_jax.train.step import init_state, make_train_step, state_shardings
+from greencode_jax.train.weights import exit_weights
+
+PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: the run stopped early, a checkpoint holds its progress
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    stopped_by: str | None  # "SIGTERM" / "SIGINT" when interrupted, None when finished
+    final_checkpoint: Path | None
+    evaluation: dict | None
+    seconds: float
+    tokens_per_s: float | None  # after the first (compiling) step
+    exit_layers: tuple
+    weights: list
+
+
+class StopSignals:
+    """SIGTERM and the first Ctrl-C set a flag (the loop saves and stops); a second Ctrl-C interrupts."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def place_host_tree(host_tree, shardings):
+    """Host arrays -> global arrays; each process places only the shards its devices hold."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+                        host_tree, shardings)
+
+
+def _validate(cfg: FinetuneConfig, source: str):
+    t = cfg.train
+    for field, value in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                         ("run.log_every", cfg.run.log_every), ("checkpoint.every", cfg.checkpoint.every)):
+        if value <= 0:
+            raise GreencodeError(f"{source}: {field}={value}; expected a positive integer")
+    if t.steps < 0 or (t.steps == 0 and t.epochs <= 0):
+        raise GreencodeError(f"{source}: train.steps={t.steps}, train.epochs={t.epochs}; give a positive number of "
+                             "steps, or steps: 0 and a positive number of epochs")
+    if cfg.checkpoint.resume not in ("auto", "never"):
+        raise GreencodeError(f"{source}: checkpoint.resume={cfg.checkpoint.resume!r}; expected auto or never")
+
+
+def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None = None,
+          progress: bool | None = None) -> TrainResult:
+    started = time.perf_counter()
+    _validate(cfg, source)
+    info = initialize_distributed(cfg.parallel.distributed)  # before anything touches the devices
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if info.is_primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resolved_yaml is not None:
+            atomic_write_text(run_dir / "config.yaml", resolved_yaml)
+
+    # what to train, on what, with what
+    data = TrainData(cfg.data, cfg.run.seed, source, info.is_primary)
+    model_source = ModelSource(cfg.model, data.tokenizer, source)
+    config = model_source.config
+    if cfg.data.seq_len > config.max_position_embeddings:
+        raise GreencodeError(f"{source}: data.seq_len={cfg.data.seq_len} exceeds the model's "
+                             f"max_position_embeddings={config.max_position_embeddings}")
+    weights = exit_weights(cfg.train.exit_weights, config.exit_layers, config.num_layers)
+    mesh = make_mesh(cfg.parallel.data, cfg.parallel.fsdp)
+    t = cfg.train
+    if t.batch_size % mesh.size:
+        raise GreencodeError(f"{source}: train.batch_size={t.batch_size} is not divisible by the {mesh.size} devices "
+                             f"of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); every device "
+                             "needs the same number of sequences")
+    stream = data.train_stream(t.batch_size * t.grad_accum)
+    total_steps = t.steps if t.steps > 0 else max(1, math.ceil(t.epochs * stream.batches_per_epoch))
+    schedule = learning_rate_schedule(t.learning_rate, t.warmup_steps, total_steps, t.schedule, t.final_lr_ratio)
+    optimizer = make_optimizer(schedule, t.weight_decay, t.clip_norm, t.adam_b1, t.adam_b2, t.adam_eps)
+    abstract_params = nnx.to_pure_dict(nnx.state(abstract_model(config, cfg.model.dtype), nnx.Param))
+    abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.run.seed), abstract_params)
+    shardings = state_shardings(abstract_state, config, mesh)
+
+    # start, or resume from the latest checkpoint
+    checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    checkpoints = TrainCheckpoints(checkpoint_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    start = checkpoints.latest_step()
+    if start is not None:
+        where = str(checkpoint_dir / str(start))
+        if cfg.checkpoint.resume == "never":
+            raise GreencodeError(f"{checkpoint_dir}: holds checkpoints (latest step {start}) and checkpoint.resume "
+                                 "is never; choose another run.name or checkpoint.dir")
+        meta = checkpoints.read_meta(start)
+        check_same_model(meta.get("model", {}), config, where)
+        check_same_state(meta.get("state"), state_signature(abstract_state, config), cfg, where)
+        state = checkpoints.restore_state(start, abstract_like(abstract_state, shardings))
+        stream.restore(meta["data"])
+    else:
+        params = place_host_tree(model_source.host_params(cfg.run.seed), shardings["params"])
+        state = jax.jit(lambda p: init_state(p, optimizer, cfg.run.seed), out_shardings=shardings)(params)
+        del params
+    resumed_at = start
+    start = start or 0
+
+    feeder = BatchFeeder(mesh, t.grad_accum, t.batch_size, cfg.data.seq_len)
+    train_step = make_train_step(config, weights, optimizer, schedule, cfg.model.compute_dtype, shardings,
+                                 feeder.tokens_sharding, feeder.flags_sharding)
+    evaluator = Evaluator(config, weights, cfg.model.compute_dtype, shardings["params"], mesh, data, cfg)
+    meta_base = {"model": model_signature(config), "state": state_signature(abstract_state, config),
+                 "config": cfg.to_dict(), "process_count": info.process_count, "exit_weights": weights}
+    if info.is_primary:
+        print(f"finetune {cfg.run.name}: {config.family}, {config.num_layers} layers, exits "
+              f"{list(config.exit_layers)} weights {[round(w, 4) for w in weights]}; {total_steps} steps of "
+              f"{t.batch_size}x{t.grad_accum}x{cfg.data.seq_len} tokens on {mesh.size} device(s) "
+              f"(data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}, {info.process_count} process(es)); "
+              + (f"resumed at step {start}" if start else "from the start"), flush=True)
+
+    from tqdm import tqdm
+
+    show = cfg.run.progress if progress is None else progress
+    bar = tqdm(total=total_steps, initial=start, unit="step", disable=not (show and info.is_primary),
+               dynamic_ncols=True, desc=cfg.run.name)
+    log = MetricsLog(run_dir / "metrics.jsonl", resumed_at, enabled=info.is_primary)
+    monitor = StepMonitor(config.exit_layers, log, bar, start, total_steps, cfg.run.log_every,
+                          t.batch_size * t.grad_accum * cfg.data.seq_len, checkpoint_dir, resumed_at)
+
+    def save(step_no: int):
+        checkpoints.save(step_no, state, {**meta_base, "step": step_no, "data": stream.state()})
+        monitor.last_saved = step_no
+
+    step, stopped_by, final_dir, evaluation = start, None, None, None
+    try:
+        with StopSignals() as signals:
+            pending = None  # (step, metrics) not yet read
+            while step < total_steps:
+                tokens = feeder.tokens(next(stream)["tokens"])
+                state, metrics = train_step(state, tokens, feeder.stop_flags(signals.received is not None))
+                step += 1
+                bar.update(1)
+                if pending is not None:
+                    monitor.observe(*pending)
+                pending = (step, metrics)
+                checkpoint_due = step % cfg.checkpoint.every == 0 or step == total_steps
+                eval_due = cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < total_steps
+                if checkpoint_due or eval_due or monitor.stop_requested:
+                    monitor.observe(*pending)  # never save a step not seen to be finite
+                    pending = None
+                if monitor.stop_requested:
+                    save(step)
+                    stopped_by = signals.received or "a signal to another process"
+                    break
+                if checkpoint_due:
+                    save(step)
+                if eval_due:
+                    log.write({"step": step, "eval": evaluator.run(state["params"])})
+            if pending is not None:
+                monitor.observe(*pending)
+        bar.close()
+        checkpoints.wait()
+        if stopped_by is None:
+            evaluation = evaluator.run(state["params"])
+            log.write({"step": step, "eval": evaluation, "final": True})
+            if info.is_primary:
+                atomic_write_text(run_dir / "eval.json", json.dumps(evaluation, indent=2) + "\n")
+            final_dir = save_final(state["params"], config, cfg.model.dtype, run_dir / "final", checkpoints, step,
+                                   model_source.tokenizer_dir or data.tokenizer_dir, info)
+    finally:
+        bar.close()
+        checkpoints.wait()  # a checkpoint being written in the background is finished, whatever happened
+        checkpoints.close()
+        log.close()
+    return TrainResult(run_dir, step, total_steps, stopped_by, final_dir, evaluation, time.perf_counter() - started,
+                       monitor.tokens_per_s, config.exit_layers, weights)

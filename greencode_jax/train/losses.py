@@ -1,0 +1,134 @@
+"""The aggregated exit loss: next-token cross-entropy and token accuracy at every exit.
+
+Exit i decodes decoder layer i's output through the model's own head: its final norm,
+OPT's `project_out` when present, then the LM head (or the tied embedding). The last step,
+logits = x W and their cross-entropy, is the costly one ([tokens, vocab] per exit), so it is
+fused with its own gradient (`linear_cross_entropy`): one pass over the exits computes the
+losses and, at once, the gradients with respect to each exit's head input and to W, so no
+[n_exits, B, T, V] logits are ever stored and no logits are recomputed in the backward pass.
+At most one exit's [B, T, V] block is alive at a time. Logits, log-softmax and the loss are
+float32 whatever the compute dtype (the matmuls accumulate in float32).
+
+Packed rows are scored like Hugging Face's `group_texts` training that GREEN-CODE used:
+every position predicts the next token of its row (T - 1 predictions per row), across
+document boundaries too (the EOS separator makes the next document's start predictable).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+class ExitMetrics(NamedTuple):
+    loss: jax.Array  # scalar: sum_i w_i * exit_loss[i]
+    exit_loss: jax.Array  # [n_exits] mean next-token cross-entropy (nats) per exit
+    exit_accuracy: jax.Array  # [n_exits] fraction of next tokens that are the exit's argmax
+
+
+def _logits(x, w, vocab_major: bool):
+    """x [N, E] @ W -> [N, V] float32; W is [V, E] (vocab_major, a tied embedding) or [E, V] (an LM head)."""
+    return jax.lax.dot_general(x, w, (((1,), (1 if vocab_major else 0,)), ((), ())), preferred_element_type=F32)
+
+
+def _scores(logits, targets):
+    """Cross-entropy sum, correct count and, for the gradient, exp(logits - max) and its row sums.
+
+    A prediction is correct when the target's logit is the row's maximum (argmax with ties
+    counted as hits): it reuses the max of the stable log-sum-exp instead of a second
+    index-tracking reduction over the vocabulary, which costs as much as the softmax on CPU."""
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    exps = jnp.exp(logits - peak)
+    sums = jnp.sum(exps, axis=-1, keepdims=True)
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)
+    correct = jnp.sum((target_logit >= peak).astype(F32))
+    return jnp.sum(peak + jnp.log(sums) - target_logit), correct, exps, sums
+
+
+def _primal(xs, w, targets, coefficients, vocab_major):
+    def one(_, x):
+        ce, correct, _, _ = _scores(_logits(x, w, vocab_major), targets)
+        return None, (ce, correct)
+
+    _, (ce, correct) = jax.lax.scan(one, None, xs)
+    return jnp.dot(coefficients, ce), ce, correct
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _linear_cross_entropy(xs, w, targets, coefficients, vocab_major):
+    return _primal(xs, w, targets, coefficients, vocab_major)
+
+
+def _forward(xs, w, targets, coefficients, vocab_major):
+    def one(dw, inputs):
+        x, coefficient = inputs
+        logits = _logits(x, w, vocab_major)
+        ce, correct, exps, sums = _scores(logits, targets)
+        # d(coefficient * CE sum) / d logits = coefficient * (softmax - one_hot(target))
+        vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+        dlogits = (exps * (coefficient / sums) - coefficient * (vocab[None, :] == targets[:, None]))
+        dlogits = dlogits.astype(x.dtype)
+        if vocab_major:  # W [V, E]
+            dx = jax.lax.dot_general(dlogits, w, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+            dw_i = jax.lax.dot_general(dlogits, x, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+        else:  # W [E, V]
+            dx = jax.lax.dot_general(dlogits, w, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+            dw_i = jax.lax.dot_general(x, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+        return dw + dw_i, (ce, correct, dx.astype(x.dtype))
+
+    dw, (ce, correct, dxs) = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, coefficients))
+    return (jnp.dot(coefficients, ce), ce, correct), (dxs, dw.astype(w.dtype), targets, coefficients)
+
+
+def _backward(vocab_major, residuals, cotangents):
+    dxs, dw, targets, coefficients = residuals
+    g = cotangents[0]  # the per-exit outputs are stop_gradient-ed by the caller: their cotangents are zero
+    return (dxs * g.astype(dxs.dtype), dw * g.astype(dw.dtype), None, jnp.zeros_like(coefficients))
+
+
+_linear_cross_entropy.defvjp(_forward, _backward)
+
+
+def linear_cross_entropy(xs, w, targets, coefficients, vocab_major: bool):
+    """sum_i coefficients[i] * CE_sum(xs[i] W, targets), and per exit the CE sum and the correct count.
+
+    xs [n, N, E] (each exit's head input), W [V, E] (vocab_major) or [E, V], targets [N] int.
+    Only the first output is differentiable (w.r.t. xs and W); the per-exit values are metrics.
+    """
+    loss, ce, correct = _linear_cross_entropy(xs, w, targets, coefficients, vocab_major)
+    return loss, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(correct)
+
+
+def head_input(model, h):
+    """The exit head up to its last matmul: the final norm, then OPT's project_out (`EarlyExitLM.exit_head`)."""
+    if model.final_norm is not None:
+        h = model.final_norm(h)
+    if model.project_out is not None:
+        h = model.project_out(h)
+    return h
+
+
+def head_weight(model):
+    """(W, vocab_major): the tied embedding [V, E], or the LM head's kernel [E, V], as stored."""
+    if model.lm_head is None:
+        return model.embed_tokens.embedding[...], True
+    return model.lm_head.kernel[...], False
+
+
+def exit_metrics(model, tokens, weights) -> ExitMetrics:
+    """Per-exit next-token cross-entropy and accuracy of `model` on `tokens` [B, T], and
+    their `weights`-weighted sum (weights in `model.config.exit_layers` order)."""
+    hidden = model(tokens).exit_hidden[:, :, :-1]  # [n_exits, B, T-1, H]; the unused exit logits are dead code
+    targets = tokens[:, 1:].reshape(-1)
+    n, b, t, _ = hidden.shape
+    xs = head_input(model, hidden).reshape(n, b * t, -1)
+    w, vocab_major = head_weight(model)
+    count = targets.size
+    coefficients = jnp.asarray(weights, F32) / count
+    loss, ce, correct = linear_cross_entropy(xs, w.astype(xs.dtype), targets, coefficients, vocab_major)
+    return ExitMetrics(loss, ce / count, correct / count)
