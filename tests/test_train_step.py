@@ -30,13 +30,14 @@ def tokens_for(vocab_size: int, rows: int = B, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab_size, (rows, T)).astype(np.int32)
 
 
-def our_step(path, exits, weights, tokens, grad_accum=1, compute_dtype="float32", remat=False, sgd=False):
+def our_step(path, exits, weights, tokens, grad_accum=1, compute_dtype="float32", remat=False, sgd=False,
+             scan_layers=True):
     """One jitted step of ours on a 1-device mesh: (metrics, new params, the model's config).
 
     `sgd`: plain SGD with learning rate 1 instead of clipped AdamW, so the step subtracts
     the raw gradient and gradients can be compared without Adam's normalisation (which
     turns a rounding difference in a near-zero gradient element into a +-lr update)."""
-    model = gc.load_pretrained(path, "float32", exit_layers=exits, scan_layers=True)
+    model = gc.load_pretrained(path, "float32", exit_layers=exits, scan_layers=scan_layers)
     config = model.config.replace(remat=remat)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     schedule = learning_rate_schedule(LR, 0, 100)
@@ -76,8 +77,9 @@ def numpy_weighted_ce(logits: list[np.ndarray], tokens: np.ndarray, weights):
 
 
 @pytest.mark.parametrize("name, exits, weights", [
-    ("llama_mha", [0, 2], [0.5, 0.3, 0.2]),
-    ("opt_pre_tied", [0], [0.7, 0.3]),
+    ("llama_mha", [0, 2], [0.5, 0.3, 0.2]),  # untied LM head, RMSNorm
+    ("opt_pre_tied", [0], [0.7, 0.3]),  # tied head, final LayerNorm
+    ("opt_post_proj", [1], [0.6, 0.4]),  # no final norm, project_out before the tied head
 ])
 def test_step_loss_and_update_match_numpy_and_pytorch(zoo, name, exits, weights, highest_precision):
     variant = zoo[name]
@@ -159,9 +161,9 @@ def test_bf16_compute_keeps_fp32_master_weights(zoo, highest_precision):
     assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
 
 
-def gradient(zoo_variant, new_params):
+def gradient(zoo_variant, new_params, scan_layers=True):
     """SGD with learning rate 1: the gradient is what the step subtracted."""
-    start = nnx.to_pure_dict(nnx.state(gc.load_pretrained(zoo_variant.path, scan_layers=True), nnx.Param))
+    start = nnx.to_pure_dict(nnx.state(gc.load_pretrained(zoo_variant.path, scan_layers=scan_layers), nnx.Param))
     return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), start, new_params)
 
 
@@ -193,3 +195,17 @@ def test_gradient_accumulation_equals_one_big_batch(zoo, highest_precision):
     np.testing.assert_allclose(accum["exit_loss"], whole["exit_loss"], rtol=1e-6)
     np.testing.assert_allclose(accum["grad_norm"], whole["grad_norm"], rtol=1e-5)
     assert_same_gradient(gradient(variant, accum_params), gradient(variant, whole_params))
+
+
+def test_per_layer_layout_trains_like_the_stacked_one(zoo, highest_precision):
+    variant = zoo["llama_mha"]
+    tokens = tokens_for(variant.torch_model.config.vocab_size)
+    stacked, stacked_params, _ = our_step(variant.path, [0, 2], [0.5, 0.3, 0.2], tokens, sgd=True)
+    per_layer, per_layer_params, config = our_step(variant.path, [0, 2], [0.5, 0.3, 0.2], tokens, sgd=True,
+                                                   scan_layers=False)
+    assert not config.scan_layers and len(per_layer_params["layers"]) == 4
+    np.testing.assert_allclose(per_layer["loss"], stacked["loss"], rtol=1e-6)
+    g_stacked = gradient(variant, stacked_params)
+    g_per_layer = gradient(variant, per_layer_params, scan_layers=False)
+    for i in range(4):  # layer i of the stacked gradient is the per-layer gradient of layer i
+        assert_same_gradient(jax.tree.map(lambda x: x[i], g_stacked["layers"]), g_per_layer["layers"][i])

@@ -31,9 +31,15 @@ class ExitMetrics(NamedTuple):
     exit_accuracy: jax.Array  # [n_exits] fraction of next tokens that are the exit's argmax
 
 
-def _logits(x, w, vocab_major: bool):
-    """x [N, E] @ W -> [N, V] float32; W is [V, E] (vocab_major, a tied embedding) or [E, V] (an LM head)."""
-    return jax.lax.dot_general(x, w, (((1,), (1 if vocab_major else 0,)), ((), ())), preferred_element_type=F32)
+def _dot(a, b):
+    """a [M, K] @ b [K, N] with float32 accumulation: the layout XLA's CPU and accelerator matmuls take
+    without copying an operand first."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def _dot_t(a, b):
+    """a.T @ b for a [N, M], b [N, K] -> [M, K] (contracting the token axis both hold)."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
 
 def _scores(logits, targets):
@@ -50,45 +56,39 @@ def _scores(logits, targets):
     return jnp.sum(peak + jnp.log(sums) - target_logit), correct, exps, sums
 
 
-def _primal(xs, w, targets, coefficients, vocab_major):
+def _primal(xs, w_ev, w_ve, targets, coefficients):
     def one(_, x):
-        ce, correct, _, _ = _scores(_logits(x, w, vocab_major), targets)
+        ce, correct, _, _ = _scores(_dot(x, w_ev), targets)
         return None, (ce, correct)
 
     _, (ce, correct) = jax.lax.scan(one, None, xs)
     return jnp.dot(coefficients, ce), ce, correct
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _linear_cross_entropy(xs, w, targets, coefficients, vocab_major):
-    return _primal(xs, w, targets, coefficients, vocab_major)
+_linear_cross_entropy = jax.custom_vjp(_primal)
 
 
-def _forward(xs, w, targets, coefficients, vocab_major):
-    def one(dw, inputs):
+def _forward(xs, w_ev, w_ve, targets, coefficients):
+    def one(dw_ev, inputs):
         x, coefficient = inputs
-        logits = _logits(x, w, vocab_major)
+        logits = _dot(x, w_ev)
         ce, correct, exps, sums = _scores(logits, targets)
         # d(coefficient * CE sum) / d logits = coefficient * (softmax - one_hot(target))
         vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
-        dlogits = (exps * (coefficient / sums) - coefficient * (vocab[None, :] == targets[:, None]))
-        dlogits = dlogits.astype(x.dtype)
-        if vocab_major:  # W [V, E]
-            dx = jax.lax.dot_general(dlogits, w, (((1,), (0,)), ((), ())), preferred_element_type=F32)
-            dw_i = jax.lax.dot_general(dlogits, x, (((0,), (0,)), ((), ())), preferred_element_type=F32)
-        else:  # W [E, V]
-            dx = jax.lax.dot_general(dlogits, w, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-            dw_i = jax.lax.dot_general(x, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=F32)
-        return dw + dw_i, (ce, correct, dx.astype(x.dtype))
+        dlogits = (exps * (coefficient / sums) - coefficient * (vocab[None, :] == targets[:, None])).astype(x.dtype)
+        dx = _dot(dlogits, w_ve)  # [N, E]
+        return dw_ev + _dot_t(x, dlogits), (ce, correct, dx.astype(x.dtype))  # W's gradient, as [E, V]
 
-    dw, (ce, correct, dxs) = jax.lax.scan(one, jnp.zeros(w.shape, F32), (xs, coefficients))
-    return (jnp.dot(coefficients, ce), ce, correct), (dxs, dw.astype(w.dtype), targets, coefficients)
+    dw_ev, (ce, correct, dxs) = jax.lax.scan(one, jnp.zeros(w_ev.shape, F32), (xs, coefficients))
+    residuals = (dxs, dw_ev.astype(w_ev.dtype), targets, coefficients)
+    return (jnp.dot(coefficients, ce), ce, correct), residuals
 
 
-def _backward(vocab_major, residuals, cotangents):
-    dxs, dw, targets, coefficients = residuals
+def _backward(residuals, cotangents):
+    dxs, dw_ev, targets, coefficients = residuals
     g = cotangents[0]  # the per-exit outputs are stop_gradient-ed by the caller: their cotangents are zero
-    return (dxs * g.astype(dxs.dtype), dw * g.astype(dw.dtype), None, jnp.zeros_like(coefficients))
+    # W enters twice (as [E, V] and [V, E]); its whole gradient is carried by the [E, V] copy
+    return (dxs * g.astype(dxs.dtype), dw_ev * g.astype(dw_ev.dtype), None, None, jnp.zeros_like(coefficients))
 
 
 _linear_cross_entropy.defvjp(_forward, _backward)
@@ -97,10 +97,14 @@ _linear_cross_entropy.defvjp(_forward, _backward)
 def linear_cross_entropy(xs, w, targets, coefficients, vocab_major: bool):
     """sum_i coefficients[i] * CE_sum(xs[i] W, targets), and per exit the CE sum and the correct count.
 
-    xs [n, N, E] (each exit's head input), W [V, E] (vocab_major) or [E, V], targets [N] int.
-    Only the first output is differentiable (w.r.t. xs and W); the per-exit values are metrics.
+    xs [n, N, E] (each exit's head input), W [V, E] (vocab_major: a tied embedding) or [E, V] (an LM
+    head kernel), targets [N] int. W is laid out both ways once, so that every matmul of every exit
+    reads its operands as stored. Only the first output is differentiable (w.r.t. xs and W); the
+    per-exit values are metrics.
     """
-    loss, ce, correct = _linear_cross_entropy(xs, w, targets, coefficients, vocab_major)
+    w_ev = w.T if vocab_major else w
+    w_ve = jax.lax.stop_gradient(w if vocab_major else w.T)
+    loss, ce, correct = _linear_cross_entropy(xs, w_ev, w_ve, targets, coefficients)
     return loss, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(correct)
 
 
