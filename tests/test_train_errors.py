@@ -16,7 +16,7 @@ from greencode_jax.cli.train_cmd import main as train_main
 from greencode_jax.errors import GreencodeError
 from greencode_jax.train import train
 from test_train_support import (  # noqa: F401 (fixtures)
-    LOSS_FALLS_STEPS, TINY_LLAMA, compile_cache, finished_tiny_run, flat_leaves, restore_train_state, run_cli,
+    FINISHED_STEPS, TINY_LLAMA, compile_cache, finished_tiny_run, flat_leaves, restore_train_state, run_cli,
     stdlib_corpus, subprocess_env, tiny_config, write_config,
 )
 
@@ -70,7 +70,7 @@ def test_resuming_a_checkpoint_of_another_model_shape_is_refused(finished_tiny_r
     with pytest.raises(GreencodeError) as error:
         train(wider, progress=False)
     message = str(error.value)
-    assert message.startswith(f"{run / 'checkpoints' / str(LOSS_FALLS_STEPS)}: the checkpoint is of a different model")
+    assert message.startswith(f"{run / 'checkpoints' / str(FINISHED_STEPS)}: the checkpoint is of a different model")
     assert "hidden_size=32 there, 48 in this config" in message
     final_only = dataclasses.replace(config, model=dataclasses.replace(config.model, exit_layers=(1,)))
     with pytest.raises(GreencodeError, match=r"exit_layers=\[0, 1\] there, \[1\] in this config"):
@@ -86,18 +86,18 @@ def test_resuming_with_another_optimiser_structure_is_refused(finished_tiny_run,
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(finished_tiny_run, tmp_path):
     run = shutil.copytree(finished_tiny_run, tmp_path / "tiny")
-    before = flat_leaves(restore_train_state(run / "checkpoints", LOSS_FALLS_STEPS))
+    before = flat_leaves(restore_train_state(run / "checkpoints", FINISHED_STEPS))
     config = _config(finished_tiny_run.parent / "tiny.yaml",
-                     [f"run.out_dir={tmp_path}", f"train.steps={LOSS_FALLS_STEPS + 10}", "train.learning_rate=1e30"])
+                     [f"run.out_dir={tmp_path}", f"train.steps={FINISHED_STEPS + 10}", "train.learning_rate=1e30"])
     with pytest.raises(GreencodeError) as error:
         train(config, progress=False)
     message = str(error.value)
-    assert message.startswith(f"step {LOSS_FALLS_STEPS + 1}: training diverged")
+    assert message.startswith(f"step {FINISHED_STEPS + 1}: training diverged")
     assert "param_norm=inf" in message
-    assert f"the last good checkpoint is step {LOSS_FALLS_STEPS} in {run / 'checkpoints'}" in message
+    assert f"the last good checkpoint is step {FINISHED_STEPS} in {run / 'checkpoints'}" in message
     saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved[-1] == LOSS_FALLS_STEPS  # nothing written after the good one...
-    after = flat_leaves(restore_train_state(run / "checkpoints", LOSS_FALLS_STEPS))
+    assert saved[-1] == FINISHED_STEPS  # nothing written after the good one...
+    after = flat_leaves(restore_train_state(run / "checkpoints", FINISHED_STEPS))
     assert all(np.array_equal(before[k], after[k]) for k in before)  # ...and the good one is untouched
 
 

@@ -72,8 +72,21 @@ def subprocess_env(cache_dir: Path, **extra) -> dict:
     return env
 
 
+_SESSION: dict = {}  # fixtures imported into several test modules are distinct pytest fixtures: share results here
+
+
+def _once(name: str, build):
+    if name not in _SESSION:
+        _SESSION[name] = build()
+    return _SESSION[name]
+
+
 @pytest.fixture(scope="session")
 def stdlib_corpus(tmp_path_factory) -> Path:
+    return _once("corpus", lambda: _prepare_corpus(tmp_path_factory))
+
+
+def _prepare_corpus(tmp_path_factory) -> Path:
     from greencode_jax.data import PrepareOptions, prepare_data
 
     out = tmp_path_factory.mktemp("train_corpus") / "stdlib"
@@ -84,7 +97,7 @@ def stdlib_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_compile_cache")
+    return _once("cache", lambda: tmp_path_factory.mktemp("jax_compile_cache"))
 
 
 def restore_train_state(checkpoint_dir: Path, step: int) -> dict:
@@ -109,15 +122,19 @@ def model_params(model) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-LOSS_FALLS_STEPS = 40
+FINISHED_STEPS = 80
 
 
 @pytest.fixture(scope="session")
 def finished_tiny_run(stdlib_corpus, compile_cache, tmp_path_factory) -> Path:
-    """A finished 40-step `greencode finetune` run of the tiny model on the stdlib corpus (its run dir)."""
+    """A finished 80-step `greencode finetune` run of the tiny model on the stdlib corpus (its run dir)."""
+    return _once("finished", lambda: _finished_run(stdlib_corpus, compile_cache, tmp_path_factory))
+
+
+def _finished_run(stdlib_corpus, compile_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished_run")
-    config = tiny_config(stdlib_corpus, out, "tiny", train={"steps": LOSS_FALLS_STEPS},
-                         checkpoint={"every": 20, "keep": 2}, eval={"batches": 4})
+    config = tiny_config(stdlib_corpus, out, "tiny", train={"steps": FINISHED_STEPS},
+                         checkpoint={"every": 25, "keep": 2}, eval={"batches": 4})
     done = run_cli(["finetune", write_config(out / "tiny.yaml", config)], subprocess_env(compile_cache))
     assert done.returncode == 0, done.stderr
     return out / "tiny"
@@ -142,6 +159,10 @@ def equivalence_config(corpus: Path, out_dir: Path, name: str, **overrides) -> d
 @pytest.fixture(scope="session")
 def one_device_run(stdlib_corpus, compile_cache, tmp_path_factory) -> Path:
     """The equivalence run in one process on one CPU device (its run dir)."""
+    return _once("one_device", lambda: _one_device_run(stdlib_corpus, compile_cache, tmp_path_factory))
+
+
+def _one_device_run(stdlib_corpus, compile_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one_device")
     path = write_config(out / "one.yaml", equivalence_config(stdlib_corpus, out, "one"))
     done = run_cli(["finetune", path], subprocess_env(compile_cache))
