@@ -105,6 +105,9 @@ def attention_mask(query_valid, key_valid, query_positions=None, key_positions=N
     return causal & key_valid[:, None, :]
 
 
+ATTENTION_QUERY_BLOCK = 64
+
+
 def dot_product_attention(q, k, v, mask, scale):
     """Grouped-query attention. q [B,T,N,D], k [B,K,S,D], v [B,K,D,S], mask [B,T,S] -> [B,T,N*D].
 
@@ -113,7 +116,23 @@ def dot_product_attention(q, k, v, mask, scale):
     layer's cache: that copy cost 2 % of a token's memory traffic on CPU. Scores and
     softmax in float32. Fully masked rows (queries that are padding) get uniform weights
     instead of NaN, as HF's finite mask value gives.
+
+    When the queries are the keys' own positions (T == S: prefill and training), the mask
+    is causal by index (`attention_mask`), so a block of queries never sees the keys after
+    its last one: queries go in blocks of ATTENTION_QUERY_BLOCK over only the keys they can
+    see, which halves the work at 512 tokens (13 -> 7 ms per OPT-125m layer on CPU).
     """
+    t, s = q.shape[1], k.shape[2]
+    if t != s or t <= ATTENTION_QUERY_BLOCK:
+        return _attention(q, k, v, mask, scale)
+    blocks = []
+    for start in range(0, t, ATTENTION_QUERY_BLOCK):
+        end = min(t, start + ATTENTION_QUERY_BLOCK)
+        blocks.append(_attention(q[:, start:end], k[:, :, :end], v[:, :, :, :end], mask[:, start:end, :end], scale))
+    return jnp.concatenate(blocks, axis=1)
+
+
+def _attention(q, k, v, mask, scale):
     b, t, n, d = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, n // kv_heads, d)
