@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-from flax import nnx
 
 import greencode_jax as gc
 from greencode_jax.cli.train_cmd import load_finetune_config

@@ -93,7 +93,7 @@ def cmd_finetune(args):
         if primary:
             print(f"finetune: stopped by {result.stopped_by} at step {result.step}/{result.total_steps}; checkpoint "
                   f"saved in {result.run_dir}; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(PREEMPTED_EXIT_STATUS)
+        raise SystemExit(130 if result.stopped_by == "SIGINT" else PREEMPTED_EXIT_STATUS)
     if not primary:
         return result
     rate = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
@@ -117,7 +117,7 @@ def register(subparsers):
         description="Fine-tunes an early-exit model (or trains a small one from scratch) with the aggregated exit "
                     "loss. Outputs go to <run.out_dir>/<run.name>/: config.yaml, metrics.jsonl, checkpoints/, "
                     "eval.json and final/ (a greencode checkpoint). Rerunning the same command resumes from the "
-                    "latest checkpoint; SIGTERM or Ctrl-C saves one and stops (exit status 143).")
+                    "latest checkpoint; SIGTERM saves one and stops with exit status 143 (Ctrl-C: 130; twice: at once).")
     p.add_argument("config", help="YAML config (see configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.learning_rate=3e-5")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -39,7 +39,11 @@ class TrainCheckpoints:
         ocp = _ocp()
         if keep < 1:
             raise GreencodeError(f"checkpoint.keep={keep}: keep at least one checkpoint")
-        self.directory = Path(directory).absolute()
+        from etils import epath  # Orbax's paths: local, or gs:// (every host of a TPU pod sees a bucket)
+
+        self.directory = epath.Path(directory)
+        if "://" not in str(directory):
+            self.directory = self.directory.absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 

@@ -75,7 +75,9 @@ def _main(spec: dict):
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.to_pure_dict(nnx.state(abstract_model(config, spec["dtype"]), nnx.Param)))
-    params = ocp.StandardCheckpointer().restore(Path(spec["params"]).absolute(), target)
+    from etils import epath
+
+    params = ocp.StandardCheckpointer().restore(epath.Path(spec["params"]), target)
     write_checkpoint(params, config, spec["dtype"], Path(spec["out"]), spec["tokenizer_dir"])
 
 

@@ -136,8 +136,9 @@ def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None
     shardings = state_shardings(abstract_state, config, mesh)
 
     # start, or resume from the latest checkpoint
-    checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    checkpoints = TrainCheckpoints(checkpoint_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    checkpoints = TrainCheckpoints(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep,
+                                   cfg.checkpoint.async_save)
+    checkpoint_dir = checkpoints.directory
     start = checkpoints.latest_step()
     if start is not None:
         where = str(checkpoint_dir / str(start))

@@ -16,7 +16,6 @@ document boundaries too (the EOS separator makes the next document's start predi
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
