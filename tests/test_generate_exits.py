@@ -141,11 +141,11 @@ def test_decode_step_logits_equal_reference_logits(llama, kind):
     got_logits, got_exits = [np.asarray(logits[0])], [llama.last]
     key_valid = np.concatenate([valid, np.zeros((1, cache_len - width), bool)], axis=1)
     for n in range(1, N_NEW):
-        slot = width + n - 1
-        key_valid[0, slot] = True
+        slot = width + n - 1  # key_valid: the slots written before this token
         logits, exit_layer, keys, values = decode_step(
             state, policy, jnp.asarray(ref.tokens[n - 1:n], jnp.int32), jnp.asarray([len(prompt) + n - 1], jnp.int32),
             keys, values, jnp.asarray(key_valid), jnp.int32(slot))
+        key_valid[0, slot] = True
         got_logits.append(np.asarray(logits[0]))
         got_exits.append(int(exit_layer[0]))
     np.testing.assert_array_equal(got_exits, ref.exit_layers)

@@ -60,11 +60,11 @@ class DecoderBlock(nnx.Module):
         keys, values = self.attn.key_value(x, cos, sin)
         return self.finish(h, x, keys, values, mask, cos, sin)
 
-    def finish(self, h, x, keys, values, mask, cos=None, sin=None):
+    def finish(self, h, x, keys, values, mask, cos=None, sin=None, new_kv=None):
         """The layer after its K/V projection: attention of `x`'s queries over `keys`/`values`
         (this sequence's, or a KV cache's), the residuals and the MLP. A skipped layer stops
         before this."""
-        attended = self.attn.attend(x, keys, values, mask, cos, sin)
+        attended = self.attn.attend(x, keys, values, mask, cos, sin, new_kv)
         if self.pre_norm:
             h = h + attended
             return h + self.mlp(self.mlp_norm(h))
