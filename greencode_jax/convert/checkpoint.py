@@ -65,6 +65,22 @@ def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False
     return out
 
 
+def restore_params(directory, abstract_params) -> dict:
+    """Restores an Orbax parameter tree onto this process's first local device.
+
+    `abstract_params` (an nnx State or pure dict with shape/dtype leaves, e.g. from
+    `abstract_model`) gives the tree, shapes and dtypes (a different dtype casts). Every array
+    gets a single-device target sharding: without one Orbax reuses the sharding recorded at
+    save time, so parameters saved sharded over a mesh (a multi-device run's `final/`) would
+    only restore on a machine with that same mesh ("Topology mismatch").
+    """
+    if isinstance(abstract_params, nnx.State):
+        abstract_params = nnx.to_pure_dict(abstract_params)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
+    return _checkpointer().restore(directory, target)
+
+
 def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers: bool | None = None) -> EarlyExitLM:
     """Reads our checkpoint; `dtype` casts on restore (default: the dtype it was saved in).
 
@@ -80,11 +96,10 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers:
         config = config.replace(exit_layers=exit_layers)
     dtype = resolve_dtype(dtype or meta.get("dtype", "float32"))
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state))
     if not (path / "params").is_dir():
         raise GreencodeError(f"{path}: checkpoint has no params/ directory")
     try:
-        restored = _checkpointer().restore((path / "params").absolute(), target)
+        restored = restore_params((path / "params").absolute(), abstract_state)
     except Exception as error:
         raise GreencodeError(f"{path / 'params'}: cannot restore parameters ({_first_line(error)})") from None
     nnx.replace_by_pure_dict(abstract_state, restored)

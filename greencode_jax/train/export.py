@@ -28,9 +28,8 @@ def write_checkpoint(params, config, dtype, out: Path, tokenizer_dir) -> Path:
     from greencode_jax.convert import save_checkpoint
     from greencode_jax.models import abstract_model
 
-    # One device's arrays (the host CPU's): Orbax records each array's sharding, and
-    # `load_checkpoint` restores without a target sharding, so parameters saved sharded over
-    # a mesh would only load on a machine with that same mesh.
+    # One device's arrays (the host CPU's): the checkpoint then records no mesh at all
+    # (`load_checkpoint` restores onto one device whatever was recorded, see `restore_params`).
     cpu = jax.local_devices(backend="cpu")[0]
     params = jax.device_put(jax.device_get(params), cpu)
     model = nnx.merge(nnx.graphdef(abstract_model(config, dtype)), params)
@@ -65,19 +64,15 @@ def save_final(params, config, dtype, out: Path, checkpoints, step: int, tokeniz
 
 
 def _main(spec: dict):
-    import jax
-    import orbax.checkpoint as ocp
+    from etils import epath
     from flax import nnx
 
+    from greencode_jax.convert.checkpoint import restore_params
     from greencode_jax.models import ModelConfig, abstract_model
 
     config = ModelConfig.from_dict(spec["model"])
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(nnx.state(abstract_model(config, spec["dtype"]), nnx.Param)))
-    from etils import epath
-
-    params = ocp.StandardCheckpointer().restore(epath.Path(spec["params"]), target)
+    params = restore_params(epath.Path(spec["params"]),
+                            nnx.state(abstract_model(config, spec["dtype"]), nnx.Param))
     write_checkpoint(params, config, spec["dtype"], Path(spec["out"]), spec["tokenizer_dir"])
 
 

@@ -1,0 +1,71 @@
+"""A checkpoint saved from mesh-sharded parameters loads in a one-device process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+import greencode_jax as gc
+from greencode_jax.convert import load_checkpoint
+from greencode_jax.models import ModelConfig, init_model
+from test_train_support import REPO, compile_cache, subprocess_env  # noqa: F401 (fixture)
+
+CONFIG = ModelConfig(family="llama", activation="silu", tie_word_embeddings=False, attention_bias=False,
+                     mlp_bias=False, vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=8, intermediate_size=48, max_position_embeddings=64, norm_eps=1e-5, exit_layers=(0, 1))
+SEED = 3
+
+# Runs with 8 fake CPU devices: the tiny model's parameters placed on a (data=2, fsdp=4) mesh by
+# the training rules, then written by our save_checkpoint as they are.
+SAVE_SHARDED = """
+import sys, jax
+from flax import nnx
+import greencode_jax as gc
+from greencode_jax.models import ModelConfig, init_model
+from greencode_jax.parallel import make_mesh
+from greencode_jax.train.sharding import tree_shardings
+
+assert jax.device_count() == 8, jax.devices()
+config = ModelConfig.from_dict({config!r})
+model = init_model(config, "float32", seed={seed})
+state = nnx.state(model, nnx.Param)
+params = nnx.to_pure_dict(state)
+shardings = tree_shardings(params, make_mesh(data=2, fsdp=4), config.hidden_size, config.hidden_size)
+nnx.replace_by_pure_dict(state, jax.device_put(params, shardings))
+nnx.update(model, state)
+kernel = model.lm_head.kernel.get_value()
+assert len(kernel.sharding.device_set) == 8 and "fsdp" in kernel.sharding.spec, kernel.sharding
+gc.save_checkpoint(model, sys.argv[1])
+"""
+
+
+def test_checkpoint_saved_sharded_over_8_devices_loads_on_one(tmp_path, compile_cache):
+    out = tmp_path / "sharded"
+    script = SAVE_SHARDED.format(config=CONFIG.to_dict(), seed=SEED)
+    env = subprocess_env(compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    done = subprocess.run([sys.executable, "-c", script, str(out)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    # the checkpoint really records the 8-device mesh...
+    saved = ocp.StandardCheckpointer().metadata((out / "params").absolute()).item_metadata
+    assert list(saved["lm_head"]["kernel"].sharding.shape) == [2, 4]
+
+    # ...and this one-device process loads it, through both entry points, onto its own device
+    assert jax.device_count() == 1
+    original = init_model(CONFIG, "float32", seed=SEED)
+    ids = np.array([[1, 5, 9, 2, 33, 7, 12, 60], [4, 4, 8, 15, 16, 23, 42, 0]], dtype=np.int32)
+    expected = np.asarray(original.logits(ids))
+    for loaded in (gc.load_pretrained(out), load_checkpoint(out, scan_layers=False)):
+        assert loaded.config == CONFIG.replace(scan_layers=loaded.config.scan_layers)
+        for array in jax.tree.leaves(nnx.state(loaded, nnx.Param)):
+            assert array.sharding.is_fully_replicated and len(array.sharding.device_set) == 1
+        for layer in CONFIG.exit_layers:
+            np.testing.assert_array_equal(np.asarray(loaded.logits(ids, layer=layer)),
+                                          np.asarray(original.logits(ids, layer=layer)))
+        np.testing.assert_array_equal(np.asarray(loaded.logits(ids)), expected)
