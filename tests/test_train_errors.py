@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import greencode_jax as gc
+from greencode_jax.cli.config import typed_section
 from greencode_jax.cli.train_cmd import load_finetune_config
 from greencode_jax.cli.train_cmd import main as train_main
 from greencode_jax.errors import GreencodeError
@@ -55,6 +56,57 @@ def test_wrongly_typed_fields_are_named(tmp_path, stdlib_corpus):
     config, resolved = load_finetune_config(path, ["train.exit_weights=[0.2, 0.8]", "train.learning_rate=1"])
     assert config.train.exit_weights == (0.2, 0.8) and config.train.learning_rate == 1.0
     assert yaml.safe_load(resolved)["train"]["exit_weights"] == [0.2, 0.8]
+
+
+def test_float_fields_take_exponents_without_a_dot(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-5, 3E+2 and -2e0 as strings, not floats
+    assert yaml.safe_load("a: 1e-5")["a"] == "1e-5"
+    path = tmp_path / "exp.yaml"
+    path.write_text("run:\n  name: 1e-5\ntrain:\n  learning_rate: 1e-5\n  adam_eps: 3E-8\n  final_lr_ratio: .5\n"
+                    "  epochs: 2\n  exit_weights: [1e-1, 9E-1]\n")
+    config, resolved = load_finetune_config(path, [])
+    t = config.train
+    assert (t.learning_rate, t.adam_eps, t.final_lr_ratio, t.epochs) == (1e-5, 3e-8, 0.5, 2.0)
+    assert all(type(v) is float for v in (t.learning_rate, t.adam_eps, t.final_lr_ratio, t.epochs))
+    assert t.exit_weights == (0.1, 0.9) and config.run.name == "1e-5"  # a str field keeps the string
+    assert yaml.safe_load(resolved)["train"]["learning_rate"] == 1e-5  # written back as a YAML float
+
+    config, _ = load_finetune_config(path, ["train.learning_rate=3e-4", "train.weight_decay=-2e0",
+                                            "train.clip_norm=+1E+2", "train.exit_weights=[2e-1, 8e-1]"])
+    t = config.train
+    assert (t.learning_rate, t.weight_decay, t.clip_norm, t.exit_weights) == (3e-4, -2.0, 100.0, (0.2, 0.8))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=fast", "field 'train.learning_rate' is 'fast', expected float"),
+    ("train.learning_rate=nan", "field 'train.learning_rate' is 'nan', expected float"),  # YAML's NaN is .nan
+    ("train.adam_eps=1e-8x", "field 'train.adam_eps' is '1e-8x', expected float"),
+    ("train.adam_eps=1.5.2", "field 'train.adam_eps' is '1.5.2', expected float"),
+    ("train.steps=1e3", "field 'train.steps' is '1e3', expected int"),  # only float fields read numeric strings
+    ("checkpoint.async_save=1e0", "field 'checkpoint.async_save' is '1e0', expected bool"),
+])
+def test_non_numeric_strings_for_float_fields_are_still_named(tmp_path, override, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1e-5\n")
+    with pytest.raises(GreencodeError) as error:
+        load_finetune_config(path, [override])
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_typed_section_reads_numeric_strings_only_for_float_fields():
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        rate: float = 0.5
+        count: int = 1
+        label: str = ""
+
+    assert typed_section(Section, {"rate": "1e-5", "count": 2, "label": "2e3"}, "s", "f.yaml") == Section(
+        1e-5, 2, "2e3")
+    assert typed_section(Section, {"rate": "-.5E+1"}, "s", "f.yaml").rate == -5.0
+    for bad in ("1e-5 ", "inf", "0x10", "", "1e"):
+        with pytest.raises(GreencodeError) as error:
+            typed_section(Section, {"rate": bad}, "s", "f.yaml")
+        assert str(error.value) == f"f.yaml: field 's.rate' is {bad!r}, expected float"
 
 
 def _config(path, overrides=()):

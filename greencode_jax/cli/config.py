@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,10 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.yamlfile import read_yaml  # noqa: F401  (re-exported for the CLI)
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+
+# A decimal number as YAML 1.2 writes one. PyYAML (YAML 1.1) wants a dot in a float, so it reads
+# `1e-5` or `3E+2` as strings; a float field takes such a string as the number it spells.
+_FLOAT_TEXT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +50,19 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
     return data
 
 
+def as_float(value):
+    """`value` as a float field reads it: an int or a numeric string such as `1e-5` becomes a
+    float; anything else comes back unchanged, for the caller to reject by name."""
+    if isinstance(value, int) or isinstance(value, str) and _FLOAT_TEXT.fullmatch(value):
+        return float(value)
+    return value
+
+
 def typed_section(cls, values: dict, section: str, source: str):
-    """Builds dataclass `cls` from a section, naming any misspelt field and its closest valid one."""
+    """Builds dataclass `cls` from a section, naming any misspelt field and its closest valid one.
+
+    A float field also takes an int and a numeric string such as `1e-5` (see `as_float`).
+    """
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
@@ -54,8 +70,8 @@ def typed_section(cls, values: dict, section: str, source: str):
     typed = {}
     for key, value in values.items():
         expected = type(names[key].default)
-        if expected is float and isinstance(value, int):
-            value = float(value)
+        if expected is float:
+            value = as_float(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise GreencodeError(f"{source}: field '{section}.{key}' is {value!r}, expected {expected.__name__}")
         typed[key] = value

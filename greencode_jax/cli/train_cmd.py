@@ -37,26 +37,12 @@ def load_finetune_config(path, overrides):
             values = {}
         if not isinstance(values, dict):
             raise GreencodeError(f"{source}: section '{name}' must be a mapping of fields")
-        plain = _floats({k: v for k, v in values.items() if (name, k) not in _SPECIAL_FIELDS},
-                        SECTION_CLASSES[name])
+        plain = {k: v for k, v in values.items() if (name, k) not in _SPECIAL_FIELDS}
         section = typed_section(SECTION_CLASSES[name], plain, name, source)
         special = {k: _special(name, k, v, source) for k, v in values.items() if (name, k) in _SPECIAL_FIELDS}
         sections[name] = dataclasses.replace(section, **special)
     config = FinetuneConfig(**sections)
     return config, yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-def _floats(values: dict, cls) -> dict:
-    """PyYAML reads `1e-5` (no dot) as a string; a float field takes it as the number it spells."""
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
-    out = dict(values)
-    for key, value in values.items():
-        if kinds.get(key) is float and isinstance(value, str):
-            try:
-                out[key] = float(value)
-            except ValueError:
-                pass  # typed_section names the field and the expected type
-    return out
 
 
 def _special(section: str, key: str, value, source: str):
@@ -75,7 +61,9 @@ def _special(section: str, key: str, value, source: str):
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return tuple(value)
+        from greencode_jax.cli.config import as_float
+
+        return tuple(as_float(v) if isinstance(v, str) else v for v in value)  # `[1e-1, ...]`: YAML 1.1 strings
     raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a scheme name (greencode, uniform, "
                          "linear) or a list of weights")
 
