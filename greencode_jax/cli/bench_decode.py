@@ -4,6 +4,8 @@ Decoding one token at batch 1 reads every weight it uses once, so its floor is t
 bytes of weights read divided by this machine's read bandwidth (measured in the same
 run with a jitted reduction over a buffer larger than the caches). Per-token time is
 (t(prefill + N tokens) - t(prefill + 1 token)) / (N - 1), so the prompt pass is excluded.
+Every figure is measured in interleaved rounds and ratios are medians of same-round ratios:
+on a shared machine a slow spell otherwise lands on one policy and not on another.
 """
 
 from __future__ import annotations
@@ -71,13 +73,28 @@ def jax_leaves(state):
     return jax.tree.leaves(state)
 
 
-def _seconds(fn, repeats: int) -> float:
-    times = []
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_per_token(runners: dict, new_tokens: int, repeats: int) -> dict:
+    """Per-token seconds of each runner, measured in rounds: every round times each runner
+    for 1 and for `new_tokens` tokens, so the prompt pass cancels out, and runs them all in
+    turn, so a slow spell of this shared machine hits every figure of that round alike.
+    Returns each runner's per-round samples."""
+    samples = {name: [] for name in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runners.items():
+            one, full = _seconds(lambda: run(1)), _seconds(lambda: run(new_tokens))
+            samples[name].append((full - one) / (new_tokens - 1))
+    return samples
+
+
+def paired_ratio(samples: dict, name: str, base: str) -> float:
+    """Median over rounds of name's time / base's time in the same round."""
+    return statistics.median(a / b for a, b in zip(samples[name], samples[base]))
 
 
 def run_bench_decode(args) -> dict:
@@ -97,51 +114,46 @@ def run_bench_decode(args) -> dict:
     config = model.config
     params = sum(x.size for x in jax.tree.leaves(__import__("flax").nnx.state(model)))
     print(f"bench decode: shape {args.shape} ({params / 1e6:.1f}M parameters), batch 1, {args.prompt}-token prompt, "
-          f"{args.new} new tokens, fp32; JAX {jax.__version__} on {jax.devices()[0].platform}, torch "
-          f"{torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+          f"{args.new} new tokens, fp32, {args.repeats} interleaved rounds; JAX {jax.__version__} on "
+          f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
     ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, args.prompt))
     bandwidth = read_bandwidth()
 
-    def per_token(policy) -> tuple[float, float]:
-        run = lambda n: jax.block_until_ready(  # noqa: E731
-            model.generate(ids, max_new_tokens=n, policy=policy, stop_tokens=()).tokens)
-        run(1), run(args.new)  # compile both lengths
-        one, full = _seconds(lambda: run(1), args.repeats), _seconds(lambda: run(args.new), args.repeats)
-        return (full - one) / (args.new - 1), full
+    last = config.num_layers - 1
+    targets = sorted({min(config.exit_layers, key=lambda e: abs(e - q * config.num_layers)) for q in (0.25, 0.5, 0.75)})
+    policies = {"Full()": (gc.policies.Full(), None)}
+    policies.update({f"FixedExit({k})": (gc.policies.FixedExit(k), k) for k in targets if k != last})
+    learned = gc.policies.Learned(gc.policies.Learned.init_params(jax.random.key(0), config.hidden_size), threshold=2.0)
+    policies["Learned (never exits)"] = (learned, None)  # threshold 2: never exits: full depth plus the policy
 
-    rows = {}
-    full_token, full_total = per_token(gc.policies.Full())
-    full_bytes = weight_bytes(model)
-    rows["Full()"] = dict(seconds_per_token=full_token, bytes=full_bytes)
+    def ours(policy):
+        return lambda n: jax.block_until_ready(
+            model.generate(ids, max_new_tokens=n, policy=policy, stop_tokens=()).tokens)
 
     torch_ids = torch.tensor(ids)
 
-    def hf_generate(n):
+    def transformers_generate(n):
         with torch.inference_mode():
             return reference.generate(torch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                       pad_token_id=0, eos_token_id=None)
 
-    hf_generate(2)
-    hf_one, hf_full = _seconds(lambda: hf_generate(1), args.repeats), _seconds(lambda: hf_generate(args.new), args.repeats)
-    hf_token = (hf_full - hf_one) / (args.new - 1)
+    runners = {name: ours(policy) for name, (policy, _) in policies.items()}
+    runners["transformers"] = transformers_generate
+    for run in runners.values():  # compile / warm up both lengths
+        run(1), run(args.new)
+    samples = interleaved_per_token(runners, args.new, args.repeats)
+    totals = {name: statistics.median(_seconds(lambda: runners[name](args.new)) for _ in range(3))
+              for name in ("Full()", "transformers")}
 
-    last = config.num_layers - 1
-    targets = sorted({min(config.exit_layers, key=lambda e: abs(e - q * config.num_layers)) for q in (0.25, 0.5, 0.75)})
-    for k in targets:
-        if k == last:
-            continue
-        seconds, _ = per_token(gc.policies.FixedExit(k))
-        rows[f"FixedExit({k})"] = dict(seconds_per_token=seconds, bytes=weight_bytes(model, k))
-    learned = gc.policies.Learned(gc.policies.Learned.init_params(jax.random.key(0), config.hidden_size), threshold=2.0)
-    seconds, _ = per_token(learned)  # threshold 2: never exits, so every token runs full depth plus the policy
-    rows["Learned (never exits)"] = dict(seconds_per_token=seconds, bytes=full_bytes)
-
-    floor = full_bytes / bandwidth
+    rows = {name: dict(seconds_per_token=statistics.median(samples[name]), ratio_to_full=paired_ratio(samples, name, "Full()"),
+                       bytes=weight_bytes(model, layer)) for name, (_, layer) in policies.items()}
+    floor = rows["Full()"]["bytes"] / bandwidth
     hf_bound = HF_BOUND_SMALL if params < SMALL_MODEL_PARAMS else HF_BOUND
     results = {"shape": args.shape, "params": params, "prompt": args.prompt, "new_tokens": args.new,
-               "read_bandwidth_gbs": bandwidth / 1e9, "memory_floor_ms": floor * 1e3, "rows": rows,
-               "hf_seconds_per_token": hf_token, "hf_total_s": hf_full, "ours_total_s": full_total,
-               "device": str(jax.devices()[0])}
+               "repeats": args.repeats, "read_bandwidth_gbs": bandwidth / 1e9, "memory_floor_ms": floor * 1e3,
+               "rows": rows, "hf_seconds_per_token": statistics.median(samples["transformers"]),
+               "hf_speedup": 1 / paired_ratio(samples, "Full()", "transformers"),
+               "hf_total_s": totals["transformers"], "ours_total_s": totals["Full()"], "device": str(jax.devices()[0])}
     _print(results, hf_bound)
     if args.json:
         from greencode_jax.atomic import atomic_write_text
@@ -158,14 +170,14 @@ def _print(r: dict, hf_bound: float):
     ratio_floor = full["seconds_per_token"] * 1e3 / r["memory_floor_ms"]
     print(f"  Full()            {full['seconds_per_token'] * 1e3:8.2f} ms/token = {ratio_floor:.2f}x floor "
           f"(bound <= {FLOOR_BOUND}: {verdict(ratio_floor <= FLOOR_BOUND)})")
-    speedup = r["hf_seconds_per_token"] / full["seconds_per_token"]
+    speedup = r["hf_speedup"]
     print(f"  transformers      {r['hf_seconds_per_token'] * 1e3:8.2f} ms/token -> ours {speedup:.2f}x its tokens/s "
           f"(bound >= {hf_bound}: {verdict(speedup >= hf_bound)}); whole generate incl. prompt: ours "
           f"{r['ours_total_s']:.3f} s, transformers {r['hf_total_s']:.3f} s")
     for name, row in r["rows"].items():
         if name == "Full()":
             continue
-        time_ratio = row["seconds_per_token"] / full["seconds_per_token"]
+        time_ratio = row["ratio_to_full"]
         bytes_ratio = row["bytes"] / full["bytes"]
         if name.startswith("Learned"):
             print(f"  {name:17s} {row['seconds_per_token'] * 1e3:8.2f} ms/token = {time_ratio:.3f}x Full() "

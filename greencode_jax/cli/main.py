@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="opt-125m", help="model shape (see bench forward; default opt-125m)")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens (default 256)")
     p.add_argument("--new", type=int, default=15, help="new tokens (default 15)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median reported)")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (medians reported)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_decode)
     data_cmd.register_bench(bench_sub)
