@@ -240,3 +240,16 @@ def test_config_is_hashable_and_frozen():
     assert hash(config) == hash(gc.ModelConfig.from_hf(hf_config("llama3_rope")))
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.num_layers = 2
+
+
+def test_float_fields_take_yaml_numeric_strings():
+    """A finetune config's model section is YAML, where PyYAML reads `1e-6` as a string."""
+    import yaml
+
+    hf = {**json.loads(hf_config("llama_kv2_bias").to_json_string()), **yaml.safe_load("rms_norm_eps: 1e-6")}
+    assert isinstance(hf["rms_norm_eps"], str)
+    assert gc.ModelConfig.from_hf(hf).norm_eps == 1e-6
+    with pytest.raises(gc.GreencodeError, match="field 'rms_norm_eps' is 'tiny', expected float"):
+        gc.ModelConfig.from_hf({**hf, "rms_norm_eps": "tiny"})
+    with pytest.raises(gc.GreencodeError, match="field 'rms_norm_eps' is True, expected float"):
+        gc.ModelConfig.from_hf({**hf, "rms_norm_eps": True})

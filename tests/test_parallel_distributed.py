@@ -36,3 +36,4 @@ def test_two_processes_train_the_same_as_one(one_device_run, stdlib_corpus, comp
         assert p.returncode == 0, err[-3000:]
     assert "on 2 device(s) (data=2, fsdp=1, 2 process(es))" in outputs[0][0]
     assert_equivalent_runs(one_device_run, tmp_path / "two")
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.startswith("final-params")] == []

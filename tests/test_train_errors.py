@@ -45,6 +45,9 @@ def test_misspelt_section_and_override(tmp_path, stdlib_corpus, capsys):
     assert train_main(["finetune", str(good), "train.stpes=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"greencode: error: {good}: unknown field 'train.stpes' (did you mean 'steps'?)"]
+    # overrides on both sides of an option all count
+    assert train_main(["finetune", str(good), "train.steps=3", "--no-progress", "train.stpes=3"]) == 2
+    assert "unknown field 'train.stpes'" in capsys.readouterr().err
 
 
 def test_wrongly_typed_fields_are_named(tmp_path, stdlib_corpus):

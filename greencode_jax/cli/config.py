@@ -5,20 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import re
 from pathlib import Path
 
 import yaml
 
 from greencode_jax.errors import GreencodeError
-from greencode_jax.yamlfile import read_yaml  # noqa: F401  (re-exported for the CLI)
+from greencode_jax.yamlfile import as_float, read_yaml  # noqa: F401  (read_yaml re-exported for the CLI)
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
-
-# A decimal number as YAML 1.2 writes one. PyYAML (YAML 1.1) wants a dot in a float, so it reads
-# `1e-5` or `3E+2` as strings; a float field takes such a string as the number it spells.
-_FLOAT_TEXT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
-
 
 @dataclasses.dataclass(frozen=True)
 class RunSection:
@@ -48,14 +42,6 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
                 raise GreencodeError(f"override {item!r}: '{part}' is not a mapping in {source}")
         node[parts[-1]] = yaml.safe_load(raw)
     return data
-
-
-def as_float(value):
-    """`value` as a float field reads it: an int or a numeric string such as `1e-5` becomes a
-    float; anything else comes back unchanged, for the caller to reject by name."""
-    if isinstance(value, int) or isinstance(value, str) and _FLOAT_TEXT.fullmatch(value):
-        return float(value)
-    return value
 
 
 def typed_section(cls, values: dict, section: str, source: str):

@@ -139,7 +139,12 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(a.startswith("-") for a in extra):
+        args.overrides += extra  # overrides after an option: `finetune C x.y=1 --no-progress x.z=2`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from greencode_jax.errors import GreencodeError
 
     signal.signal(signal.SIGTERM, _terminate)

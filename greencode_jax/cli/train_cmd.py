@@ -61,7 +61,7 @@ def _special(section: str, key: str, value, source: str):
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        from greencode_jax.cli.config import as_float
+        from greencode_jax.yamlfile import as_float
 
         return tuple(as_float(v) if isinstance(v, str) else v for v in value)  # `[1e-1, ...]`: YAML 1.1 strings
     raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a scheme name (greencode, uniform, "

@@ -15,6 +15,7 @@ import numbers
 from typing import Any, Mapping
 
 from greencode_jax.errors import GreencodeError
+from greencode_jax.yamlfile import as_float
 
 FAMILIES = ("opt", "llama")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
@@ -205,7 +206,7 @@ class _Reader:
             if required:
                 raise GreencodeError(f"{self.source}: missing required field '{key}'")
             return default
-        value = self.hf[key]
+        value = as_float(self.hf[key]) if kind is float else self.hf[key]  # `1e-6` from a YAML model section
         ok = isinstance(value, bool) if kind is bool else (
             isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
             isinstance(value, kind) and not isinstance(value, bool) if kind is int else isinstance(value, kind))

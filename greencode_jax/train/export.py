@@ -59,6 +59,7 @@ def save_final(params, config, dtype, out: Path, checkpoints, step: int, tokeniz
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise GreencodeError(f"{out}: writing the final checkpoint from {staged} failed ({tail})")
+        staged.rmtree()  # final/ holds these parameters now; the staged copy is only kept on failure
     multihost_utils.sync_global_devices("greencode-final-checkpoint")
     return out
 
