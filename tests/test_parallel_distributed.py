@@ -8,8 +8,6 @@ from __future__ import annotations
 import socket
 import subprocess
 
-import pytest
-
 from test_train_support import (  # noqa: F401 (fixtures)
     REPO, assert_equivalent_runs, cli_command, compile_cache, equivalence_config, one_device_run, stdlib_corpus,
     subprocess_env, write_config,
@@ -22,7 +20,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow(reason="two coordinated finetune processes plus a one-process reference (~25 s on 2 cores)")
 def test_two_processes_train_the_same_as_one(one_device_run, stdlib_corpus, compile_cache, tmp_path):
     path = write_config(tmp_path / "two.yaml", equivalence_config(stdlib_corpus, tmp_path, "two"))
     port = free_port()

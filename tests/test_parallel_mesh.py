@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import orbax.checkpoint as ocp
-import pytest
 
 from test_train_support import (  # noqa: F401 (fixtures)
     EQUIVALENCE_STEPS, assert_equivalent_runs, compile_cache, equivalence_config, one_device_run, run_cli,
@@ -11,7 +10,6 @@ from test_train_support import (  # noqa: F401 (fixtures)
 )
 
 
-@pytest.mark.slow(reason="two finetune subprocesses that each compile a program (~20 s on 2 cores)")
 def test_data2_fsdp4_on_8_devices_matches_one_device(one_device_run, stdlib_corpus, compile_cache, tmp_path):
     config = equivalence_config(stdlib_corpus, tmp_path, "eight", parallel={"data": 2, "fsdp": 4})
     env = subprocess_env(compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=8")
