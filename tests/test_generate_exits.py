@@ -187,8 +187,9 @@ def test_skip_path_equals_masked_path(llama, kind, batch):
 
 
 def test_skip_strategy_lowers_to_one_conditional_per_layer(llama):
-    """At batch 1 the skip path is a real `lax.cond` per layer (plus the exit head's for
-    Confidence), not a select that computes both branches; "masked" has none."""
+    """At batch 1 the skip path is a real `lax.cond` per layer (plus, for Confidence, the exit
+    head's at every exit after the first and once after the last layer), not a select that
+    computes both branches; "masked" has none."""
     from flax import nnx
 
     ids, valid = jnp.zeros((1, 64), jnp.int32), jnp.ones((1, 64), bool)
@@ -202,8 +203,10 @@ def test_skip_strategy_lowers_to_one_conditional_per_layer(llama):
 
     layers = llama.config.num_layers
     assert conditionals(P.FixedExit(jnp.int32(1)), True) == layers
-    assert conditionals(P.Confidence(jnp.float32(0.5)), True) == layers + 1
+    early_exits = [e for e in llama.config.exit_layers if e != llama.last]
+    assert conditionals(P.Confidence(jnp.float32(0.5)), True) == layers + len(early_exits) - 1 + 1
     assert conditionals(P.FixedExit(jnp.int32(1)), False) == 0
+    assert conditionals(P.Confidence(jnp.float32(0.5)), False) == 0
 
 
 # ---- 5. policies' decisions ------------------------------------------------------------------------------------------

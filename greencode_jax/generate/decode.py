@@ -72,17 +72,19 @@ def index_after(index, value):
     return jnp.minimum(index, index + jnp.isnan(first).astype(index.dtype))
 
 
-def decode_token(model, policy, token, position, keys, values, key_valid, slot, skip: bool):
+def decode_token(model, policy, token, position, keys, values, key_valid, slot, skip: bool, finished=None):
     """One token through the early-exit stack. Returns (logits [B, V], exit layer [B], keys, values).
 
-    `key_valid` marks the cache slots written before this token; its own K/V go to `slot`."""
+    `key_valid` marks the cache slots written before this token; its own K/V go to `slot`.
+    Rows `finished` (a stop token was emitted; their output is discarded) count as exited
+    from the start, so they never keep the batch from skipping a layer."""
     config = model.config
     last = config.num_layers - 1
     batch = token.shape[0]
     h = model.embed(token[:, None], position[:, None])
     cos, sin = model.rope(position[:, None])
     mask = attention_mask(jnp.ones((batch, 1), bool), key_valid, slot[None, None], jnp.arange(key_valid.shape[1])[None])
-    exited = jnp.zeros(batch, bool)
+    exited = jnp.zeros(batch, bool) if finished is None else finished
     exit_layer = jnp.full(batch, last, jnp.int32)
     exit_logits = None
     keys, values = list(keys), list(values)
@@ -103,7 +105,10 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
         values[i] = jax.lax.dynamic_update_slice(values[i], v, (0, 0, 0, at))
         if i == last or i not in config.exit_layers or i < policy.min_layer:
             continue
-        logits = model.exit_head(h[:, 0]) if policy.needs_logits else None
+        logits = None
+        if policy.needs_logits:  # once every row has exited, later exits need no head
+            logits = model.exit_head(h[:, 0]) if exit_logits is None or not skip else jax.lax.cond(
+                jnp.all(exited), lambda h: exit_logits, lambda h: model.exit_head(h[:, 0]), h)
         decide = policy.decide(i, h[:, 0], logits) & ~exited
         exit_layer = jnp.where(decide, i, exit_layer)
         if logits is not None:  # keep the exit's logits: the head need not run again for it
@@ -112,8 +117,8 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     if exit_logits is None:
         logits = model.exit_head(h[:, 0])
     else:
-        logits = jax.lax.cond(jnp.all(exited), lambda h: exit_logits,
-                              lambda h: jnp.where(exited[:, None], exit_logits, model.exit_head(h[:, 0])), h)
+        final = lambda h: jnp.where(exited[:, None], exit_logits, model.exit_head(h[:, 0]))  # noqa: E731
+        logits = jax.lax.cond(jnp.all(exited), lambda h: exit_logits, final, h) if skip else final(h)
     return logits, exit_layer, tuple(keys), tuple(values)
 
 
@@ -138,7 +143,7 @@ def generate_jit(graphdef, state, ids, valid, policy, stop_tokens, pad_token, rn
     def body(s: DecodeState) -> DecodeState:
         slot = prompt_len + s.step - 1  # the cache slot of s.token
         logits, exit_layer, keys, values = decode_token(
-            model, policy, s.token, s.position, s.keys, s.values, s.key_valid, slot, skip)
+            model, policy, s.token, s.position, s.keys, s.values, s.key_valid, slot, skip, finished=s.done)
         key_valid = jax.lax.dynamic_update_slice(s.key_valid, jnp.ones((batch, 1), bool), (0, slot))
         rng, key = jax.random.split(s.rng)
         token = jnp.where(s.done, pad_token, choose_tokens(logits, sampling, key))
