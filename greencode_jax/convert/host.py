@@ -1,9 +1,12 @@
-"""Host buffers that JAX can adopt without a copy.
+"""Aligned host buffers that one tensor at a time is read into, then copied to JAX.
 
-On the CPU backend an aligned NumPy buffer is handed to JAX through DLPack, which
-aliases its memory: an import then holds one copy of the weights, not two. bf16
-has no DLPack code, so it is staged as uint16 and bit-cast (one parameter's copy).
-Other backends copy to the device and the host buffer is freed right after.
+Each parameter is read into its own buffer, copied into memory XLA owns, and the buffer is
+freed before the next one: an import holds the weights once plus one tensor. bf16 has no
+NumPy dtype code, so it is staged as uint16 and bit-cast.
+
+Handing XLA the buffer itself (DLPack, zero-copy) saved that one tensor but left XLA holding
+memory whose release calls back into Python; released on an XLA worker thread while the
+interpreter shut down, it aborted the process ("terminate called without an active exception").
 """
 
 from __future__ import annotations
@@ -11,26 +14,18 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-ALIGNMENT = 64  # XLA's CPU client adopts external buffers aligned to this
-
 
 def host_buffer(shape, dtype):
-    """An uninitialised, aligned host buffer; returns (buffer, view in `dtype` for filling)."""
+    """An uninitialised host buffer; returns (buffer, view in `dtype` for filling)."""
     dtype = np.dtype(dtype)
-    storage = np.uint16 if dtype.name == "bfloat16" else dtype
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
-    offset = (-raw.ctypes.data) % ALIGNMENT
-    buffer = raw[offset:offset + nbytes].view(storage).reshape(shape)
+    buffer = np.empty(shape, np.uint16 if dtype.name == "bfloat16" else dtype)
     return buffer, buffer.view(dtype)
 
 
 def to_jax(buffer: np.ndarray, dtype) -> jax.Array:
-    """Hands a `host_buffer` to JAX (zero-copy on CPU where the dtype allows)."""
+    """A copy of a `host_buffer` in memory JAX owns (the buffer can be freed right after)."""
     dtype = np.dtype(dtype)
-    if jax.default_backend() != "cpu":
-        return jax.device_put(buffer.view(dtype))
-    array = jax.dlpack.from_dlpack(buffer)
+    array = jax.device_put(buffer, may_alias=False)
     if dtype.name == "bfloat16":
         array = jax.lax.bitcast_convert_type(array, dtype)
-    return array
+    return jax.block_until_ready(array)
