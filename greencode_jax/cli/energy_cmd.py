@@ -47,18 +47,44 @@ def cmd_energy_probe(args):
     return report
 
 
-def prefill_workload(model, tokens: int, batch: int, seed: int = 0):
-    """`workload(layers) -> (step, tokens_per_step)`: prefill of random ids through decoder
-    layers 0..layers-1 and the exit head. Prefill stands in for decoding until the
-    KV-cached decode with FixedExit lands; the generation code can pass its own workload."""
+def _check_depth(layers: int, num_layers: int):
+    if not 1 <= layers <= num_layers:
+        raise GreencodeError(f"depth {layers}: expected a number of layers in 1..{num_layers}")
+
+
+def decode_workload(model, prompt_tokens: int, new_tokens: int, batch: int, seed: int = 0):
+    """`workload(layers) -> (step, tokens_per_step)`: KV-cached greedy decoding of `new_tokens`
+    tokens that all exit after `layers` layers (`FixedExit(layers - 1)`; `Full()` at full depth),
+    after a short prompt whose one full-depth pass is part of the step's cost."""
     import numpy as np
 
-    num_layers = model.config.num_layers
+    from greencode_jax.generate.policies import FixedExit, Full
+
+    config = model.config
+    ids = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, prompt_tokens), dtype=np.int32)
+
+    def workload(layers: int):
+        _check_depth(layers, config.num_layers)
+        if layers < config.num_layers and layers - 1 not in config.exit_layers:
+            depths = [e + 1 for e in config.exit_layers]
+            raise GreencodeError(f"depth {layers}: decoding stops only at an exit layer; this model's exits give "
+                                 f"depths {depths} (or use --workload prefill)")
+        policy = Full() if layers == config.num_layers else FixedExit(layers - 1)
+        step = lambda: model.generate(ids, max_new_tokens=new_tokens, policy=policy, stop_tokens=()).tokens  # noqa: E731
+        return step, batch * new_tokens
+
+    return workload
+
+
+def prefill_workload(model, tokens: int, batch: int, seed: int = 0):
+    """`workload(layers) -> (step, tokens_per_step)`: prefill of random ids through decoder
+    layers 0..layers-1 and the exit head (any depth, exit layer or not)."""
+    import numpy as np
+
     ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, tokens), dtype=np.int32)
 
     def workload(layers: int):
-        if not 1 <= layers <= num_layers:
-            raise GreencodeError(f"depth {layers}: expected a number of layers in 1..{num_layers}")
+        _check_depth(layers, model.config.num_layers)
         return (lambda: model.logits(ids, layer=layers - 1)), batch * tokens
 
     return workload
@@ -79,17 +105,28 @@ def cmd_energy_calibrate(args):
     import greencode_jax as gc
     from greencode_jax.energy import EnergyMeter, fit_cost_model, window_measure
 
+    if args.tokens is None:
+        args.tokens = 16 if args.workload == "decode" else 128
     for name in ("tokens", "batch", "repeats"):
         if getattr(args, name) <= 0:
             raise GreencodeError(f"--{name} {getattr(args, name)}: expected a positive number")
     if args.min_seconds <= 0 or args.idle_seconds < 0:
         raise GreencodeError("--min-seconds must be positive and --idle-seconds 0 or more")
+    if args.new_tokens < 2:
+        raise GreencodeError(f"--new-tokens {args.new_tokens}: expected 2 or more")
     config = _energy_config(args.set)
-    model = gc.load_pretrained(args.model, dtype=args.dtype)
+    decode = args.workload == "decode"
+    model = gc.load_pretrained(args.model, dtype=args.dtype, scan_layers=not decode)
     depths = args.depths or default_depths(model)
     c = model.config
-    workload = (f"prefill of {args.batch} x {args.tokens} random tokens per step through the first k layers "
-                "and the exit head (stand-in for KV-cached decoding with FixedExit)")
+    if decode:
+        workload = (f"decoding {args.batch} x {args.new_tokens} greedy tokens per step that exit after k layers "
+                    f"(FixedExit(k - 1), Full() at {c.num_layers}), after a {args.tokens}-token prompt")
+        steps = decode_workload(model, args.tokens, args.new_tokens, args.batch, args.seed)
+    else:
+        workload = (f"prefill of {args.batch} x {args.tokens} random tokens per step through the first k layers "
+                    "and the exit head")
+        steps = prefill_workload(model, args.tokens, args.batch, args.seed)
     print(f"calibrate: {args.model} ({c.family}, {c.num_layers} layers), depths {depths}, {args.repeats} repeat(s), "
           f">= {args.min_seconds} s per window\n  workload: {workload}", flush=True)
     meter = EnergyMeter(config)
@@ -99,8 +136,7 @@ def cmd_energy_calibrate(args):
             print(f"  metering {selection.spec.key}: {b.method} via {b.name}")
         if args.idle_seconds > 0:
             meter.measure_idle(args.idle_seconds)
-        measure = window_measure(meter, prefill_workload(model, args.tokens, args.batch, args.seed),
-                                 args.min_seconds, above_idle=args.idle_seconds > 0)
+        measure = window_measure(meter, steps, args.min_seconds, above_idle=args.idle_seconds > 0)
         model_fit = fit_cost_model(_printing(measure), depths, args.repeats, workload)
     finally:
         meter.close()
@@ -112,7 +148,8 @@ def cmd_energy_calibrate(args):
     if args.out:
         from greencode_jax.atomic import atomic_write_text
 
-        record = {"model": str(args.model), "depths": depths, "tokens": args.tokens, "batch": args.batch,
+        record = {"model": str(args.model), "workload_kind": args.workload, "depths": depths, "tokens": args.tokens,
+                  "new_tokens": args.new_tokens if decode else None, "batch": args.batch,
                   "dtype": args.dtype, "energy_config": dataclasses.asdict(config), **model_fit.to_dict()}
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.out}")
@@ -159,7 +196,12 @@ def register(subparsers):
     p.add_argument("--depths", type=_depths, default=None,
                    help="numbers of decoder layers computed, e.g. 1,4,8,12 (default: each exit layer + 1, "
                         f"at most {MAX_DEFAULT_DEPTHS})")
-    p.add_argument("--tokens", type=int, default=128, help="prompt length per step (default 128)")
+    p.add_argument("--workload", choices=["decode", "prefill"], default="decode",
+                   help="decode (default): KV-cached decoding with every token exiting at the depth, so depths "
+                        "must be exit layers + 1; prefill: a forward through the first k layers, any k")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="prompt length per step (default 16 for decode, 128 for prefill)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per step (decode workload; default 32)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="windows per depth, depths interleaved (default 3)")
     p.add_argument("--min-seconds", type=float, default=2.0,
