@@ -79,17 +79,18 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_per_token(runners: dict, new_tokens: int, repeats: int) -> dict:
+def interleaved_per_token(runners: dict, new_tokens: int, repeats: int) -> tuple[dict, dict]:
     """Per-token seconds of each runner, measured in rounds: every round times each runner
     for 1 and for `new_tokens` tokens, so the prompt pass cancels out, and runs them all in
     turn, so a slow spell of this shared machine hits every figure of that round alike.
-    Returns each runner's per-round samples."""
-    samples = {name: [] for name in runners}
+    Returns each runner's per-round samples of seconds per token and of the whole run."""
+    per_token, whole = {name: [] for name in runners}, {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
             one, full = _seconds(lambda: run(1)), _seconds(lambda: run(new_tokens))
-            samples[name].append((full - one) / (new_tokens - 1))
-    return samples
+            per_token[name].append((full - one) / (new_tokens - 1))
+            whole[name].append(full)
+    return per_token, whole
 
 
 def paired_ratio(samples: dict, name: str, base: str) -> float:
@@ -141,9 +142,7 @@ def run_bench_decode(args) -> dict:
     runners["transformers"] = transformers_generate
     for run in runners.values():  # compile / warm up both lengths
         run(1), run(args.new)
-    samples = interleaved_per_token(runners, args.new, args.repeats)
-    totals = {name: statistics.median(_seconds(lambda: runners[name](args.new)) for _ in range(3))
-              for name in ("Full()", "transformers")}
+    samples, whole = interleaved_per_token(runners, args.new, args.repeats)
 
     rows = {name: dict(seconds_per_token=statistics.median(samples[name]), ratio_to_full=paired_ratio(samples, name, "Full()"),
                        bytes=weight_bytes(model, layer)) for name, (_, layer) in policies.items()}
@@ -153,7 +152,8 @@ def run_bench_decode(args) -> dict:
                "repeats": args.repeats, "read_bandwidth_gbs": bandwidth / 1e9, "memory_floor_ms": floor * 1e3,
                "rows": rows, "hf_seconds_per_token": statistics.median(samples["transformers"]),
                "hf_speedup": 1 / paired_ratio(samples, "Full()", "transformers"),
-               "hf_total_s": totals["transformers"], "ours_total_s": totals["Full()"], "device": str(jax.devices()[0])}
+               "hf_total_s": statistics.median(whole["transformers"]), "ours_total_s": statistics.median(whole["Full()"]),
+               "device": str(jax.devices()[0])}
     _print(results, hf_bound)
     if args.json:
         from greencode_jax.atomic import atomic_write_text

@@ -105,8 +105,9 @@ def cmd_energy_calibrate(args):
     import greencode_jax as gc
     from greencode_jax.energy import EnergyMeter, fit_cost_model, window_measure
 
+    decode = args.workload == "decode"
     if args.tokens is None:
-        args.tokens = 16 if args.workload == "decode" else 128
+        args.tokens = 16 if decode else 128
     for name in ("tokens", "batch", "repeats"):
         if getattr(args, name) <= 0:
             raise GreencodeError(f"--{name} {getattr(args, name)}: expected a positive number")
@@ -115,7 +116,6 @@ def cmd_energy_calibrate(args):
     if args.new_tokens < 2:
         raise GreencodeError(f"--new-tokens {args.new_tokens}: expected 2 or more")
     config = _energy_config(args.set)
-    decode = args.workload == "decode"
     model = gc.load_pretrained(args.model, dtype=args.dtype, scan_layers=not decode)
     depths = args.depths or default_depths(model)
     c = model.config
