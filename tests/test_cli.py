@@ -94,6 +94,12 @@ def test_run_demo_pipeline_reports_parity_and_skips_done_stages(tmp_path, monkey
     assert "did you mean 'name'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bench", ["forward", "decode", "train"])
+def test_bench_refuses_cuda_where_torch_has_none(bench, capsys):
+    assert main(["bench", bench, "--shape", "tiny-llama", "--torch-device", "cuda"]) == 2
+    assert "--torch-device cuda: this torch build sees no CUDA device" in capsys.readouterr().err
+
+
 def test_bench_forward_prints_ratio(capsys):
     assert main(["bench", "forward", "--shape", "tiny-llama", "--tokens", "16", "--repeats", "1",
                  "--skip-memory"]) == 0
@@ -101,20 +107,22 @@ def test_bench_forward_prints_ratio(capsys):
     assert "ratio ours / PyTorch" in out and "tokens/s" in out
 
 
-def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys):
+@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("bfloat16", 2)])
+def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype, itemsize):
     """tiny-llama (2 layers, hidden 64, MLP 128, 4 heads / 2 K/V heads of 16, vocab 512,
     untied head): the bytes a token reads, counted by hand from those dimensions."""
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--shape", "tiny-llama", "--prompt", "8", "--new", "3", "--repeats", "1",
-                 "--json", str(out)]) == 0
+                 "--dtype", dtype, "--json", str(out)]) == 0
     assert "FixedExit(0)" in capsys.readouterr().out
     r = json.loads(out.read_text())
-    hidden, mlp, kv, vocab, f32 = 64, 128, 2 * 16, 512, 4
+    assert (r["dtype"], r["torch_device"]) == (dtype, "cpu")
+    hidden, mlp, kv, vocab = 64, 128, 2 * 16, 512
     norm = hidden
     k_and_v = 2 * hidden * kv
     layer = 2 * norm + hidden * hidden * 2 + k_and_v + 3 * hidden * mlp  # norms, q and o, k and v, SwiGLU
     head = norm + hidden * vocab
-    assert r["rows"]["Full()"]["bytes"] == f32 * (2 * layer + head)
-    assert r["rows"]["FixedExit(0)"]["bytes"] == f32 * (layer + norm + k_and_v + head)  # layer 1: its K/V only
+    assert r["rows"]["Full()"]["bytes"] == itemsize * (2 * layer + head)
+    assert r["rows"]["FixedExit(0)"]["bytes"] == itemsize * (layer + norm + k_and_v + head)  # layer 1: its K/V only
     assert set(r["rows"]) == {"Full()", "FixedExit(0)", "Learned (never exits)"}  # k ~ L/4, L/2, 3L/4 -> 0, 1 = last
     assert r["memory_floor_ms"] == pytest.approx(r["rows"]["Full()"]["bytes"] / (r["read_bandwidth_gbs"] * 1e6))

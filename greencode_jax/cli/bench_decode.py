@@ -21,13 +21,14 @@ from greencode_jax.errors import GreencodeError
 FLOOR_BOUND = 1.25  # Full(): time per token <= 1.25x the memory floor
 HF_BOUND = 1.0  # Full(): tokens/s >= 1.0x transformers' generate
 HF_BOUND_SMALL = 3.0  # ... >= 3x for a ~10M-parameter model, whose cost is overhead
+HF_BOUND_GPU = 2.0  # on a GPU (bf16, ~1B Llama): >= 2x transformers' generate
 SMALL_MODEL_PARAMS = 20e6
 EXIT_RATIO_BOUND = 1.15  # t(FixedExit(k)) / t(Full()) within 1.15x of the ratio of bytes read
 LEARNED_BOUND = 1.03  # Learned adds <= 3 % to a full-depth token
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
-    """Bytes/s of a jitted sum over an `nbytes` float32 buffer (best of `repeats`)."""
+    """Bytes/s of a jitted sum over an `nbytes` float32 buffer on JAX's default device (best of `repeats`)."""
     import jax
     import jax.numpy as jnp
 
@@ -104,19 +105,23 @@ def run_bench_decode(args) -> dict:
     import torch
 
     import greencode_jax as gc
-    from greencode_jax.cli.bench_forward import build_reference
+    from greencode_jax.cli.bench_forward import build_reference, synchronize, torch_device
 
     if args.prompt <= 0 or args.new < 2 or args.repeats <= 0:
         raise GreencodeError("--prompt and --repeats must be positive and --new at least 2")
-    reference = build_reference(args.shape, "float32")
+    device = torch_device(args.torch_device)
+    reference = build_reference(args.shape, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
-        model = gc.load_pretrained(tmp, scan_layers=False)
+        model = gc.load_pretrained(tmp, dtype=args.dtype, scan_layers=False)
+    reference = reference.to(device)
     config = model.config
     params = sum(x.size for x in jax.tree.leaves(__import__("flax").nnx.state(model)))
+    platform = jax.devices()[0].platform
     print(f"bench decode: shape {args.shape} ({params / 1e6:.1f}M parameters), batch 1, {args.prompt}-token prompt, "
-          f"{args.new} new tokens, fp32, {args.repeats} interleaved rounds; JAX {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+          f"{args.new} new tokens, {args.dtype}, {args.repeats} interleaved rounds; JAX {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {device}"
+          f"{'' if device == 'cuda' else f' with {torch.get_num_threads()} threads'}", flush=True)
     ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, args.prompt))
     bandwidth = read_bandwidth()
 
@@ -131,12 +136,14 @@ def run_bench_decode(args) -> dict:
         return lambda n: jax.block_until_ready(
             model.generate(ids, max_new_tokens=n, policy=policy, stop_tokens=()).tokens)
 
-    torch_ids = torch.tensor(ids)
+    torch_ids = torch.tensor(ids, device=device)
 
     def transformers_generate(n):
         with torch.inference_mode():
-            return reference.generate(torch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      pad_token_id=0, eos_token_id=None)
+            tokens = reference.generate(torch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                        pad_token_id=0, eos_token_id=None)
+        synchronize(device)
+        return tokens
 
     runners = {name: ours(policy) for name, (policy, _) in policies.items()}
     runners["transformers"] = transformers_generate
@@ -147,13 +154,13 @@ def run_bench_decode(args) -> dict:
     rows = {name: dict(seconds_per_token=statistics.median(samples[name]), ratio_to_full=paired_ratio(samples, name, "Full()"),
                        bytes=weight_bytes(model, layer)) for name, (_, layer) in policies.items()}
     floor = rows["Full()"]["bytes"] / bandwidth
-    hf_bound = HF_BOUND_SMALL if params < SMALL_MODEL_PARAMS else HF_BOUND
-    results = {"shape": args.shape, "params": params, "prompt": args.prompt, "new_tokens": args.new,
+    hf_bound = HF_BOUND_GPU if platform == "gpu" else HF_BOUND_SMALL if params < SMALL_MODEL_PARAMS else HF_BOUND
+    results = {"shape": args.shape, "params": params, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new,
                "repeats": args.repeats, "read_bandwidth_gbs": bandwidth / 1e9, "memory_floor_ms": floor * 1e3,
                "rows": rows, "hf_seconds_per_token": statistics.median(samples["transformers"]),
                "hf_speedup": 1 / paired_ratio(samples, "Full()", "transformers"),
                "hf_total_s": statistics.median(whole["transformers"]), "ours_total_s": statistics.median(whole["Full()"]),
-               "device": str(jax.devices()[0])}
+               "device": jax.devices()[0].device_kind, "torch_device": device}
     _print(results, hf_bound)
     if args.json:
         from greencode_jax.atomic import atomic_write_text

@@ -25,6 +25,10 @@ SHAPES = {
                              do_layer_norm_before=False)),
     "llama-160m": ("llama", dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
                                  num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048)),
+    # Llama-3.2-1B's shape (1.24B parameters, tied embeddings), for the GPU figures
+    "llama-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
+                               tie_word_embeddings=True, rope_theta=500000.0)),
     "llama-10m": ("llama", dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, intermediate_size=1024,
                                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)),
     "tiny-opt": ("opt", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
@@ -53,7 +57,27 @@ print(json.dumps({"baseline_rss": baseline, "peak_rss": peak}))
 """
 
 
-def build_reference(shape: str, dtype: str):
+def torch_device(name: str | None = None) -> str:
+    """The device the PyTorch reference runs on: `name`, else CUDA when JAX runs on a GPU and torch sees one."""
+    import jax
+    import torch
+
+    if name is None:
+        name = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GreencodeError("--torch-device cuda: this torch build sees no CUDA device")
+    return name
+
+
+def synchronize(device: str):
+    """Waits for queued PyTorch work on `device`, so a wall-clock time covers it."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def build_reference(shape: str, dtype: str, device: str = "cpu"):
     import torch
     import transformers
 
@@ -63,7 +87,7 @@ def build_reference(shape: str, dtype: str):
     config_class = transformers.OPTConfig if family == "opt" else transformers.LlamaConfig
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config_class(**fields))
-    return model.to(getattr(torch, dtype)).eval()
+    return model.to(getattr(torch, dtype)).to(device).eval()
 
 
 def _interleaved_seconds(candidates: dict, repeats: int) -> dict:
@@ -88,14 +112,16 @@ def run_bench_forward(args) -> dict:
 
     if args.tokens <= 0 or args.batch <= 0 or args.repeats <= 0:
         raise GreencodeError("--tokens, --batch and --repeats must be positive")
+    device = torch_device(args.torch_device)
     print(f"bench forward: shape {args.shape}, batch {args.batch} x {args.tokens} tokens, {args.dtype}, "
-          f"{args.repeats} timed runs; JAX {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
-    reference = build_reference(args.shape, args.dtype)
+          f"{args.repeats} timed runs; JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch "
+          f"{torch.__version__} on {device}{'' if device == 'cuda' else f' with {torch.get_num_threads()} threads'}",
+          flush=True)
+    reference = build_reference(args.shape, args.dtype, device)
     if args.tokens > reference.config.max_position_embeddings:
         raise GreencodeError(f"--tokens {args.tokens} exceeds the shape's {reference.config.max_position_embeddings} positions")
     results = {"shape": args.shape, "tokens": args.tokens, "batch": args.batch, "dtype": args.dtype,
-               "device": str(jax.devices()[0]), "torch_threads": torch.get_num_threads()}
+               "device": str(jax.devices()[0]), "torch_device": device, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
         checkpoint_bytes = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
@@ -104,7 +130,7 @@ def run_bench_forward(args) -> dict:
             results["memory"] = _import_memory(tmp, args.dtype, checkpoint_bytes)
 
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.tokens))
-    torch_ids = torch.tensor(ids)
+    torch_ids = torch.tensor(ids, device=device)
     per_layer = nnx.clone(model).set_scan_layers(False)  # a copy, in the decoding layout
     candidates = {"stacked": lambda: jax.block_until_ready(model.logits(ids)),
                   "per_layer": lambda: jax.block_until_ready(per_layer.logits(ids))}
@@ -115,7 +141,9 @@ def run_bench_forward(args) -> dict:
 
     def run_torch():
         with torch.inference_mode():
-            return reference(torch_ids).logits
+            logits = reference(torch_ids).logits
+        synchronize(device)
+        return logits
 
     candidates["torch"] = run_torch
     for _ in range(2):  # warm-up

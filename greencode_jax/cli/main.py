@@ -54,6 +54,11 @@ def cmd_export_hf(args):
     print(f"wrote {out}: config.json + safetensors for transformers' {model.config.to_hf().architectures[0]}")
 
 
+def _add_torch_device(parser):
+    parser.add_argument("--torch-device", choices=["cpu", "cuda"], default=None,
+                        help="where the transformers reference runs (default: cuda when JAX runs on a GPU, else cpu)")
+
+
 def cmd_bench_forward(args):
     from greencode_jax.cli.bench_forward import run_bench_forward
 
@@ -112,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = bench_sub.add_parser("forward", help="prefill tokens/s vs transformers PyTorch, and import peak memory")
-    p.add_argument("--shape", default="opt-125m", help="model shape: opt-125m, opt-350m, llama-160m, tiny-opt, "
-                   "tiny-llama (default opt-125m)")
+    p.add_argument("--shape", default="opt-125m", help="model shape: opt-125m, opt-350m, llama-160m, llama-1b, "
+                   "llama-10m, tiny-opt, tiny-llama (default opt-125m)")
     p.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=5, help="timed runs after warm-up (median reported)")
+    _add_torch_device(p)
     p.add_argument("--skip-memory", action="store_true", help="skip the import peak-memory measurement")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_forward)
@@ -125,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="opt-125m", help="model shape (see bench forward; default opt-125m)")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens (default 256)")
     p.add_argument("--new", type=int, default=15, help="new tokens (default 15)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and compute on both sides (default float32; bfloat16 for the GPU figures)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (medians reported)")
+    _add_torch_device(p)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_decode)
     data_cmd.register_bench(bench_sub)
