@@ -120,7 +120,9 @@ def cmd_bench_train(args):
         raise GreencodeError(f"--shape {args.shape!r}: unknown; choose one of {sorted(SHAPES)}")
     family, fields = SHAPES[args.shape]
     results = run_bench_train(family, dict(fields), args.shape, batch=args.batch, seq_len=args.seq_len,
-                              exits=args.exit_layers, repeats=args.repeats, dtype=args.dtype)
+                              exits=args.exit_layers, repeats=args.repeats, dtype=args.dtype,
+                              layouts=args.layouts, reference=not args.no_reference, torch_device=args.torch_device,
+                              peak=None if args.peak_tflops is None else args.peak_tflops * 1e12)
     print_bench_train(results)
     if args.json:
         import json
@@ -140,18 +142,31 @@ def _layers(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 1,2, got {text!r}")
 
 
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def register_bench(bench_subparsers):
     p = bench_subparsers.add_parser(
         "train", help="train-step tokens/s vs a PyTorch train step of the same model and loss",
         description="Times our jitted train step (aggregated exit loss, AdamW, clipping), in both layer layouts, "
                     "against a transformers PyTorch train step of the same model with the same loss over the same "
-                    "exits and AdamW, interleaved in one process, and prints the ratio of the faster layout.")
+                    "exits and AdamW, interleaved in one process, and prints the ratio of the faster layout and, "
+                    "on a GPU or TPU, its model FLOPs utilisation.")
     p.add_argument("--shape", default="opt-125m", help="model shape (see bench forward; default opt-125m)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--exit-layers", type=_layers, default=None, help="exit layers (default: every other layer)")
-    p.add_argument("--dtype", default="float32", choices=["float32"], help="compute dtype (float32 on CPU)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype over fp32 master weights (default float32; PyTorch uses autocast for bfloat16)")
+    p.add_argument("--layouts", type=_names, default=["stacked", "per_layer"],
+                   help="our layer layouts to time, comma-separated (default stacked,per_layer)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per candidate after warm-up (median reported)")
+    p.add_argument("--no-reference", action="store_true", help="skip the PyTorch step (our figures and MFU only)")
+    p.add_argument("--torch-device", choices=["cpu", "cuda"], default=None,
+                   help="where the PyTorch step runs (default: cuda when JAX runs on a GPU, else cpu)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for the MFU figure (default: from a table of GPUs and TPUs)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_train)
 

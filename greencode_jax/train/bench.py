@@ -16,26 +16,69 @@ import time
 from greencode_jax.errors import GreencodeError
 
 TARGET_RATIO = 1.0  # issue 6: our train-step tokens/s >= 1.0x PyTorch's on this CPU
+TARGET_MFU = 0.35  # issue 6, on a GPU: bf16 train step of a ~1B Llama, aim >= 35 % MFU
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 
+# Dense bf16 peak FLOP/s by JAX device_kind prefix (vendor data sheets; SXM parts)
+PEAK_BF16_FLOPS = {"NVIDIA H200": 989.4e12, "NVIDIA H100": 989.4e12, "NVIDIA A100": 312e12,
+                   "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12}
 
-def torch_train_step(model, exits, weights, optimizer, clip_norm):
-    """One PyTorch step with the aggregated exit loss; returns the loss (a float)."""
+
+def peak_flops(device_kind: str) -> float | None:
+    """The device's dense bf16 peak FLOP/s, or None when it is not in the table (CPUs)."""
+    return next((peak for prefix, peak in PEAK_BF16_FLOPS.items() if device_kind.startswith(prefix)), None)
+
+
+def train_flops_per_token(model, exit_layers, seq_len: int) -> float:
+    """Model FLOPs of one trained token (forward + backward = 3x forward, no remat recompute).
+
+    Forward, per token: 2 FLOPs per weight of every matrix in the decoder layers; the exit
+    head (OPT's project_out and the LM head) once per exit; causal attention's scores and
+    weighted values, 2 * 2 * attention width * (seq_len + 1) / 2 per layer (the mean
+    number of keys a query sees). Norms, activations and the softmax are left out.
+    """
+    from flax import nnx
+
+    config = model.config
+    layer_matrices = sum(x.size for i in range(config.num_layers)
+                         for x in jax_leaves(nnx.state(model.block(i), nnx.Param)) if x.ndim == 2)
+    head = model.embed_tokens if model.lm_head is None else model.lm_head
+    head_matrices = sum(x.size for part in (model.project_out, head) if part is not None
+                        for x in jax_leaves(nnx.state(part, nnx.Param)) if x.ndim == 2)
+    attention_width = config.num_heads * config.head_dim
+    attention = config.num_layers * 2 * 2 * attention_width * (seq_len + 1) / 2
+    forward = 2 * layer_matrices + 2 * head_matrices * len(exit_layers) + attention
+    return 3 * forward
+
+
+def jax_leaves(state):
+    import jax
+
+    return jax.tree.leaves(state)
+
+
+def torch_train_step(model, exits, weights, optimizer, clip_norm, compute_dtype: str = "float32"):
+    """One PyTorch step with the aggregated exit loss; returns the loss (a float). With a
+    bfloat16 compute dtype the forward runs under autocast over the fp32 weights, as ours
+    computes in bf16 over fp32 masters."""
     import torch
     import torch.nn.functional as F
 
+    device_type = next(model.parameters()).device.type
+
     def step(ids):
         optimizer.zero_grad(set_to_none=True)
-        hidden = model.model(ids, output_hidden_states=True).hidden_states
-        targets = ids[:, 1:].reshape(-1)
-        head = _exit_head(model)
-        loss = 0.0
-        last = model.config.num_hidden_layers - 1
-        for layer, weight in zip(exits, weights):
-            # HF's last hidden state already went through the final norm
-            h = hidden[-1] if layer == last else head[0](hidden[layer + 1])
-            logits = model.lm_head(h if head[1] is None or layer == last else head[1](h))[:, :-1]
-            loss = loss + weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
+            hidden = model.model(ids, output_hidden_states=True).hidden_states
+            targets = ids[:, 1:].reshape(-1)
+            head = _exit_head(model)
+            loss = 0.0
+            last = model.config.num_hidden_layers - 1
+            for layer, weight in zip(exits, weights):
+                # HF's last hidden state already went through the final norm
+                h = hidden[-1] if layer == last else head[0](hidden[layer + 1])
+                logits = model.lm_head(h if head[1] is None or layer == last else head[1](h))[:, :-1]
+                loss = loss + weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
         optimizer.step()
@@ -96,17 +139,24 @@ def _our_step(model, layout_scan: bool, weights, batch: int, seq_len: int, dtype
 
 
 def run_bench_train(family: str, fields: dict, shape: str, batch: int = 8, seq_len: int = 256, exits=None,
-                    repeats: int = 5, dtype: str = "float32") -> dict:
+                    repeats: int = 5, dtype: str = "float32", layouts=("stacked", "per_layer"),
+                    reference: bool = True, torch_device: str | None = None, peak: float | None = None) -> dict:
+    """Times our train step in each of `layouts` (and the PyTorch step unless `reference` is
+    False) and reports tokens/s, their ratio and, where the device's peak is known (or
+    `peak` FLOP/s is given), the model FLOPs utilisation of our faster layout."""
     import jax
     import numpy as np
     import torch
     import transformers
 
     import greencode_jax as gc
+    from greencode_jax.cli.bench_forward import torch_device as choose_torch_device
     from greencode_jax.train.weights import exit_weights
 
     if batch <= 0 or seq_len < 2 or repeats <= 0:
         raise GreencodeError("--batch and --repeats must be positive and --seq-len at least 2")
+    if not layouts or any(layout not in ("stacked", "per_layer") for layout in layouts):
+        raise GreencodeError(f"--layouts {list(layouts)}: choose from stacked, per_layer")
     n_layers = fields["num_hidden_layers"]
     exits = sorted(set(exits if exits else range(1, n_layers, 2)) | {n_layers - 1})
     if any(not 0 <= e < n_layers for e in exits):
@@ -116,29 +166,38 @@ def run_bench_train(family: str, fields: dict, shape: str, batch: int = 8, seq_l
     if family == "opt":  # the same function on both sides: no dropout (our models have none)
         fields = {**fields, "dropout": 0.0, "attention_dropout": 0.0, "layerdrop": 0.0}
     config_class = transformers.OPTConfig if family == "opt" else transformers.LlamaConfig
+    device = choose_torch_device(torch_device) if reference else None
     torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(config_class(**fields)).to(torch.float32).train()
+    torch_model = transformers.AutoModelForCausalLM.from_config(config_class(**fields)).to(torch.float32).train()
     with tempfile.TemporaryDirectory() as tmp:
-        reference.save_pretrained(tmp)
+        torch_model.save_pretrained(tmp)
         model = gc.load_pretrained(tmp, "float32", exit_layers=exits, scan_layers=True)
     config = model.config
     weights = exit_weights("greencode", config.exit_layers, config.num_layers)
+    device_kind = jax.devices()[0].device_kind
+    peak = peak if peak is not None else peak_flops(device_kind)
 
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq_len)).astype(np.int32)
-    torch_ids = torch.from_numpy(ids[0].astype(np.int64))
-    theirs = torch_train_step(reference, list(config.exit_layers), weights,
-                              torch_adamw(reference, LEARNING_RATE, WEIGHT_DECAY), CLIP_NORM)
     candidates, first_loss, compile_s = {}, {}, {}
-    for name, scan in (("stacked", True), ("per_layer", False)):
-        run, feeder = _our_step(model, scan, weights, batch, seq_len, dtype)
+    if reference:
+        torch_model = torch_model.to(device)
+        torch_ids = torch.from_numpy(ids[0].astype(np.int64)).to(device)
+        theirs = torch_train_step(torch_model, list(config.exit_layers), weights,
+                                  torch_adamw(torch_model, LEARNING_RATE, WEIGHT_DECAY), CLIP_NORM, dtype)
+    else:
+        theirs = None
+        del torch_model  # its memory is ours now
+    for name in layouts:
+        run, feeder = _our_step(model, name == "stacked", weights, batch, seq_len, dtype)
         tokens = jax.device_put(ids, feeder.tokens_sharding)
         flags = jax.device_put(np.zeros((1,), bool), feeder.flags_sharding)
         start = time.perf_counter()
         first_loss[name] = run(tokens, flags)
         compile_s[name] = time.perf_counter() - start
         candidates[name] = (lambda run=run, tokens=tokens, flags=flags: run(tokens, flags))
-    first_loss["torch"] = theirs(torch_ids)
-    candidates["torch"] = lambda: theirs(torch_ids)
+    if reference:
+        first_loss["torch"] = theirs(torch_ids)
+        candidates["torch"] = lambda: theirs(torch_ids)
     for _ in range(2):  # warm-up
         for fn in candidates.values():
             fn()
@@ -146,30 +205,48 @@ def run_bench_train(family: str, fields: dict, shape: str, batch: int = 8, seq_l
     for _ in range(repeats):  # interleaved, so background load hits every candidate alike
         for name, fn in candidates.items():
             t0 = time.perf_counter()
-            fn()
+            fn()  # returns the loss as a float: the step has finished
             times[name].append(time.perf_counter() - t0)
     seconds = {name: statistics.median(values) for name, values in times.items()}
-    torch_s = seconds.pop("torch")
+    torch_s = seconds.pop("torch", None)
     best = min(seconds, key=seconds.get)
     tokens_per_step = batch * seq_len
-    return {"shape": shape, "batch": batch, "seq_len": seq_len, "exit_layers": list(config.exit_layers),
-            "weights": weights, "dtype": dtype, "device": str(jax.devices()[0]), "torch_threads": torch.get_num_threads(),
-            "first_loss": first_loss, "jax_compile_s": compile_s, "jax_layout_step_s": seconds, "jax_best_layout": best,
-            "jax_step_s": seconds[best], "torch_step_s": torch_s, "jax_tokens_per_s": tokens_per_step / seconds[best],
-            "torch_tokens_per_s": tokens_per_step / torch_s, "speed_ratio": torch_s / seconds[best],
-            "target": TARGET_RATIO}
+    flops_per_token = train_flops_per_token(model, config.exit_layers, seq_len)
+    results = {"shape": shape, "params": sum(x.size for x in jax_leaves(__import__("flax").nnx.state(model))),
+               "batch": batch, "seq_len": seq_len, "exit_layers": list(config.exit_layers), "weights": weights,
+               "dtype": dtype, "device": device_kind, "torch_device": device, "torch_threads": torch.get_num_threads(),
+               "first_loss": first_loss, "jax_compile_s": compile_s, "jax_layout_step_s": seconds,
+               "jax_best_layout": best, "jax_step_s": seconds[best], "jax_tokens_per_s": tokens_per_step / seconds[best],
+               "target": TARGET_RATIO, "flops_per_token": flops_per_token, "peak_flops": peak,
+               "mfu": None if peak is None else flops_per_token * tokens_per_step / seconds[best] / peak,
+               "target_mfu": TARGET_MFU}
+    if torch_s is not None:
+        results.update(torch_step_s=torch_s, torch_tokens_per_s=tokens_per_step / torch_s,
+                       speed_ratio=torch_s / seconds[best])
+    return results
 
 
 def print_bench_train(r: dict):
-    verdict = "meets" if r["speed_ratio"] >= r["target"] else "MISSES"
     tokens = r["batch"] * r["seq_len"]
-    print(f"bench train: shape {r['shape']}, batch {r['batch']} x {r['seq_len']} tokens, exits {r['exit_layers']}, "
-          f"{r['dtype']}, {r['device']}, torch {r['torch_threads']} threads")
+    torch_side = "" if r["torch_device"] is None else (
+        f", torch on {r['torch_device']}" + (f" with {r['torch_threads']} threads" if r["torch_device"] == "cpu" else ""))
+    print(f"bench train: shape {r['shape']} ({r['params'] / 1e6:.1f}M parameters), batch {r['batch']} x "
+          f"{r['seq_len']} tokens, exits {r['exit_layers']}, {r['dtype']}, {r['device']}{torch_side}")
     losses = r["first_loss"]
     print("  first-step loss          " + "   ".join(f"{k} {v:.5f}" for k, v in losses.items()))
     for layout, seconds in r["jax_layout_step_s"].items():
         print(f"  greencode-jax, {layout + ' layers':17s}{tokens / seconds:8.1f} tokens/s   ({seconds * 1e3:.1f} ms/step, "
               f"compile {r['jax_compile_s'][layout]:.1f} s)")
     print(f"  greencode-jax train step {r['jax_tokens_per_s']:10.1f} tokens/s   ({r['jax_best_layout']} layout)")
-    print(f"  transformers PyTorch     {r['torch_tokens_per_s']:10.1f} tokens/s   ({r['torch_step_s'] * 1e3:.1f} ms/step)")
-    print(f"  ratio ours / PyTorch     {r['speed_ratio']:10.2f} x   (target >= {r['target']:.1f} x: {verdict})")
+    if "speed_ratio" in r:
+        verdict = "meets" if r["speed_ratio"] >= r["target"] else "MISSES"
+        print(f"  transformers PyTorch     {r['torch_tokens_per_s']:10.1f} tokens/s   ({r['torch_step_s'] * 1e3:.1f} ms/step)")
+        print(f"  ratio ours / PyTorch     {r['speed_ratio']:10.2f} x   (target >= {r['target']:.1f} x: {verdict})")
+    achieved = r["flops_per_token"] * r["jax_tokens_per_s"]
+    if r["mfu"] is None:
+        print(f"  model FLOPs              {achieved / 1e12:10.3f} TFLOP/s  ({r['flops_per_token'] / 1e9:.2f} GFLOP/token; "
+              f"no MFU: peak of {r['device']!r} unknown, pass --peak-tflops)")
+    else:
+        verdict = "meets" if r["mfu"] >= r["target_mfu"] else "MISSES"
+        print(f"  model FLOPs utilisation  {100 * r['mfu']:10.1f} %   ({achieved / 1e12:.1f} of {r['peak_flops'] / 1e12:.1f} "
+              f"TFLOP/s, {r['flops_per_token'] / 1e9:.2f} GFLOP/token; aim >= {100 * r['target_mfu']:.0f} %: {verdict})")
