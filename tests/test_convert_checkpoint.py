@@ -69,3 +69,38 @@ def test_checkpoint_saved_sharded_over_8_devices_loads_on_one(tmp_path, compile_
             np.testing.assert_array_equal(np.asarray(loaded.logits(ids, layer=layer)),
                                           np.asarray(original.logits(ids, layer=layer)))
         np.testing.assert_array_equal(np.asarray(loaded.logits(ids)), expected)
+
+
+def _write_checkpoint(out, params, version):
+    """A checkpoint directory as save_checkpoint writes it, with the given format version."""
+    import json
+
+    out.mkdir()
+    meta = {"format": "greencode-jax", "version": version, "dtype": "float32", "model": CONFIG.to_dict()}
+    (out / "greencode_config.json").write_text(json.dumps(meta))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((out / "params").absolute(), params)
+    checkpointer.wait_until_finished()
+
+
+def test_version_1_checkpoint_with_in_out_kernels_loads_with_the_same_logits(tmp_path):
+    """Format version 1 stored Linear kernels [in, out]. CONFIG's q_proj and o_proj are square,
+    so a migration that forgot them would restore without a shape error, transposed."""
+    import pytest
+
+    from greencode_jax.errors import GreencodeError
+
+    original = init_model(CONFIG, "float32", seed=SEED)
+    params = nnx.to_pure_dict(nnx.state(original, nnx.Param))
+    in_out = jax.tree_util.tree_map_with_path(
+        lambda path, x: np.asarray(x).swapaxes(-1, -2) if path[-1].key == "kernel" else np.asarray(x), params)
+    _write_checkpoint(tmp_path / "v1", in_out, version=1)
+    ids = np.array([[1, 5, 9, 2, 33, 7, 12, 60]], dtype=np.int32)
+    loaded = load_checkpoint(tmp_path / "v1")
+    for layer in CONFIG.exit_layers:
+        np.testing.assert_array_equal(np.asarray(loaded.logits(ids, layer=layer)),
+                                      np.asarray(original.logits(ids, layer=layer)))
+
+    _write_checkpoint(tmp_path / "v3", params, version=3)
+    with pytest.raises(GreencodeError, match="checkpoint format version 3; this greencode-jax reads versions 1 to 2"):
+        load_checkpoint(tmp_path / "v3")

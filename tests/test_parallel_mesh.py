@@ -22,13 +22,13 @@ def test_data2_fsdp4_on_8_devices_matches_one_device(one_device_run, stdlib_corp
     metadata = ocp.StandardCheckpointer().metadata(
         (tmp_path / "eight" / "checkpoints" / str(EQUIVALENCE_STEPS) / "state").absolute()).item_metadata
     specs = {
-        "q_proj kernel": metadata["params"]["layers"]["attn"]["q_proj"]["kernel"],  # [layers, embed, heads]
-        "down_proj kernel": metadata["params"]["layers"]["mlp"]["down_proj"]["kernel"],  # [layers, mlp, embed]
+        "q_proj kernel": metadata["params"]["layers"]["attn"]["q_proj"]["kernel"],  # [layers, heads, embed]
+        "down_proj kernel": metadata["params"]["layers"]["mlp"]["down_proj"]["kernel"],  # [layers, embed, mlp]
         "embedding": metadata["params"]["embed_tokens"]["embedding"],  # [vocab, embed]
         "Adam mu of q_proj": metadata["opt_state"][1][0]["mu"]["layers"]["attn"]["q_proj"]["kernel"],
     }
-    expected = {"q_proj kernel": (None, "fsdp"), "down_proj kernel": (None, None, "fsdp"),
-                "embedding": (None, "fsdp"), "Adam mu of q_proj": (None, "fsdp")}
+    expected = {"q_proj kernel": (None, None, "fsdp"), "down_proj kernel": (None, "fsdp"),
+                "embedding": (None, "fsdp"), "Adam mu of q_proj": (None, None, "fsdp")}
     for name, array in specs.items():
         assert tuple(array.sharding.partition_spec) == expected[name], name
         assert list(array.sharding.shape) == [2, 4] and array.sharding.axis_names == ["data", "fsdp"]

@@ -138,6 +138,21 @@ def test_resuming_with_another_optimiser_structure_is_refused(finished_tiny_run,
         train(config, progress=False)
 
 
+def test_resuming_a_checkpoint_with_in_out_kernels_is_refused(finished_tiny_run, tmp_path):
+    """Checkpoints from before format version 2 hold Linear kernels [in, out] and say nothing of
+    it: square kernels would restore transposed without a shape error, so resuming is refused."""
+    import json
+
+    run = shutil.copytree(finished_tiny_run, tmp_path / "tiny")
+    meta_file = run / "checkpoints" / str(FINISHED_STEPS) / "meta" / "metadata"  # Orbax's JsonSave item
+    meta = json.loads(meta_file.read_text())
+    assert meta["state"].pop("kernel_layout") == "out_in"
+    meta_file.write_text(json.dumps(meta))
+    config = _config(finished_tiny_run.parent / "tiny.yaml", [f"run.out_dir={tmp_path}"])
+    with pytest.raises(GreencodeError, match=r"stores Linear kernels \[in, out\].*choose another run.name"):
+        train(config, progress=False)
+
+
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(finished_tiny_run, tmp_path):
     run = shutil.copytree(finished_tiny_run, tmp_path / "tiny")
     before = flat_leaves(restore_train_state(run / "checkpoints", FINISHED_STEPS))

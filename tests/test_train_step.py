@@ -115,10 +115,10 @@ def test_step_loss_and_update_match_numpy_and_pytorch(zoo, name, exits, weights,
     after = dict(torch_model.named_parameters())
     try:
         prefix = "model.decoder" if variant.family == "opt" else "model"
-        pairs = {  # ours (stacked layers: [layer, in, out]) -> PyTorch ([out, in])
+        pairs = {  # ours (stacked layers: [layer, out, in]) -> PyTorch ([out, in])
             "embedding": (new_params["embed_tokens"]["embedding"], after[f"{prefix}.embed_tokens.weight"]),
             "q_proj layer 1": (new_params["layers"]["attn"]["q_proj"]["kernel"][1],
-                               after[f"{prefix}.layers.1.self_attn.q_proj.weight"].T),
+                               after[f"{prefix}.layers.1.self_attn.q_proj.weight"]),
             "attn_norm layer 0": (new_params["layers"]["attn_norm"]["scale"][0],
                                   after[f"{prefix}.layers.0.{'input_layernorm' if variant.family == 'llama' else 'self_attn_layer_norm'}.weight"]),
         }
@@ -137,12 +137,10 @@ def test_step_loss_and_update_match_numpy_and_pytorch(zoo, name, exits, weights,
 
 
 def before_by_value(before: dict, after: dict, tensor) -> np.ndarray:
-    """The pre-step value of the PyTorch parameter `tensor` (maybe transposed) comes from."""
+    """The pre-step value of the PyTorch parameter `tensor`."""
     for name, param in after.items():
         if tensor is param:
             return before[name].numpy()
-        if tensor.data_ptr() == param.data_ptr():
-            return before[name].numpy().T
     raise KeyError("parameter not found")
 
 

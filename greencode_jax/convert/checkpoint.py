@@ -1,9 +1,12 @@
 """Our own checkpoint: `greencode_config.json` (ModelConfig) + Orbax parameters + tokenizer files.
 
 Layout of a checkpoint directory:
-    greencode_config.json   {"format": "greencode-jax", "version": 1, "dtype": ..., "model": {...}}
+    greencode_config.json   {"format": "greencode-jax", "version": 2, "dtype": ..., "model": {...}}
     params/                 Orbax StandardCheckpointer tree of the model's parameters
     tokenizer files         copied from the Hugging Face source, when it had them
+
+Version 2 stores Linear kernels [out, in] (PyTorch's layout); version 1 stored them [in, out]
+and is still read, its kernels transposed on restore.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from greencode_jax.models.config import load_json
 
 CONFIG_NAME = "greencode_config.json"
 FORMAT = "greencode-jax"
+VERSION = 2  # 2: Linear kernels [out, in]; 1: [in, out]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
 
@@ -55,7 +59,7 @@ def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False
     """Writes `model` as our checkpoint at `out`, atomically."""
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
-        meta = {"format": FORMAT, "version": 1, "dtype": np.dtype(model.dtype).name,
+        meta = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(model.dtype).name,
                 "model": model.config.to_dict()}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         checkpointer = _checkpointer()
@@ -63,6 +67,15 @@ def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False
         checkpointer.wait_until_finished()
         copy_tokenizer_files(getattr(model, "source", None), tmp)
     return out
+
+
+def _is_kernel(path) -> bool:
+    return getattr(path[-1], "key", None) == "kernel"
+
+
+def _swap_kernels(tree, swap):
+    """`tree` with `swap` applied to every Linear kernel leaf (version 1 checkpoints)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: swap(x) if _is_kernel(path) else x, tree)
 
 
 def restore_params(directory, abstract_params) -> dict:
@@ -91,6 +104,10 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers:
     meta = load_json(path / CONFIG_NAME, "greencode checkpoint config")
     if meta.get("format") != FORMAT or "model" not in meta:
         raise GreencodeError(f"{path / CONFIG_NAME}: not a greencode-jax checkpoint config")
+    version = meta.get("version", 1)
+    if not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise GreencodeError(f"{path / CONFIG_NAME}: checkpoint format version {version!r}; this greencode-jax "
+                             f"reads versions 1 to {VERSION} (a newer release wrote it?)")
     config = ModelConfig.from_dict(meta["model"], source=str(path / CONFIG_NAME))
     if exit_layers is not None:
         config = config.replace(exit_layers=exit_layers)
@@ -98,10 +115,15 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers:
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
     if not (path / "params").is_dir():
         raise GreencodeError(f"{path}: checkpoint has no params/ directory")
+    target = nnx.to_pure_dict(abstract_state)
+    if version == 1:  # kernels were saved [in, out]
+        target = _swap_kernels(target, lambda x: jax.ShapeDtypeStruct(x.shape[:-2] + x.shape[:-3:-1], x.dtype))
     try:
-        restored = restore_params((path / "params").absolute(), abstract_state)
+        restored = restore_params((path / "params").absolute(), target)
     except Exception as error:
         raise GreencodeError(f"{path / 'params'}: cannot restore parameters ({_first_line(error)})") from None
+    if version == 1:
+        restored = _swap_kernels(restored, lambda x: jax.numpy.swapaxes(x, -1, -2))
     nnx.replace_by_pure_dict(abstract_state, restored)
     model = nnx.merge(graphdef, abstract_state)
     model.source = str(path)

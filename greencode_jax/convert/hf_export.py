@@ -31,10 +31,10 @@ def _hf_arrays(model: EarlyExitLM):
 
 def _hf_tensors(model: EarlyExitLM):
     """Yields (hf_name, numpy array) one tensor at a time."""
-    for value, entry, names in _hf_arrays(model):
+    for value, _, names in _hf_arrays(model):
         for layer, name in enumerate(names):
             tensor = np.asarray(value[layer] if len(names) > 1 else value)
-            yield name, np.ascontiguousarray(tensor.T if entry.transpose else tensor)
+            yield name, np.ascontiguousarray(tensor)
 
 
 def _shards(model: EarlyExitLM, max_shard_bytes: int):

@@ -10,7 +10,7 @@ from flax import nnx
 
 from greencode_jax.convert.host import host_buffer, to_jax
 from greencode_jax.convert.mapping import (
-    IGNORED_SUFFIXES, Entry, canonical_name, hf_names, param_table, parameter_arrays,
+    IGNORED_SUFFIXES, canonical_name, hf_names, param_table, parameter_arrays,
 )
 from greencode_jax.convert.readers import TensorSource
 from greencode_jax.errors import GreencodeError
@@ -42,11 +42,6 @@ def resolve_model_dir(path: str | Path) -> Path:
         "or a hub id such as facebook/opt-125m)")
 
 
-def _hf_shape(entry: Entry, our_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The PyTorch shape of one tensor whose (per-layer) shape here is `our_shape`."""
-    return tuple(reversed(our_shape)) if entry.transpose else tuple(our_shape)
-
-
 def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None, scan_layers: bool = True) -> EarlyExitLM:
     """Reads a Hugging Face model directory (config.json + safetensors or pytorch_model.bin)."""
     model_dir = Path(model_dir)
@@ -68,7 +63,7 @@ def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None, scan_layer
     for path, entry, names in parameter_arrays(table, config):
         our_shape = tuple(flat_abstract[path].get_value().shape)
         stacked = len(names) > 1 or (entry.per_layer and config.scan_layers)
-        expected = _hf_shape(entry, our_shape[1:] if stacked else our_shape)
+        expected = tuple(our_shape[1:] if stacked else our_shape)  # PyTorch's layout is ours
         buffer, view = host_buffer(our_shape, dtype)
         for layer, name in enumerate(names):
             raw_name = present[name]
@@ -77,7 +72,7 @@ def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None, scan_layer
                                      f"{list(source.shape(raw_name))}, expected {list(expected)} for this config")
             tensor = source.read(raw_name)
             target = view[layer] if stacked else view
-            target[...] = tensor.T if entry.transpose else tensor  # casts to the requested dtype
+            target[...] = tensor  # casts to the requested dtype
             del tensor
         arrays[path] = to_jax(buffer, dtype)
         del buffer, view

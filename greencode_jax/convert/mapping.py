@@ -2,8 +2,8 @@
 
 Each entry ties a Hugging Face tensor name to a path in our parameter tree. `{i}`
 in a name stands for the decoder layer: our parameter stacks all layers along a
-leading axis. Linear weights are stored [out, in] by PyTorch and [in, out] by
-Flax, so they are transposed on the way in and on the way out.
+leading axis. Tensors keep PyTorch's layout (Linear weights [out, in]), so none is
+transposed on the way in or out.
 """
 
 from __future__ import annotations
@@ -16,21 +16,20 @@ from greencode_jax.models.config import ModelConfig
 class Entry(NamedTuple):
     hf_name: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
     path: tuple[str, ...]  # e.g. ("layers", "attn", "q_proj", "kernel")
-    transpose: bool  # a Linear weight: [out, in] in PyTorch, [in, out] here
     per_layer: bool  # stacked over decoder layers; hf_name has "{i}"
 
 
 def _linear(hf_prefix, path, bias):
-    entries = [Entry(f"{hf_prefix}.weight", (*path, "kernel"), True, "{i}" in hf_prefix)]
+    entries = [Entry(f"{hf_prefix}.weight", (*path, "kernel"), "{i}" in hf_prefix)]
     if bias:
-        entries.append(Entry(f"{hf_prefix}.bias", (*path, "bias"), False, "{i}" in hf_prefix))
+        entries.append(Entry(f"{hf_prefix}.bias", (*path, "bias"), "{i}" in hf_prefix))
     return entries
 
 
 def _norm(hf_prefix, path, bias):
-    entries = [Entry(f"{hf_prefix}.weight", (*path, "scale"), False, "{i}" in hf_prefix)]
+    entries = [Entry(f"{hf_prefix}.weight", (*path, "scale"), "{i}" in hf_prefix)]
     if bias:
-        entries.append(Entry(f"{hf_prefix}.bias", (*path, "bias"), False, "{i}" in hf_prefix))
+        entries.append(Entry(f"{hf_prefix}.bias", (*path, "bias"), "{i}" in hf_prefix))
     return entries
 
 
@@ -38,8 +37,8 @@ def _opt_table(c: ModelConfig) -> list[Entry]:
     d, layer = "model.decoder", "model.decoder.layers.{i}"
     affine = c.layer_norm_affine
     table = [
-        Entry(f"{d}.embed_tokens.weight", ("embed_tokens", "embedding"), False, False),
-        Entry(f"{d}.embed_positions.weight", ("embed_positions", "embedding"), False, False),
+        Entry(f"{d}.embed_tokens.weight", ("embed_tokens", "embedding"), False),
+        Entry(f"{d}.embed_positions.weight", ("embed_positions", "embedding"), False),
     ]
     if c.has_projection:
         table += _linear(f"{d}.project_in", ("project_in",), False)
@@ -58,7 +57,7 @@ def _opt_table(c: ModelConfig) -> list[Entry]:
 
 def _llama_table(c: ModelConfig) -> list[Entry]:
     layer = "model.layers.{i}"
-    table = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), False, False)]
+    table = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), False)]
     for name in ("q_proj", "k_proj", "v_proj"):
         table += _linear(f"{layer}.self_attn.{name}", ("layers", "attn", name), c.attention_bias)
     table += _linear(f"{layer}.self_attn.o_proj", ("layers", "attn", "o_proj"), c.attention_bias)
@@ -74,7 +73,7 @@ def param_table(config: ModelConfig) -> list[Entry]:
     """Every parameter of the model, in the order Hugging Face lists them."""
     table = _opt_table(config) if config.family == "opt" else _llama_table(config)
     if not config.tie_word_embeddings:
-        table.append(Entry("lm_head.weight", ("lm_head", "kernel"), True, False))
+        table.append(Entry("lm_head.weight", ("lm_head", "kernel"), False))
     return table
 
 

@@ -110,13 +110,22 @@ def check_same_model(saved: dict, config: ModelConfig, where: str):
             "another run.name (or checkpoint.dir) to start afresh")
 
 
+KERNEL_LAYOUT = "out_in"  # Linear kernels [out, in]; checkpoints without this field hold [in, out]
+
+
 def state_signature(abstract_state, config: ModelConfig) -> dict:
     """What the train state's tree structure depends on besides the architecture."""
-    return {"scan_layers": config.scan_layers, "optimizer": str(jax.tree.structure(abstract_state["opt_state"]))}
+    return {"scan_layers": config.scan_layers, "optimizer": str(jax.tree.structure(abstract_state["opt_state"])),
+            "kernel_layout": KERNEL_LAYOUT}
 
 
 def check_same_state(saved: dict | None, current: dict, cfg, where: str):
     saved = saved or {}
+    if saved.get("kernel_layout", "in_out") != current["kernel_layout"]:
+        # A square kernel would restore without a shape error, transposed.
+        raise GreencodeError(f"{where}: the checkpoint stores Linear kernels [in, out], as greencode-jax did before "
+                             "format version 2, and this version cannot resume it; resume with the release that wrote it, or "
+                             "choose another run.name (or checkpoint.dir) to start afresh")
     if "scan_layers" in saved and saved["scan_layers"] != current["scan_layers"]:
         raise GreencodeError(f"{where}: the checkpoint was trained with model.scan_layers={saved['scan_layers']}; "
                              "resume with the same layer layout")

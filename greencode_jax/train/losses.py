@@ -93,17 +93,15 @@ def _backward(residuals, cotangents):
 _linear_cross_entropy.defvjp(_forward, _backward)
 
 
-def linear_cross_entropy(xs, w, targets, coefficients, vocab_major: bool):
-    """sum_i coefficients[i] * CE_sum(xs[i] W, targets), and per exit the CE sum and the correct count.
+def linear_cross_entropy(xs, w, targets, coefficients):
+    """sum_i coefficients[i] * CE_sum(xs[i] W^T, targets), and per exit the CE sum and the correct count.
 
-    xs [n, N, E] (each exit's head input), W [V, E] (vocab_major: a tied embedding) or [E, V] (an LM
-    head kernel), targets [N] int. W is laid out both ways once, so that every matmul of every exit
-    reads its operands as stored. Only the first output is differentiable (w.r.t. xs and W); the
-    per-exit values are metrics.
+    xs [n, N, E] (each exit's head input), W [V, E] (the tied embedding or the LM head's kernel,
+    both stored vocabulary-major), targets [N] int. W is laid out both ways once, so that every
+    matmul of every exit reads its operands as stored. Only the first output is differentiable
+    (w.r.t. xs and W); the per-exit values are metrics.
     """
-    w_ev = w.T if vocab_major else w
-    w_ve = jax.lax.stop_gradient(w if vocab_major else w.T)
-    loss, ce, correct = _linear_cross_entropy(xs, w_ev, w_ve, targets, coefficients)
+    loss, ce, correct = _linear_cross_entropy(xs, w.T, jax.lax.stop_gradient(w), targets, coefficients)
     return loss, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(correct)
 
 
@@ -117,10 +115,10 @@ def head_input(model, h):
 
 
 def head_weight(model):
-    """(W, vocab_major): the tied embedding [V, E], or the LM head's kernel [E, V], as stored."""
+    """W [V, E]: the tied embedding, or the LM head's kernel (stored [out, in])."""
     if model.lm_head is None:
-        return model.embed_tokens.embedding[...], True
-    return model.lm_head.kernel[...], False
+        return model.embed_tokens.embedding[...]
+    return model.lm_head.kernel[...]
 
 
 def exit_metrics(model, tokens, weights) -> ExitMetrics:
@@ -130,8 +128,8 @@ def exit_metrics(model, tokens, weights) -> ExitMetrics:
     targets = tokens[:, 1:].reshape(-1)
     n, b, t, _ = hidden.shape
     xs = head_input(model, hidden).reshape(n, b * t, -1)
-    w, vocab_major = head_weight(model)
+    w = head_weight(model)
     count = targets.size
     coefficients = jnp.asarray(weights, F32) / count
-    loss, ce, correct = linear_cross_entropy(xs, w.astype(xs.dtype), targets, coefficients, vocab_major)
+    loss, ce, correct = linear_cross_entropy(xs, w.astype(xs.dtype), targets, coefficients)
     return ExitMetrics(loss, ce / count, correct / count)

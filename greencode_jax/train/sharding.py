@@ -10,21 +10,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from greencode_jax.parallel import logical_sharding
 
 # (module name, parameter name) -> logical axes of one layer's parameter
-PARAM_AXES = {
+PARAM_AXES = {  # Linear kernels are [out, in] (PyTorch's layout)
     ("embed_tokens", "embedding"): ("vocab", "word_embed"),
     ("embed_positions", "embedding"): ("positions", "embed"),
-    ("project_in", "kernel"): ("word_embed", "embed"),
-    ("project_out", "kernel"): ("embed", "word_embed"),
-    ("lm_head", "kernel"): ("word_embed", "vocab"),
-    ("q_proj", "kernel"): ("embed", "heads"), ("q_proj", "bias"): ("heads",),
-    ("k_proj", "kernel"): ("embed", "heads"), ("k_proj", "bias"): ("heads",),
-    ("v_proj", "kernel"): ("embed", "heads"), ("v_proj", "bias"): ("heads",),
-    ("o_proj", "kernel"): ("heads", "embed"), ("o_proj", "bias"): ("embed",),
-    ("fc1", "kernel"): ("embed", "mlp"), ("fc1", "bias"): ("mlp",),
-    ("gate_proj", "kernel"): ("embed", "mlp"), ("gate_proj", "bias"): ("mlp",),
-    ("up_proj", "kernel"): ("embed", "mlp"), ("up_proj", "bias"): ("mlp",),
-    ("fc2", "kernel"): ("mlp", "embed"), ("fc2", "bias"): ("embed",),
-    ("down_proj", "kernel"): ("mlp", "embed"), ("down_proj", "bias"): ("embed",),
+    ("project_in", "kernel"): ("embed", "word_embed"),
+    ("project_out", "kernel"): ("word_embed", "embed"),
+    ("lm_head", "kernel"): ("vocab", "word_embed"),
+    ("q_proj", "kernel"): ("heads", "embed"), ("q_proj", "bias"): ("heads",),
+    ("k_proj", "kernel"): ("heads", "embed"), ("k_proj", "bias"): ("heads",),
+    ("v_proj", "kernel"): ("heads", "embed"), ("v_proj", "bias"): ("heads",),
+    ("o_proj", "kernel"): ("embed", "heads"), ("o_proj", "bias"): ("embed",),
+    ("fc1", "kernel"): ("mlp", "embed"), ("fc1", "bias"): ("mlp",),
+    ("gate_proj", "kernel"): ("mlp", "embed"), ("gate_proj", "bias"): ("mlp",),
+    ("up_proj", "kernel"): ("mlp", "embed"), ("up_proj", "bias"): ("mlp",),
+    ("fc2", "kernel"): ("embed", "mlp"), ("fc2", "bias"): ("embed",),
+    ("down_proj", "kernel"): ("embed", "mlp"), ("down_proj", "bias"): ("embed",),
 }
 NORMS = ("attn_norm", "mlp_norm", "final_norm")
 
