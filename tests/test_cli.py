@@ -100,6 +100,11 @@ def test_bench_refuses_cuda_where_torch_has_none(bench, capsys):
     assert "--torch-device cuda: this torch build sees no CUDA device" in capsys.readouterr().err
 
 
+def test_bench_decode_names_an_exit_layer_the_model_lacks(capsys):
+    assert main(["bench", "decode", "--shape", "tiny-llama", "--exit-layers", "0,5"]) == 2
+    assert "exit_layers" in capsys.readouterr().err
+
+
 def test_bench_forward_prints_ratio(capsys):
     assert main(["bench", "forward", "--shape", "tiny-llama", "--tokens", "16", "--repeats", "1",
                  "--skip-memory"]) == 0
@@ -116,7 +121,7 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
                  "--dtype", dtype, "--json", str(out)]) == 0
     assert "FixedExit(0)" in capsys.readouterr().out
     r = json.loads(out.read_text())
-    assert (r["dtype"], r["torch_device"]) == (dtype, "cpu")
+    assert (r["dtype"], r["torch_device"], r["exit_layers"]) == (dtype, "cpu", [0, 1])  # default: every layer
     hidden, mlp, kv, vocab = 64, 128, 2 * 16, 512
     norm = hidden
     k_and_v = 2 * hidden * kv

@@ -113,13 +113,14 @@ def run_bench_decode(args) -> dict:
     reference = build_reference(args.shape, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
-        model = gc.load_pretrained(tmp, dtype=args.dtype, scan_layers=False)
+        model = gc.load_pretrained(tmp, dtype=args.dtype, exit_layers=args.exit_layers, scan_layers=False)
     reference = reference.to(device)
     config = model.config
     params = sum(x.size for x in jax.tree.leaves(__import__("flax").nnx.state(model)))
     platform = jax.devices()[0].platform
     print(f"bench decode: shape {args.shape} ({params / 1e6:.1f}M parameters), batch 1, {args.prompt}-token prompt, "
-          f"{args.new} new tokens, {args.dtype}, {args.repeats} interleaved rounds; JAX {jax.__version__} on "
+          f"{args.new} new tokens, {args.dtype}, exits {list(config.exit_layers)}, {args.repeats} interleaved rounds; "
+          f"JAX {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {device}"
           f"{'' if device == 'cuda' else f' with {torch.get_num_threads()} threads'}", flush=True)
     ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, args.prompt))
@@ -155,7 +156,8 @@ def run_bench_decode(args) -> dict:
                        bytes=weight_bytes(model, layer)) for name, (_, layer) in policies.items()}
     floor = rows["Full()"]["bytes"] / bandwidth
     hf_bound = HF_BOUND_GPU if platform == "gpu" else HF_BOUND_SMALL if params < SMALL_MODEL_PARAMS else HF_BOUND
-    results = {"shape": args.shape, "params": params, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new,
+    results = {"shape": args.shape, "params": params, "dtype": args.dtype, "exit_layers": list(config.exit_layers),
+               "prompt": args.prompt, "new_tokens": args.new,
                "repeats": args.repeats, "read_bandwidth_gbs": bandwidth / 1e9, "memory_floor_ms": floor * 1e3,
                "rows": rows, "hf_seconds_per_token": statistics.median(samples["transformers"]),
                "hf_speedup": 1 / paired_ratio(samples, "Full()", "transformers"),

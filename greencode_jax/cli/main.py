@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", type=int, default=15, help="new tokens (default 15)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and compute on both sides (default float32; bfloat16 for the GPU figures)")
+    p.add_argument("--exit-layers", type=_exit_layers, default=None,
+                   help="the model's exit layers, 0-based, e.g. 3,7,11 (default: every layer, the costliest for "
+                        "Learned, which decides at each)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (medians reported)")
     _add_torch_device(p)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
