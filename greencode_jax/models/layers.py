@@ -199,10 +199,6 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
-def linear(rngs: nnx.Rngs, d_in: int, d_out: int, bias: bool, dtype):
-    return Linear(d_in, d_out, bias, dtype, rngs)
-
-
 class Attention(nnx.Module):
     """Multi-head attention with grouped K/V heads; RoPE when `rotary` (Llama)."""
 
@@ -213,10 +209,10 @@ class Attention(nnx.Module):
         # OPT scales the query after its projection (bias included); Llama scales the scores.
         self.scale_query = c.family == "opt"
         bias = c.attention_bias
-        self.q_proj = linear(rngs, c.hidden_size, c.num_heads * c.head_dim, bias, dtype)
-        self.k_proj = linear(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, bias, dtype)
-        self.v_proj = linear(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, bias, dtype)
-        self.o_proj = linear(rngs, c.num_heads * c.head_dim, c.hidden_size, bias, dtype)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias, dtype, rngs)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias, dtype, rngs)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias, dtype, rngs)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias, dtype, rngs)
 
     def key_value(self, x, cos=None, sin=None):
         """K [B, K, T, D] and V [B, K, D, T] of `x` (the cache's layout), K rotated for Llama.
@@ -253,8 +249,8 @@ class OPTMLP(nnx.Module):
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         c = config
         self.act = ACTIVATION_FNS[c.activation]
-        self.fc1 = linear(rngs, c.hidden_size, c.intermediate_size, c.mlp_bias, dtype)
-        self.fc2 = linear(rngs, c.intermediate_size, c.hidden_size, c.mlp_bias, dtype)
+        self.fc1 = Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, rngs)
+        self.fc2 = Linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, rngs)
 
     def __call__(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -266,9 +262,9 @@ class GatedMLP(nnx.Module):
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         c = config
         self.act = ACTIVATION_FNS[c.activation]
-        self.gate_proj = linear(rngs, c.hidden_size, c.intermediate_size, c.mlp_bias, dtype)
-        self.up_proj = linear(rngs, c.hidden_size, c.intermediate_size, c.mlp_bias, dtype)
-        self.down_proj = linear(rngs, c.intermediate_size, c.hidden_size, c.mlp_bias, dtype)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, rngs)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, rngs)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, rngs)
 
     def __call__(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -19,7 +19,7 @@ from flax import nnx
 from greencode_jax.errors import GreencodeError
 from greencode_jax.models.config import ModelConfig
 from greencode_jax.models.layers import (
-    Attention, GatedMLP, LayerNorm, OPTMLP, RMSNorm, attention_mask, linear, normal_init, rope_cos_sin,
+    Attention, GatedMLP, LayerNorm, Linear, OPTMLP, RMSNorm, attention_mask, normal_init, rope_cos_sin,
     rope_inv_freq,
 )
 
@@ -92,8 +92,8 @@ class EarlyExitLM(nnx.Module):
         self.embed_positions = nnx.Embed(
             c.max_position_embeddings + OPT_POSITION_OFFSET, c.hidden_size, dtype=dtype, param_dtype=dtype,
             embedding_init=normal_init(), rngs=rngs) if c.family == "opt" else None
-        self.project_in = linear(rngs, embed_dim, c.hidden_size, False, dtype) if c.has_projection else None
-        self.project_out = linear(rngs, c.hidden_size, embed_dim, False, dtype) if c.has_projection else None
+        self.project_in = Linear(embed_dim, c.hidden_size, False, dtype, rngs) if c.has_projection else None
+        self.project_out = Linear(c.hidden_size, embed_dim, False, dtype, rngs) if c.has_projection else None
 
         if c.scan_layers:
             @nnx.split_rngs(splits=c.num_layers)
@@ -110,7 +110,7 @@ class EarlyExitLM(nnx.Module):
             self.final_norm = RMSNorm(c.hidden_size, c.norm_eps, dtype)
         else:
             self.final_norm = LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, dtype)
-        self.lm_head = None if c.tie_word_embeddings else linear(rngs, embed_dim, c.vocab_size, False, dtype)
+        self.lm_head = None if c.tie_word_embeddings else Linear(embed_dim, c.vocab_size, False, dtype, rngs)
 
     # ---- pieces ------------------------------------------------------------------
     def positions(self, valid):

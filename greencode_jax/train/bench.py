@@ -37,24 +37,19 @@ def train_flops_per_token(model, exit_layers, seq_len: int) -> float:
     weighted values, 2 * 2 * attention width * (seq_len + 1) / 2 per layer (the mean
     number of keys a query sees). Norms, activations and the softmax are left out.
     """
+    import jax
     from flax import nnx
 
     config = model.config
     layer_matrices = sum(x.size for i in range(config.num_layers)
-                         for x in jax_leaves(nnx.state(model.block(i), nnx.Param)) if x.ndim == 2)
+                         for x in jax.tree.leaves(nnx.state(model.block(i), nnx.Param)) if x.ndim == 2)
     head = model.embed_tokens if model.lm_head is None else model.lm_head
     head_matrices = sum(x.size for part in (model.project_out, head) if part is not None
-                        for x in jax_leaves(nnx.state(part, nnx.Param)) if x.ndim == 2)
+                        for x in jax.tree.leaves(nnx.state(part, nnx.Param)) if x.ndim == 2)
     attention_width = config.num_heads * config.head_dim
     attention = config.num_layers * 2 * 2 * attention_width * (seq_len + 1) / 2
     forward = 2 * layer_matrices + 2 * head_matrices * len(exit_layers) + attention
     return 3 * forward
-
-
-def jax_leaves(state):
-    import jax
-
-    return jax.tree.leaves(state)
 
 
 def torch_train_step(model, exits, weights, optimizer, clip_norm, compute_dtype: str = "float32"):
@@ -148,6 +143,7 @@ def run_bench_train(family: str, fields: dict, shape: str, batch: int = 8, seq_l
     import numpy as np
     import torch
     import transformers
+    from flax import nnx
 
     import greencode_jax as gc
     from greencode_jax.cli.bench_forward import torch_device as choose_torch_device
@@ -212,7 +208,7 @@ def run_bench_train(family: str, fields: dict, shape: str, batch: int = 8, seq_l
     best = min(seconds, key=seconds.get)
     tokens_per_step = batch * seq_len
     flops_per_token = train_flops_per_token(model, config.exit_layers, seq_len)
-    results = {"shape": shape, "params": sum(x.size for x in jax_leaves(__import__("flax").nnx.state(model))),
+    results = {"shape": shape, "params": sum(x.size for x in jax.tree.leaves(nnx.state(model))),
                "batch": batch, "seq_len": seq_len, "exit_layers": list(config.exit_layers), "weights": weights,
                "dtype": dtype, "device": device_kind, "torch_device": device, "torch_threads": torch.get_num_threads(),
                "first_loss": first_loss, "jax_compile_s": compile_s, "jax_layout_step_s": seconds,
