@@ -120,8 +120,7 @@ def run_bench_decode(args) -> dict:
     platform = jax.devices()[0].platform
     print(f"bench decode: shape {args.shape} ({params / 1e6:.1f}M parameters), batch 1, {args.prompt}-token prompt, "
           f"{args.new} new tokens, {args.dtype}, exits {list(config.exit_layers)}, {args.repeats} interleaved rounds; "
-          f"JAX {jax.__version__} on "
-          f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {device}"
+          f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device}"
           f"{'' if device == 'cuda' else f' with {torch.get_num_threads()} threads'}", flush=True)
     ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, args.prompt))
     bandwidth = read_bandwidth()
