@@ -133,17 +133,17 @@ def cmd_bench_train(args):
     return results
 
 
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _layers(text: str):
     import argparse
 
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in _names(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 1,2, got {text!r}")
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def register_bench(bench_subparsers):

@@ -23,15 +23,15 @@ TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "f
 
 
 def _hf_arrays(model: EarlyExitLM):
-    """Yields (our array, entry, HF names it holds) in the table's order, for either layer layout."""
+    """Yields (our array, HF names it holds) in the table's order, for either layer layout."""
     flat = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for path, entry, names in parameter_arrays(param_table(model.config), model.config):
-        yield flat[path], entry, names
+    for path, _, names in parameter_arrays(param_table(model.config), model.config):
+        yield flat[path], names
 
 
 def _hf_tensors(model: EarlyExitLM):
     """Yields (hf_name, numpy array) one tensor at a time."""
-    for value, _, names in _hf_arrays(model):
+    for value, names in _hf_arrays(model):
         for layer, name in enumerate(names):
             tensor = np.asarray(value[layer] if len(names) > 1 else value)
             yield name, np.ascontiguousarray(tensor)
@@ -40,7 +40,7 @@ def _hf_tensors(model: EarlyExitLM):
 def _shards(model: EarlyExitLM, max_shard_bytes: int):
     """Groups tensor names into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
     shards, current, size = [], [], 0
-    for value, _, names in _hf_arrays(model):
+    for value, names in _hf_arrays(model):
         nbytes = value.nbytes // len(names)
         for name in names:
             if current and size + nbytes > max_shard_bytes:
