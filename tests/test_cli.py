@@ -129,5 +129,8 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
     head = norm + hidden * vocab
     assert r["rows"]["Full()"]["bytes"] == itemsize * (2 * layer + head)
     assert r["rows"]["FixedExit(0)"]["bytes"] == itemsize * (layer + norm + k_and_v + head)  # layer 1: its K/V only
-    assert set(r["rows"]) == {"Full()", "FixedExit(0)", "Learned (never exits)"}  # k ~ L/4, L/2, 3L/4 -> 0, 1 = last
+    # k ~ L/4, L/2, 3L/4 -> 0, 1 = last; FixedExit(last) is the skip path that Learned is measured against
+    assert set(r["rows"]) == {"Full()", "FixedExit(0)", "Skip path (never exits)", "Learned (never exits)"}
+    assert r["rows"]["Skip path (never exits)"]["bytes"] == r["rows"]["Full()"]["bytes"]
+    assert "ratio_to_skip_path" in r["rows"]["Learned (never exits)"]
     assert r["memory_floor_ms"] == pytest.approx(r["rows"]["Full()"]["bytes"] / (r["read_bandwidth_gbs"] * 1e6))

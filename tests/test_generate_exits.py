@@ -24,7 +24,7 @@ import pytest
 
 import greencode_jax as gc
 from generate_helpers import (  # noqa: F401 (fixtures)
-    LLAMA, N_NEW, assert_reference_is_decisive, gen_models, learned_exit_probability, learned_policy, left_pad,
+    LLAMA, N_NEW, Reference, assert_reference_is_decisive, gen_models, learned_exit_probability, learned_policy, left_pad,
     llama, rows_of, run, unpad,
 )
 from greencode_jax.generate.decode import generate_jit
@@ -113,15 +113,20 @@ def test_decode_step_logits_equal_reference_logits(llama, kind):
     driven the way generate_jit drives them) fed the reference's own tokens gives the
     reference's exit logits at every step. A state-propagation error too small to flip an
     argmax or an exit decision on these 15 tokens still fails here."""
-    from flax import nnx
-
-    from greencode_jax.generate import decode
-
     policy = POLICIES[kind]()
     prompt = rows_of(llama, [BATCH_ROWS[0]])[0]
     ref = llama.reference.generate(prompt, policy)
     assert len(set(ref.exit_layers[1:])) >= 3
-    graphdef, state = nnx.split(llama.ours)
+    assert_decode_logits_equal_reference(llama.ours, policy, prompt, ref)
+
+
+def assert_decode_logits_equal_reference(model, policy, prompt, ref):
+    """Drives decode.prefill / decode_token over the reference's tokens; compares exits and logits."""
+    from flax import nnx
+
+    from greencode_jax.generate import decode
+
+    graphdef, state = nnx.split(model)
     width, cache_len = 64, 80  # the prompt's bucket, and room for the new tokens
     ids, valid = np.zeros((1, width), np.int32), np.zeros((1, width), bool)
     ids[0, width - len(prompt):], valid[0, width - len(prompt):] = prompt, True
@@ -138,7 +143,7 @@ def test_decode_step_logits_equal_reference_logits(llama, kind):
                                    slot, True)
 
     logits, keys, values = prompt_pass(state, jnp.asarray(ids), jnp.asarray(valid))
-    got_logits, got_exits = [np.asarray(logits[0])], [llama.last]
+    got_logits, got_exits = [np.asarray(logits[0])], [model.config.num_layers - 1]
     key_valid = np.concatenate([valid, np.zeros((1, cache_len - width), bool)], axis=1)
     for n in range(1, N_NEW):
         slot = width + n - 1  # key_valid: the slots written before this token
@@ -186,27 +191,49 @@ def test_skip_path_equals_masked_path(llama, kind, batch):
         assert (skip.exit_layers[:, 1:] < llama.last).all(axis=0).any()
 
 
-def test_skip_strategy_lowers_to_one_conditional_per_layer(llama):
-    """At batch 1 the skip path is a real `lax.cond` per layer (plus, for Confidence, the exit
-    head's at every exit after the first and once after the last layer), not a select that
-    computes both branches; "masked" has none."""
+def test_sparse_exits_skip_several_layers_under_one_conditional(llama):
+    """Exits (0, 3) on 4 layers: one conditional covers layers 1-3, so a token exiting at 0
+    skips three layers at once and writes their three K/V from its exit hidden state. Both
+    paths give the cache-free reference's tokens and exits, on tokens exiting at 0 and at 3,
+    and the decode step its logits (a wrong propagated K/V too small to flip a token)."""
+    sparse = gc.load_pretrained(llama.path, scan_layers=False, exit_layers=[0])
+    assert sparse.config.exit_layers == (0, 3)
+    policy = learned_policy(HIDDEN, 0.4, seed=3, scale=3.0)
+    prompt = rows_of(llama, [BATCH_ROWS[0]])[0]
+    ref = Reference(sparse).generate(prompt, policy)
+    assert_reference_is_decisive(ref, "sparse exits")
+    assert set(ref.exit_layers[1:]) == {0, 3}
+    for strategy in ("skip", "masked"):
+        out = run(sparse, prompt[None], policy=policy, strategy=strategy)
+        np.testing.assert_array_equal(out.exit_layers[0], ref.exit_layers, err_msg=f"{strategy}: exit layers")
+        np.testing.assert_array_equal(out.tokens[0], ref.tokens, err_msg=f"{strategy}: tokens")
+    assert_decode_logits_equal_reference(sparse, policy, prompt, ref)
+
+
+def test_skip_strategy_lowers_to_one_conditional_per_decision(llama):
+    """At batch 1 the skip path is a real `lax.cond` after each exit decision, covering the
+    layers up to the next one (plus, for Confidence, the exit head's at every exit after the
+    first and once after the last layer), not a select that computes both branches. Before
+    the first decision nothing can be skipped and Full() never decides: no conditional there,
+    since on a GPU each one costs a device-to-host read. "masked" has none."""
     from flax import nnx
 
     ids, valid = jnp.zeros((1, 64), jnp.int32), jnp.ones((1, 64), bool)
     graphdef, state = nnx.split(llama.ours)
 
-    def conditionals(policy, skip):
+    def conditionals(policy, skip=True):
         lowered = generate_jit.lower(graphdef, state, ids, valid, policy, jnp.asarray([-1], jnp.int32), jnp.int32(0),
                                      jax.random.key(0), sampling=gc.Sampling(), max_new_tokens=N_NEW,
                                      cache_len=80, skip=skip)
         return lowered.as_text().count("stablehlo.case")
 
-    layers = llama.config.num_layers
-    assert conditionals(P.FixedExit(jnp.int32(1)), True) == layers
-    early_exits = [e for e in llama.config.exit_layers if e != llama.last]
-    assert conditionals(P.Confidence(jnp.float32(0.5)), True) == layers + len(early_exits) - 1 + 1
-    assert conditionals(P.FixedExit(jnp.int32(1)), False) == 0
-    assert conditionals(P.Confidence(jnp.float32(0.5)), False) == 0
+    assert llama.config.exit_layers == (0, 1, 2, 3)  # the counts below: 3 decisions after layers 0, 1 and 2
+    assert conditionals(P.FixedExit(jnp.int32(1))) == 3
+    assert conditionals(P.FixedExit(jnp.int32(2), min_layer=2)) == 1
+    assert conditionals(P.Confidence(jnp.float32(0.5))) == 3 + 2 + 1
+    assert conditionals(P.Full()) == 0
+    assert conditionals(P.FixedExit(jnp.int32(1)), skip=False) == 0
+    assert conditionals(P.Confidence(jnp.float32(0.5)), skip=False) == 0
 
 
 # ---- 5. policies' decisions ------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Per token, layer by layer:
      state: CALM-style state propagation, so later tokens can attend at every layer);
   2. the rest of the layer (queries, attention, MLP) runs under `lax.cond`, skipped
      when every sequence in the batch has exited; otherwise computed for the batch and
-     masked, so an exited sequence keeps its exit hidden state;
+     masked, so an exited sequence keeps its exit hidden state. One conditional covers
+     the layers between two exit decisions, and there is none before the first decision;
   3. after each configured exit layer the policy decides, per sequence.
 The LM head runs once per token, on each sequence's exit hidden state (a policy that
 needs logits to decide, such as Confidence, also runs it at each exit it considers).
@@ -72,12 +73,31 @@ def index_after(index, value):
     return jnp.minimum(index, index + jnp.isnan(first).astype(index.dtype))
 
 
+def decision_layers(config, policy) -> tuple[int, ...]:
+    """The layers after which `policy` decides: the model's exit layers from its min_layer on,
+    the last layer aside (a token that reaches it has no earlier exit left). Full() never
+    exits, so it decides nowhere and its decode step has no conditional at all."""
+    if policy.kind == "full":
+        return ()
+    return tuple(e for e in config.exit_layers if policy.min_layer <= e < config.num_layers - 1)
+
+
+def segments(num_layers: int, decisions) -> list[range]:
+    """The layers split after each decision layer: a segment runs whole or is skipped whole."""
+    bounds = [0, *(d + 1 for d in decisions), num_layers]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if a < b]
+
+
 def decode_token(model, policy, token, position, keys, values, key_valid, slot, skip: bool, finished=None):
     """One token through the early-exit stack. Returns (logits [B, V], exit layer [B], keys, values).
 
     `key_valid` marks the cache slots written before this token; its own K/V go to `slot`.
     Rows `finished` (a stop token was emitted; their output is discarded) count as exited
-    from the start, so they never keep the batch from skipping a layer."""
+    from the start, so they never keep the batch from skipping a layer.
+
+    The layers between two decisions form a segment behind one `lax.cond`: on a GPU each
+    conditional is a device-to-host read of its predicate, so one per decision rather than
+    one per layer (and none before the first decision) keeps the skip path cheap."""
     config = model.config
     last = config.num_layers - 1
     batch = token.shape[0]
@@ -88,22 +108,37 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     exit_layer = jnp.full(batch, last, jnp.int32)
     exit_logits = None
     keys, values = list(keys), list(values)
-    for i in range(config.num_layers):
-        block = model.block(i)
-        x = block.attention_input(h)
-        k, v = block.attn.key_value(x, cos, sin)
+    decisions = decision_layers(config, policy)
+    for segment in segments(config.num_layers, decisions):
 
-        def run_layer(h, x=x, block=block, layer_keys=keys[i], layer_values=values[i], new_kv=(k, v)):
-            new = block.finish(h, x, layer_keys, layer_values, mask, cos, sin, new_kv)
-            return jnp.where(exited[:, None, None], h, new)
+        def run_layers(h, segment=segment, exited=exited):
+            """Attention and MLP of the segment's layers; rows that have exited keep their hidden state."""
+            new_kv = []
+            for i in segment:
+                block = model.block(i)
+                x = block.attention_input(h)
+                k, v = block.attn.key_value(x, cos, sin)
+                new = block.finish(h, x, keys[i], values[i], mask, cos, sin, (k, v))
+                h = jnp.where(exited[:, None, None], h, new)
+                new_kv.append((k, v))
+            return h, new_kv
 
-        h = jax.lax.cond(jnp.all(exited), lambda h: h, run_layer, h) if skip else run_layer(h)
+        def propagate(h, segment=segment):
+            """Every row has exited: only the K/V of the segment's layers, from the exit hidden state."""
+            return h, [model.block(i).attn.key_value(model.block(i).attention_input(h), cos, sin) for i in segment]
+
+        if skip and segment.start > 0:
+            h, new_kv = jax.lax.cond(jnp.all(exited), propagate, run_layers, h)
+        else:
+            h, new_kv = run_layers(h)
         # The cache is updated in place after the attention read it (see
         # models.layers.dot_product_attention); XLA must know that order, or it copies the cache.
         at = index_after(slot, h)
-        keys[i] = jax.lax.dynamic_update_slice(keys[i], k, (0, 0, at, 0))
-        values[i] = jax.lax.dynamic_update_slice(values[i], v, (0, 0, 0, at))
-        if i == last or i not in config.exit_layers or i < policy.min_layer:
+        for i, (k, v) in zip(segment, new_kv):
+            keys[i] = jax.lax.dynamic_update_slice(keys[i], k, (0, 0, at, 0))
+            values[i] = jax.lax.dynamic_update_slice(values[i], v, (0, 0, 0, at))
+        i = segment[-1]
+        if i not in decisions:
             continue
         logits = None
         if policy.needs_logits:  # once every row has exited, later exits need no head
