@@ -118,7 +118,7 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
     untied head): the bytes a token reads, counted by hand from those dimensions."""
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--shape", "tiny-llama", "--prompt", "8", "--new", "3", "--repeats", "1",
-                 "--dtype", dtype, "--json", str(out)]) == 0
+                 "--dtype", dtype, "--json", str(out), "--profile", str(tmp_path / "traces")]) == 0
     assert "FixedExit(0)" in capsys.readouterr().out
     r = json.loads(out.read_text())
     assert (r["dtype"], r["torch_device"], r["exit_layers"]) == (dtype, "cpu", [0, 1])  # default: every layer
@@ -133,4 +133,8 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
     assert set(r["rows"]) == {"Full()", "FixedExit(0)", "Skip path (never exits)", "Learned (never exits)"}
     assert r["rows"]["Skip path (never exits)"]["bytes"] == r["rows"]["Full()"]["bytes"]
     assert "ratio_to_skip_path" in r["rows"]["Learned (never exits)"]
+    traces = sorted(p.name for p in (tmp_path / "traces").iterdir())
+    assert traces == ["full.perfetto.json.gz", "learned-never-exits.perfetto.json.gz",
+                      "skip-path-never-exits.perfetto.json.gz"]
+    assert r["profile"] == {"Full()": {}, "Skip path (never exits)": {}, "Learned (never exits)": {}}  # CPU: no device
     assert r["memory_floor_ms"] == pytest.approx(r["rows"]["Full()"]["bytes"] / (r["read_bandwidth_gbs"] * 1e6))

@@ -169,11 +169,47 @@ def run_bench_decode(args) -> dict:
                "hf_total_s": statistics.median(whole["transformers"]), "ours_total_s": statistics.median(whole["Full()"]),
                "device": jax.devices()[0].device_kind, "torch_device": device}
     _print(results, hf_bound)
+    if args.profile:
+        results["profile"] = profile_policies({name: runners[name] for name in ("Full()", SKIP_PATH, LEARNED)},
+                                              args.new, args.profile)
     if args.json:
         from greencode_jax.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     return results
+
+
+def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> dict:
+    """Traces one `new_tokens` generate per runner into out_dir/<name>.perfetto.json.gz and
+    prints, per device line, its kernels and busy time per token (the prompt pass included)."""
+    import pathlib
+    import re
+    import shutil
+
+    import jax
+
+    from greencode_jax.cli.trace_summary import summarize_trace
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for name, run in runners.items():
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        with tempfile.TemporaryDirectory() as tmp:
+            with jax.profiler.trace(tmp, create_perfetto_trace=True):
+                run(new_tokens)
+            (trace,) = pathlib.Path(tmp).rglob("perfetto_trace.json.gz")
+            target = out / f"{slug}.perfetto.json.gz"
+            shutil.move(trace, target)
+        summaries[name] = summary = summarize_trace(target)
+        print(f"  profile {name}: {target}")
+        for line, s in summary.items():
+            print(f"    {line}: {s['events'] / new_tokens:.1f} events/token, busy {s['busy_us'] / new_tokens:.1f} us/token "
+                  f"of a {s['span_us'] / new_tokens:.1f} us/token span; most time: "
+                  + ", ".join(f"{t['name'][:40]} x{t['count']} {t['total_us']:.0f} us" for t in s["top"][:3]))
+        if not summary:
+            print("    no device lines in the trace (on a CPU, XLA's work shows as host threads only)")
+    return summaries
 
 
 def _print(r: dict, hf_bound: float):

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (medians reported)")
     _add_torch_device(p)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace one generate of Full(), the skip path and Learned with JAX's profiler: "
+                        "DIR/<policy>.perfetto.json.gz (open in ui.perfetto.dev) and each device's kernels per token")
     p.set_defaults(func=cmd_bench_decode)
     data_cmd.register_bench(bench_sub)
     train_cmd.register_bench(bench_sub)

@@ -1,0 +1,64 @@
+"""The trace summary behind `bench decode --profile`: hand-built traces in the format JAX's
+profiler writes (a GPU's device process with stream lines), and a real CPU trace."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from greencode_jax.cli.trace_summary import summarize_trace
+from greencode_jax.errors import GreencodeError
+
+
+def meta(kind, pid, name, tid=None):
+    event = {"ph": "M", "name": kind, "pid": pid, "args": {"name": name}}
+    return event if tid is None else {**event, "tid": tid}
+
+
+def op(pid, tid, name, ts, dur):
+    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+
+def write(path, events):
+    with gzip.open(path, "wt") as fh:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, fh)
+    return path
+
+
+def test_device_lines_are_counted_apart_and_host_events_ignored(tmp_path):
+    events = [
+        meta("process_name", 1, "/host:CPU"), meta("thread_name", 1, "python", tid=5),
+        meta("process_name", 2, "/device:GPU:0"), meta("thread_name", 2, "Stream #13(Compute)", tid=13),
+        meta("thread_name", 2, "XLA Ops", tid=99),
+        op(1, 5, "host work", 0.0, 500.0),
+        op(2, 13, "gemv", 10.0, 4.0), op(2, 13, "gemv", 20.0, 6.0), op(2, 13, "tanh_fusion", 30.0, 1.5),
+        op(2, 99, "dot.1", 10.0, 4.0),
+    ]
+    summary = summarize_trace(write(tmp_path / "t.json.gz", events), top=1)
+    assert list(summary) == ["/device:GPU:0 Stream #13(Compute)", "/device:GPU:0 XLA Ops"]
+    stream = summary["/device:GPU:0 Stream #13(Compute)"]
+    assert (stream["events"], stream["busy_us"], stream["span_us"]) == (3, 11.5, 21.5)  # 10..31.5
+    assert stream["top"] == [{"name": "gemv", "count": 2, "total_us": 10.0}]
+    assert summary["/device:GPU:0 XLA Ops"]["events"] == 1
+
+
+def test_a_cpu_trace_has_no_device_lines(tmp_path):
+    f = jax.jit(lambda x: jnp.tanh(x @ x))
+    x = jnp.ones((8, 8))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        f(x).block_until_ready()
+    (trace,) = tmp_path.rglob("perfetto_trace.json.gz")
+    assert summarize_trace(trace) == {}
+
+
+@pytest.mark.parametrize("content", [b"not gzip", gzip.compress(b"{not json"), gzip.compress(b'{"a": 1}')])
+def test_unreadable_trace_is_one_clear_error(tmp_path, content):
+    path = tmp_path / "bad.json.gz"
+    path.write_bytes(content)
+    with pytest.raises(GreencodeError, match="bad.json.gz"):
+        summarize_trace(path)
