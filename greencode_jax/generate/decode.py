@@ -6,8 +6,8 @@ Per token, layer by layer:
      state: CALM-style state propagation, so later tokens can attend at every layer);
   2. the rest of the layer (queries, attention, MLP) runs under `lax.cond`, skipped
      when every sequence in the batch has exited; otherwise computed for the batch and
-     masked, so an exited sequence keeps its exit hidden state. One conditional covers
-     the layers between two exit decisions, and there is none before the first decision;
+     masked, so an exited sequence keeps its exit hidden state. There is one conditional
+     per exit decision, whose skip branch covers all the layers after it (see decode_token);
   3. after each configured exit layer the policy decides, per sequence.
 The LM head runs once per token, on each sequence's exit hidden state (a policy that
 needs logits to decide, such as Confidence, also runs it at each exit it considers).
@@ -83,7 +83,7 @@ def decision_layers(config, policy) -> tuple[int, ...]:
 
 
 def segments(num_layers: int, decisions) -> list[range]:
-    """The layers split after each decision layer: a segment runs whole or is skipped whole."""
+    """The layers split after each decision layer: the layers one decision leads to."""
     bounds = [0, *(d + 1 for d in decisions), num_layers]
     return [range(a, b) for a, b in zip(bounds, bounds[1:]) if a < b]
 
@@ -95,66 +95,66 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     Rows `finished` (a stop token was emitted; their output is discarded) count as exited
     from the start, so they never keep the batch from skipping a layer.
 
-    The layers between two decisions form a segment behind one `lax.cond`: on a GPU each
-    conditional is a device-to-host read of its predicate, so one per decision rather than
-    one per layer (and none before the first decision) keeps the skip path cheap."""
+    After each exit decision one `lax.cond` asks whether every row has exited: if so, its
+    skip branch only writes the K/V of all the remaining layers (and the LM head runs on
+    the exit states); if not, its other branch runs the layers up to the next decision and
+    holds the next conditional. On a GPU each conditional reads its predicate back to the
+    host, so a token pays one per decision it reaches, none before the first decision, and
+    Full() (which never decides) none at all."""
     config = model.config
     last = config.num_layers - 1
     batch = token.shape[0]
     h = model.embed(token[:, None], position[:, None])
     cos, sin = model.rope(position[:, None])
     mask = attention_mask(jnp.ones((batch, 1), bool), key_valid, slot[None, None], jnp.arange(key_valid.shape[1])[None])
-    exited = jnp.zeros(batch, bool) if finished is None else finished
-    exit_layer = jnp.full(batch, last, jnp.int32)
-    exit_logits = None
-    keys, values = list(keys), list(values)
-    decisions = decision_layers(config, policy)
-    for segment in segments(config.num_layers, decisions):
+    parts = segments(config.num_layers, decision_layers(config, policy))
 
-        def run_layers(h, segment=segment, exited=exited):
-            """Attention and MLP of the segment's layers; rows that have exited keep their hidden state."""
-            new_kv = []
-            for i in segment:
-                block = model.block(i)
-                x = block.attention_input(h)
-                k, v = block.attn.key_value(x, cos, sin)
-                new = block.finish(h, x, keys[i], values[i], mask, cos, sin, (k, v))
-                h = jnp.where(exited[:, None, None], h, new)
-                new_kv.append((k, v))
-            return h, new_kv
+    def key_value(i, h):
+        x = model.block(i).attention_input(h)
+        return x, model.block(i).attn.key_value(x, cos, sin)
 
-        def propagate(h, segment=segment):
-            """Every row has exited: only the K/V of the segment's layers, from the exit hidden state."""
-            return h, [model.block(i).attn.key_value(model.block(i).attention_input(h), cos, sin) for i in segment]
+    def skip_rest(s, h, exited, exit_layer, exit_logits):
+        """Every row has exited: the K/V of segments s.. from the exit hidden states, and the
+        exit logits (the policy's own, or the head on the exit states)."""
+        logits = model.exit_head(h[:, 0]) if exit_logits is None else exit_logits
+        return logits, exit_layer, [key_value(i, h)[1] for part in parts[s:] for i in part]
 
-        if skip and segment.start > 0:
-            h, new_kv = jax.lax.cond(jnp.all(exited), propagate, run_layers, h)
-        else:
-            h, new_kv = run_layers(h)
-        # The cache is updated in place after the attention read it (see
-        # models.layers.dot_product_attention); XLA must know that order, or it copies the cache.
-        at = index_after(slot, h)
-        for i, (k, v) in zip(segment, new_kv):
-            keys[i] = jax.lax.dynamic_update_slice(keys[i], k, (0, 0, at, 0))
-            values[i] = jax.lax.dynamic_update_slice(values[i], v, (0, 0, 0, at))
-        i = segment[-1]
-        if i not in decisions:
-            continue
-        logits = None
-        if policy.needs_logits:  # once every row has exited, later exits need no head
-            logits = model.exit_head(h[:, 0]) if exit_logits is None or not skip else jax.lax.cond(
-                jnp.all(exited), lambda h: exit_logits, lambda h: model.exit_head(h[:, 0]), h)
-        decide = policy.decide(i, h[:, 0], logits) & ~exited
-        exit_layer = jnp.where(decide, i, exit_layer)
+    def run_rest(s, h, exited, exit_layer, exit_logits):
+        """Segments s.. for the rows that have not exited (the others keep their hidden state)."""
+        new_kv = []
+        for i in parts[s]:
+            x, (k, v) = key_value(i, h)
+            new = model.block(i).finish(h, x, keys[i], values[i], mask, cos, sin, (k, v))
+            h = jnp.where(exited[:, None, None], h, new)
+            new_kv.append((k, v))
+        if s == len(parts) - 1:  # after the last layer: the head, where no earlier exit gave logits
+            logits = model.exit_head(h[:, 0])
+            if exit_logits is not None:
+                logits = jnp.where(exited[:, None], exit_logits, logits)
+            return logits, exit_layer, new_kv
+        layer = parts[s][-1]  # every segment but the last ends at a decision
+        logits = model.exit_head(h[:, 0]) if policy.needs_logits else None
+        decide = policy.decide(layer, h[:, 0], logits) & ~exited
+        exit_layer = jnp.where(decide, layer, exit_layer)
         if logits is not None:  # keep the exit's logits: the head need not run again for it
             exit_logits = logits if exit_logits is None else jnp.where(decide[:, None], logits, exit_logits)
         exited = exited | decide
-    if exit_logits is None:
-        logits = model.exit_head(h[:, 0])
-    else:
-        final = lambda h: jnp.where(exited[:, None], exit_logits, model.exit_head(h[:, 0]))  # noqa: E731
-        logits = jax.lax.cond(jnp.all(exited), lambda h: exit_logits, final, h) if skip else final(h)
-    return logits, exit_layer, tuple(keys), tuple(values)
+        rest = (h, exited, exit_layer, exit_logits)
+        if skip:
+            logits, exit_layer, rest_kv = jax.lax.cond(
+                jnp.all(exited), functools.partial(skip_rest, s + 1), functools.partial(run_rest, s + 1), *rest)
+        else:
+            logits, exit_layer, rest_kv = run_rest(s + 1, *rest)
+        return logits, exit_layer, new_kv + rest_kv
+
+    exited = jnp.zeros(batch, bool) if finished is None else finished
+    logits, exit_layer, new_kv = run_rest(0, h, exited, jnp.full(batch, last, jnp.int32), None)
+    # The cache is updated in place after the attention read it (see
+    # models.layers.dot_product_attention); XLA must know that order, or it copies the cache.
+    at = index_after(slot, logits)
+    keys = tuple(jax.lax.dynamic_update_slice(c, k, (0, 0, at, 0)) for c, (k, _) in zip(keys, new_kv))
+    values = tuple(jax.lax.dynamic_update_slice(c, v, (0, 0, 0, at)) for c, (_, v) in zip(values, new_kv))
+    return logits, exit_layer, keys, values
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens", "cache_len", "skip"))
