@@ -53,27 +53,18 @@ def weight_bytes(model, exit_layer: int | None = None) -> int:
     projections (state propagation). Then the exit head once (final norm, project_out,
     LM head). One embedding row (and position row) is negligible and left out.
     """
-    from flax import nnx
+    from greencode_jax.models.model import param_arrays
 
     config = model.config
     exit_layer = config.num_layers - 1 if exit_layer is None else exit_layer
-    total = 0
+    read = []
     for i in range(config.num_layers):
         block = model.block(i)
         if i <= exit_layer:
-            total += sum(x.nbytes for x in jax_leaves(nnx.state(block, nnx.Param)))
+            read.append(block)
         else:
-            parts = [block.attn.k_proj, block.attn.v_proj] + ([block.attn_norm] if block.pre_norm else [])
-            total += sum(x.nbytes for part in parts for x in jax_leaves(nnx.state(part, nnx.Param)))
-    head = [m for m in (model.final_norm, model.project_out) if m is not None]
-    head.append(model.embed_tokens if model.lm_head is None else model.lm_head)
-    return total + sum(x.nbytes for part in head for x in jax_leaves(nnx.state(part, nnx.Param)))
-
-
-def jax_leaves(state):
-    import jax
-
-    return jax.tree.leaves(state)
+            read += [block.attn.k_proj, block.attn.v_proj] + ([block.attn_norm] if block.pre_norm else [])
+    return sum(x.nbytes for x in param_arrays(*read, *model.exit_head_modules()))
 
 
 def _seconds(fn) -> float:

@@ -52,7 +52,7 @@ def summarize_trace(path: str | Path, top: int = 8) -> dict:
             by_name[e["name"]][1] += e.get("dur", 0.0)
         summary[f"{devices[pid]} {lines.get((pid, tid), tid)}"] = {
             "events": len(line_ops),
-            "busy_us": sum(e.get("dur", 0.0) for e in line_ops),
+            "busy_us": sum(total for _, total in by_name.values()),
             "span_us": max(e["ts"] + e.get("dur", 0.0) for e in line_ops) - min(e["ts"] for e in line_ops),
             "top": [{"name": name, "count": count, "total_us": total}
                     for name, (count, total) in sorted(by_name.items(), key=lambda item: -item[1][1])[:top]],

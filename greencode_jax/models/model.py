@@ -27,6 +27,11 @@ OPT_POSITION_OFFSET = 2  # OPT's learned positions start at index 2 (fairseq leg
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def param_arrays(*modules) -> list:
+    """The parameter arrays of `modules`, for counting weights and the bytes they hold."""
+    return [x for module in modules for x in jax.tree.leaves(nnx.state(module, nnx.Param))]
+
+
 def resolve_dtype(dtype):
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -129,6 +134,12 @@ class EarlyExitLM(nnx.Module):
         if self.config.family != "llama":
             return None, None
         return rope_cos_sin(rope_inv_freq(self.config), positions)
+
+    def exit_head_modules(self) -> list:
+        """The modules `exit_head` reads: final norm, OPT's project_out, and the LM head (the
+        embedding when tied)."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return [m for m in (self.final_norm, self.project_out, head) if m is not None]
 
     def exit_head(self, h):
         """Final norm, OPT's project_out, LM head: the same head after any layer. float32 logits."""

@@ -37,15 +37,12 @@ def train_flops_per_token(model, exit_layers, seq_len: int) -> float:
     weighted values, 2 * 2 * attention width * (seq_len + 1) / 2 per layer (the mean
     number of keys a query sees). Norms, activations and the softmax are left out.
     """
-    import jax
-    from flax import nnx
+    from greencode_jax.models.model import param_arrays
 
     config = model.config
-    layer_matrices = sum(x.size for i in range(config.num_layers)
-                         for x in jax.tree.leaves(nnx.state(model.block(i), nnx.Param)) if x.ndim == 2)
-    head = model.embed_tokens if model.lm_head is None else model.lm_head
-    head_matrices = sum(x.size for part in (model.project_out, head) if part is not None
-                        for x in jax.tree.leaves(nnx.state(part, nnx.Param)) if x.ndim == 2)
+    blocks = [model.block(i) for i in range(config.num_layers)]
+    layer_matrices = sum(x.size for x in param_arrays(*blocks) if x.ndim == 2)
+    head_matrices = sum(x.size for x in param_arrays(*model.exit_head_modules()) if x.ndim == 2)
     attention_width = config.num_heads * config.head_dim
     attention = config.num_layers * 2 * 2 * attention_width * (seq_len + 1) / 2
     forward = 2 * layer_matrices + 2 * head_matrices * len(exit_layers) + attention
