@@ -105,6 +105,12 @@ def test_bench_decode_names_an_exit_layer_the_model_lacks(capsys):
     assert "exit_layers" in capsys.readouterr().err
 
 
+def test_bench_decode_names_an_unknown_learned_kernel(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--shape", "tiny-llama", "--learned-kernels", "xla,cuda"])
+    assert "expected a comma-separated subset of xla,pallas, got 'xla,cuda'" in capsys.readouterr().err
+
+
 def test_bench_forward_prints_ratio(capsys):
     assert main(["bench", "forward", "--shape", "tiny-llama", "--tokens", "16", "--repeats", "1",
                  "--skip-memory"]) == 0
@@ -118,7 +124,8 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
     untied head): the bytes a token reads, counted by hand from those dimensions."""
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--shape", "tiny-llama", "--prompt", "8", "--new", "3", "--repeats", "1",
-                 "--dtype", dtype, "--json", str(out), "--profile", str(tmp_path / "traces")]) == 0
+                 "--dtype", dtype, "--json", str(out), "--profile", str(tmp_path / "traces"),
+                 "--learned-kernels", "xla,pallas"]) == 0
     assert "FixedExit(0)" in capsys.readouterr().out
     r = json.loads(out.read_text())
     assert (r["dtype"], r["torch_device"], r["exit_layers"]) == (dtype, "cpu", [0, 1])  # default: every layer
@@ -130,11 +137,12 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
     assert r["rows"]["Full()"]["bytes"] == itemsize * (2 * layer + head)
     assert r["rows"]["FixedExit(0)"]["bytes"] == itemsize * (layer + norm + k_and_v + head)  # layer 1: its K/V only
     # k ~ L/4, L/2, 3L/4 -> 0, 1 = last; FixedExit(last) is the skip path that Learned is measured against
-    assert set(r["rows"]) == {"Full()", "FixedExit(0)", "Skip path (never exits)", "Learned (never exits)"}
+    learned = ["Learned (never exits)", "Learned, fused kernel"]  # XLA's MLP and the Pallas kernel
+    assert set(r["rows"]) == {"Full()", "FixedExit(0)", "Skip path (never exits)", *learned}
     assert r["rows"]["Skip path (never exits)"]["bytes"] == r["rows"]["Full()"]["bytes"]
-    assert "ratio_to_skip_path" in r["rows"]["Learned (never exits)"]
+    assert all("ratio_to_skip_path" in r["rows"][name] for name in learned)
     traces = sorted(p.name for p in (tmp_path / "traces").iterdir())
-    assert traces == ["full.perfetto.json.gz", "learned-never-exits.perfetto.json.gz",
-                      "skip-path-never-exits.perfetto.json.gz"]
-    assert r["profile"] == {"Full()": {}, "Skip path (never exits)": {}, "Learned (never exits)": {}}  # CPU: no device
+    assert traces == ["full.perfetto.json.gz", "learned-fused-kernel.perfetto.json.gz",
+                      "learned-never-exits.perfetto.json.gz", "skip-path-never-exits.perfetto.json.gz"]
+    assert r["profile"] == dict.fromkeys(["Full()", "Skip path (never exits)", *learned], {})  # CPU: no device
     assert r["memory_floor_ms"] == pytest.approx(r["rows"]["Full()"]["bytes"] / (r["read_bandwidth_gbs"] * 1e6))

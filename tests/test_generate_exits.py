@@ -41,6 +41,8 @@ POLICIES = {
     "fixed": lambda: P.FixedExit(1),
     "confidence": lambda: P.Confidence(0.065),
     "learned": lambda: learned_policy(HIDDEN, 0.7, seed=2, scale=3.0),
+    # the same MLP as one Pallas kernel (interpreted on a CPU; generate.policy_kernel)
+    "learned_fused": lambda: learned_policy(HIDDEN, 0.7, seed=2, scale=3.0, kernel="pallas"),
 }
 BATCH_ROWS = [40, 27]  # prompt lengths of the left-padded batch (one bucket of 64)
 
@@ -94,7 +96,7 @@ def test_fixed_exit_left_padded_batch_equals_reference(llama):
                                     P.FixedExit(k), f"FixedExit({k}) row {row}")
 
 
-@pytest.mark.parametrize("kind", ["confidence", "learned"])
+@pytest.mark.parametrize("kind", ["confidence", "learned", "learned_fused"])
 def test_thresholded_policies_equal_cache_free_reference(llama, kind):
     """Exits that change from token to token: each token's exit layer and token as in the reference."""
     prompt = rows_of(llama, [BATCH_ROWS[0]])[0]
@@ -159,7 +161,7 @@ def assert_decode_logits_equal_reference(model, policy, prompt, ref):
 
 # ---- 3. per-sequence exits in a batch --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["confidence", "learned"])
+@pytest.mark.parametrize("kind", ["confidence", "learned", "learned_fused"])
 def test_batch_with_per_sequence_exits_equals_one_by_one(llama, kind):
     policy = POLICIES[kind]()
     rows = rows_of(llama, BATCH_ROWS)

@@ -27,6 +27,7 @@ EXIT_RATIO_BOUND = 1.15  # t(FixedExit(k)) / t(Full()) within 1.15x of the ratio
 LEARNED_BOUND = 1.03  # Learned adds <= 3 % to a full-depth token (against the same skip path)
 SKIP_PATH = "Skip path (never exits)"
 LEARNED = "Learned (never exits)"
+LEARNED_FUSED = "Learned, fused kernel"  # the same policy with kernel="pallas" (generate.policy_kernel)
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
@@ -125,8 +126,12 @@ def run_bench_decode(args) -> dict:
     # Full() has no conditional; a policy that may exit has one after each of its decisions, whose
     # cost (a device-to-host read each on a GPU) FixedExit(last) shows without any policy work.
     policies[SKIP_PATH] = (gc.policies.FixedExit(last), None)
-    learned = gc.policies.Learned(gc.policies.Learned.init_params(jax.random.key(0), config.hidden_size), threshold=2.0)
-    policies[LEARNED] = (learned, None)  # threshold 2: never exits: full depth plus the policy
+    learned_params = gc.policies.Learned.init_params(jax.random.key(0), config.hidden_size)
+    kernels = args.learned_kernels or (("xla", "pallas") if platform == "gpu" else ("xla",))
+    learned_rows = {LEARNED: "xla", LEARNED_FUSED: "pallas"}
+    for name, kernel in learned_rows.items():  # threshold 2: never exits: full depth plus the policy
+        if kernel in kernels:
+            policies[name] = (gc.policies.Learned(learned_params, threshold=2.0, kernel=kernel), None)
 
     def ours(policy):
         return lambda n: jax.block_until_ready(
@@ -149,7 +154,8 @@ def run_bench_decode(args) -> dict:
 
     rows = {name: dict(seconds_per_token=statistics.median(samples[name]), ratio_to_full=paired_ratio(samples, name, "Full()"),
                        bytes=weight_bytes(model, layer)) for name, (_, layer) in policies.items()}
-    rows[LEARNED]["ratio_to_skip_path"] = paired_ratio(samples, LEARNED, SKIP_PATH)
+    for name in learned_rows.keys() & rows.keys():
+        rows[name]["ratio_to_skip_path"] = paired_ratio(samples, name, SKIP_PATH)
     floor = rows["Full()"]["bytes"] / bandwidth
     hf_bound = HF_BOUND_GPU if platform == "gpu" else HF_BOUND_SMALL if params < SMALL_MODEL_PARAMS else HF_BOUND
     results = {"shape": args.shape, "params": params, "dtype": args.dtype, "exit_layers": list(config.exit_layers),
@@ -161,7 +167,8 @@ def run_bench_decode(args) -> dict:
                "device": jax.devices()[0].device_kind, "torch_device": device}
     _print(results, hf_bound)
     if args.profile:
-        results["profile"] = profile_policies({name: runners[name] for name in ("Full()", SKIP_PATH, LEARNED)},
+        traced = ("Full()", SKIP_PATH, *learned_rows)
+        results["profile"] = profile_policies({name: run for name, run in runners.items() if name in traced},
                                               args.new, args.profile)
     if args.json:
         from greencode_jax.atomic import atomic_write_text
@@ -224,7 +231,7 @@ def _print(r: dict, hf_bound: float):
         if name == SKIP_PATH:
             print(f"  {name:23s} {row['seconds_per_token'] * 1e3:8.2f} ms/token = {time_ratio:.3f}x Full(): "
                   f"FixedExit(last), a lax.cond after each of {len(r['exit_layers']) - 1} exit decisions")
-        elif name == LEARNED:
+        elif "ratio_to_skip_path" in row:  # a Learned row
             policy_cost = row["ratio_to_skip_path"]
             print(f"  {name:23s} {row['seconds_per_token'] * 1e3:8.2f} ms/token = {time_ratio:.3f}x Full(), "
                   f"{policy_cost:.3f}x the skip path (the policy's own cost, bound <= {LEARNED_BOUND}: "

@@ -22,6 +22,16 @@ def _exit_layers(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 3,5,7, got {text!r}")
 
 
+def _learned_kernels(text: str) -> tuple[str, ...]:
+    from greencode_jax.generate.policies import LEARNED_KERNELS
+
+    kernels = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not kernels or not set(kernels) <= set(LEARNED_KERNELS):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(LEARNED_KERNELS)}, "
+                                         f"got {text!r}")
+    return kernels
+
+
 def _size(text: str) -> int:
     units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
     upper = text.strip().upper()
@@ -137,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's exit layers, 0-based, e.g. 3,7,11 (default: every layer, the costliest for "
                         "Learned, which decides at each)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (medians reported)")
+    p.add_argument("--learned-kernels", type=_learned_kernels, default=None, metavar="K[,K]",
+                   help="Learned's MLP as compiled by XLA ('xla') and/or as one fused Pallas kernel ('pallas'); "
+                        "default: both on a GPU, xla elsewhere (off a GPU the kernel is interpreted: not a timing)")
     _add_torch_device(p)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--profile", default=None, metavar="DIR",

@@ -23,6 +23,7 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.generate import policies
 from greencode_jax.generate.decode import generate_jit
 from greencode_jax.generate.policies import POLICY_TYPES, Confidence, FixedExit, Full, Learned
+from greencode_jax.generate.policy_kernel import unsupported_reason
 from greencode_jax.generate.sampling import Sampling
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
@@ -73,6 +74,11 @@ def _check_policy(policy, config):
                                  f"{list(config.exit_layers)} (0-based)")
     if isinstance(policy, Learned) and policy.params is None:
         raise GreencodeError("Learned policy has no params (train them with train-policy, or Learned.init_params)")
+    if isinstance(policy, Learned) and np.shape(policy.params["layers"][0]["w"])[0] != config.hidden_size:
+        raise GreencodeError(f"Learned policy params are for hidden states of size "
+                             f"{np.shape(policy.params['layers'][0]['w'])[0]}; this model's are {config.hidden_size}")
+    if isinstance(policy, Learned) and policy.kernel == "pallas" and (reason := unsupported_reason(policy.params)):
+        raise GreencodeError(f"Learned(kernel='pallas'): {reason}; use kernel='xla'")
     if not 0 <= policy.min_layer < config.num_layers:
         raise GreencodeError(f"policy min_layer={policy.min_layer}: expected 0..{config.num_layers - 1}")
 

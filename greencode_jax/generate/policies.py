@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from greencode_jax.errors import GreencodeError
 
 CONFIDENCE_MEASURES = ("softmax_max", "top2_margin")
+LEARNED_KERNELS = ("xla", "pallas")
 
 
 def _policy(cls):
@@ -92,13 +93,20 @@ class Learned:
     `params` holds `obs_mean`/`obs_std` (the observation normalisation used in training,
     applied here too: GREEN-CODE normalised in training only) and the layers of an MLP
     with tanh activations whose last layer has two logits (continue, exit).
+    `kernel`: "xla" lets XLA compile the MLP; "pallas" runs it as one fused kernel
+    (generate.policy_kernel: fewer launches per decision on a GPU, interpreted elsewhere).
     """
 
     params: Any = None
     threshold: Any = 0.9
     min_layer: int = _static(0)
+    kernel: str = _static("xla")
     kind: ClassVar[str] = "learned"
     needs_logits: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.kernel not in LEARNED_KERNELS:
+            raise GreencodeError(f"Learned kernel {self.kernel!r}: expected one of {LEARNED_KERNELS}")
 
     @staticmethod
     def init_params(key, hidden_size: int, widths=(64, 64)) -> dict:
@@ -110,6 +118,11 @@ class Learned:
         return {"obs_mean": jnp.zeros(hidden_size), "obs_std": jnp.ones(hidden_size), "layers": layers}
 
     def exit_probability(self, hidden):
+        """P(exit) [B] for hidden states [B, E]."""
+        if self.kernel == "pallas":
+            from greencode_jax.generate.policy_kernel import fused_exit_probability
+
+            return fused_exit_probability(self.params, hidden)
         p = self.params
         x = (hidden.astype(jnp.float32) - p["obs_mean"]) / p["obs_std"]
         *body, last = p["layers"]
