@@ -97,6 +97,15 @@ def test_bad_strategy(model, prompt):
     (dict(policy=P.Confidence(0.5, min_layer=4)), "min_layer=4: expected 0..3"),
     (dict(policy=P.FixedExit(1, min_layer=-1)), "min_layer=-1"),
     (dict(policy=P.Learned(None, 0.5)), "Learned policy has no params"),
+    (dict(policy=P.Learned({"layers": []}, 0.5)), "Learned policy params: expected a dict of obs_mean"),
+    (dict(policy=P.Learned({"obs_mean": 0, "obs_std": 1, "layers": [{"w": np.zeros((64, 8))}]}, 0.5)),
+     r"layer 0 has w, b shapes \(\(64, 8\), \(\)\)"),
+    (dict(policy=P.Learned({"obs_mean": np.zeros(64), "obs_std": np.ones(64),
+                            "layers": [{"w": np.zeros((64, 3)), "b": np.zeros(3)}]}, 0.5)),
+     "expected 2 outputs .* got 3 outputs"),
+    (dict(policy=P.Learned({"obs_mean": np.zeros(32), "obs_std": np.ones(64),
+                            "layers": [{"w": np.zeros((64, 2)), "b": np.zeros(2)}]}, 0.5)),
+     r"obs_mean, obs_std of shape \[64\]; got 2 outputs, \(32,\), \(64,\)"),
 ])
 def test_bad_arguments(model, prompt, kwargs, match):
     with pytest.raises(GreencodeError, match=match):

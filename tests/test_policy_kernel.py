@@ -100,7 +100,7 @@ def test_unsupported_params_and_kernels_get_one_clear_error(llama):
         llama.ours.generate(prompt, policy=P.Learned(random_params(hidden, (48, 64)), 0.5, kernel="pallas"))
     with pytest.raises(GreencodeError, match="Learned kernel 'triton': expected one of"):
         P.Learned(random_params(hidden, (64,)), 0.5, kernel="triton")
-    with pytest.raises(GreencodeError, match=f"hidden states of size 32; this model's are {hidden}"):
+    with pytest.raises(GreencodeError, match=rf"layer 0 has w, b shapes \(\(32, 64\), \(64,\)\), expected w \[{hidden}, n\]"):
         llama.ours.generate(prompt, policy=P.Learned(random_params(32, (64,)), 0.5))
     # the XLA path takes any widths: the same params run there
     llama.ours.generate(prompt, max_new_tokens=2, policy=P.Learned(random_params(hidden, (48, 64)), 0.5))

@@ -12,6 +12,7 @@ never recompiles.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -72,15 +73,34 @@ def _check_policy(policy, config):
         if layer not in config.exit_layers:
             raise GreencodeError(f"FixedExit({layer}): layer {layer} is not one of the model's exit layers "
                                  f"{list(config.exit_layers)} (0-based)")
-    if isinstance(policy, Learned) and policy.params is None:
-        raise GreencodeError("Learned policy has no params (train them with train-policy, or Learned.init_params)")
-    if isinstance(policy, Learned) and np.shape(policy.params["layers"][0]["w"])[0] != config.hidden_size:
-        raise GreencodeError(f"Learned policy params are for hidden states of size "
-                             f"{np.shape(policy.params['layers'][0]['w'])[0]}; this model's are {config.hidden_size}")
-    if isinstance(policy, Learned) and policy.kernel == "pallas" and (reason := unsupported_reason(policy.params)):
-        raise GreencodeError(f"Learned(kernel='pallas'): {reason}; use kernel='xla'")
+    if isinstance(policy, Learned):
+        _check_learned(policy, config.hidden_size)
     if not 0 <= policy.min_layer < config.num_layers:
         raise GreencodeError(f"policy min_layer={policy.min_layer}: expected 0..{config.num_layers - 1}")
+
+
+def _check_learned(policy, hidden_size: int):
+    """The actor's params as Learned.init_params lays them out, for this model's hidden size."""
+    params = policy.params
+    if params is None:
+        raise GreencodeError("Learned policy has no params (train them with train-policy, or Learned.init_params)")
+    layout = "a dict of obs_mean [E], obs_std [E] and layers [{w: [in, out], b: [out]}, ...]"
+    if not isinstance(params, Mapping) or not {"obs_mean", "obs_std", "layers"} <= params.keys() or not params["layers"]:
+        raise GreencodeError(f"Learned policy params: expected {layout}")
+    shapes = [(np.shape(layer.get("w")), np.shape(layer.get("b"))) if isinstance(layer, Mapping) else None
+              for layer in params["layers"]]
+    width = hidden_size
+    for i, shape in enumerate(shapes):
+        if shape is None or len(shape[0]) != 2 or shape[0][0] != width or shape[1] != shape[0][1:]:
+            raise GreencodeError(f"Learned policy params: layer {i} has w, b shapes {shape}, expected w [{width}, n] "
+                                 f"and b [n] (this model's hidden size is {hidden_size}; {layout})")
+        width = shape[0][1]
+    if width != 2 or np.shape(params["obs_mean"]) != (hidden_size,) or np.shape(params["obs_std"]) != (hidden_size,):
+        raise GreencodeError(f"Learned policy params: expected 2 outputs (continue, exit) and obs_mean, obs_std of "
+                             f"shape [{hidden_size}]; got {width} outputs, {np.shape(params['obs_mean'])}, "
+                             f"{np.shape(params['obs_std'])}")
+    if policy.kernel == "pallas" and (reason := unsupported_reason(params)):
+        raise GreencodeError(f"Learned(kernel='pallas'): {reason}; use kernel='xla'")
 
 
 def _traced(policy):
