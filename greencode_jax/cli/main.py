@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Learned, which decides at each)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (medians reported)")
     p.add_argument("--learned-kernels", type=_learned_kernels, default=None, metavar="K[,K]",
-                   help="Learned's MLP as compiled by XLA ('xla') and/or as one fused Pallas kernel ('pallas'); "
+                   help="Learned's MLP as compiled by XLA ('xla') and/or as two fused Pallas kernels ('pallas'); "
                         "default: both on a GPU, xla elsewhere (off a GPU the kernel is interpreted: not a timing)")
     _add_torch_device(p)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")

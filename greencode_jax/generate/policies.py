@@ -93,7 +93,7 @@ class Learned:
     `params` holds `obs_mean`/`obs_std` (the observation normalisation used in training,
     applied here too: GREEN-CODE normalised in training only) and the layers of an MLP
     with tanh activations whose last layer has two logits (continue, exit).
-    `kernel`: "xla" lets XLA compile the MLP; "pallas" runs it as one fused kernel
+    `kernel`: "xla" lets XLA compile the MLP; "pallas" runs it as two fused kernels
     (generate.policy_kernel: fewer launches per decision on a GPU, interpreted elsewhere).
     """
 

@@ -1,15 +1,15 @@
-"""The `Learned` policy's P(exit) as one fused kernel (Pallas, Triton backend).
+"""The `Learned` policy's P(exit) as two fused kernels (Pallas, Triton backend).
 
 On a GPU at batch 1 a decode step is a chain of small kernels, and XLA gives the policy's
 MLP several of its own (the normalised first layer, each further layer, the softmax): about
-10 µs per decision on an H200, whatever the MLP's form. This kernel does the whole MLP in
+10 µs per decision on an H200, whatever the MLP's form. These kernels do the whole MLP in
 two launches. The first reads the first layer's weights (E x 64 floats, 512 KB for E = 2048)
 in chunks, one program per (row, chunk), so many SMs share the read: at batch 1 a single
 program would stream it through one SM. The second adds the chunks' partial sums in a fixed
 order (no atomics: the same result every run), runs the small layers, and returns
 sigmoid(logit_exit - logit_continue), which is the softmax's P(exit).
 
-Off a GPU the kernel runs in Pallas' interpret mode: the same arithmetic through XLA, for
+Off a GPU the kernels run in Pallas' interpret mode: the same arithmetic through XLA, for
 tests, not for speed. Triton needs every in-kernel array to have a power-of-two size, so the
 MLP's widths must be powers of two (GREEN-CODE's actor is [64, 64]).
 """
@@ -28,7 +28,7 @@ NUM_WARPS = 4
 
 
 def unsupported_reason(params) -> str | None:
-    """Why these actor params cannot take the fused kernel, or None."""
+    """Why these actor params cannot take the fused kernels, or None."""
     layers = params["layers"]
     widths = [layer["w"].shape[1] for layer in layers[:-1]]
     if not widths:
