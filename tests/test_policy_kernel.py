@@ -93,7 +93,7 @@ def test_decode_step_calls_the_kernels_once_per_decision(llama):
     assert text.count("__gpu$xla.gpu.triton") == 2 * 3
 
 
-def test_unsupported_params_and_kernels_get_one_clear_error(llama):
+def test_unsupported_params_and_kernels_get_one_clear_error(llama, monkeypatch):
     prompt = rows_of(llama, [12])[0][None]
     hidden = llama.config.hidden_size
     with pytest.raises(GreencodeError, match=r"hidden widths \[48, 64\] are not all powers of two.*kernel='xla'"):
@@ -102,5 +102,10 @@ def test_unsupported_params_and_kernels_get_one_clear_error(llama):
         P.Learned(random_params(hidden, (64,)), 0.5, kernel="triton")
     with pytest.raises(GreencodeError, match=rf"layer 0 has w, b shapes \(\(32, 64\), \(64,\)\), expected w \[{hidden}, n\]"):
         llama.ours.generate(prompt, policy=P.Learned(random_params(32, (64,)), 0.5))
+    # on a TPU (JAX's backend faked: this machine has none) the Triton kernels are refused by name
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(GreencodeError, match="written for GPUs.*on a TPU.*kernel='xla'"):
+        llama.ours.generate(prompt, policy=P.Learned(random_params(hidden, (64,)), 0.5, kernel="pallas"))
+    monkeypatch.undo()
     # the XLA path takes any widths: the same params run there
     llama.ours.generate(prompt, max_new_tokens=2, policy=P.Learned(random_params(hidden, (48, 64)), 0.5))

@@ -99,7 +99,7 @@ def _check_learned(policy, hidden_size: int):
         raise GreencodeError(f"Learned policy params: expected 2 outputs (continue, exit) and obs_mean, obs_std of "
                              f"shape [{hidden_size}]; got {width} outputs, {np.shape(params['obs_mean'])}, "
                              f"{np.shape(params['obs_std'])}")
-    if policy.kernel == "pallas" and (reason := unsupported_reason(params)):
+    if policy.kernel == "pallas" and (reason := unsupported_reason(params, jax.default_backend())):
         raise GreencodeError(f"Learned(kernel='pallas'): {reason}; use kernel='xla'")
 
 

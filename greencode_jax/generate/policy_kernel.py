@@ -27,8 +27,10 @@ CHUNK_ELEMENTS = 8192  # first-layer weights one program reads: [chunk, width], 
 NUM_WARPS = 4
 
 
-def unsupported_reason(params) -> str | None:
-    """Why these actor params cannot take the fused kernels, or None."""
+def unsupported_reason(params, backend: str | None = None) -> str | None:
+    """Why these actor params (on JAX's `backend`, if given) cannot take the fused kernels, or None."""
+    if backend == "tpu":
+        return "the fused kernels are written for GPUs (Triton); on a TPU XLA's own kernels are the choice"
     layers = params["layers"]
     widths = [layer["w"].shape[1] for layer in layers[:-1]]
     if not widths:
