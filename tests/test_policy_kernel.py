@@ -75,6 +75,19 @@ def test_fused_kernel_lowers_to_two_triton_kernels_for_a_gpu():
     assert "triton" not in cpu
 
 
+def test_platform_choice_leaves_no_conditional_in_the_compiled_program():
+    """The kernels are picked per platform with a `case` on a constant platform index; XLA must
+    fold it away, since on a GPU a run-time conditional would cost a host round trip per
+    decision. (XLA's conditional simplifier does this on every backend; checked on this one.)"""
+    import re
+
+    params = random_params(256, (64, 64))
+    hidden = jnp.ones((1, 256), jnp.float32)
+    lowered = jax.jit(fused_exit_probability).lower(params, hidden)
+    assert "stablehlo.case" in lowered.as_text()  # the platform switch is there before compiling...
+    assert not re.search(r"\bconditional\(", lowered.compile().as_text())  # ...and gone after
+
+
 def test_decode_step_calls_the_kernels_once_per_decision(llama):
     """Generation lowered for CUDA: the two Triton kernels once per exit decision (3 on the
     4-layer test model), so each decision is two launches for the policy."""
