@@ -46,7 +46,7 @@ LLAMA_KWARGS = dict(vocab_size=131, hidden_size=64, num_hidden_layers=4, num_att
                     rope_parameters=dict(LLAMA3_ROPE), bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LLAMA_SEED = 12
 
-N_NEW = 15  # max_new_tokens of every test that does not say otherwise (it is a static jit argument)
+N_NEW = 15  # max_new_tokens of every test that does not say otherwise (outputs are sized to its bucket of 16)
 
 
 @dataclasses.dataclass

@@ -225,7 +225,7 @@ def test_skip_strategy_lowers_to_one_conditional_per_decision(llama):
 
     def conditionals(policy, skip=True):
         lowered = generate_jit.lower(graphdef, state, ids, valid, policy, jnp.asarray([-1], jnp.int32), jnp.int32(0),
-                                     jax.random.key(0), sampling=gc.Sampling(), max_new_tokens=N_NEW,
+                                     jax.random.key(0), jnp.int32(N_NEW), sampling=gc.Sampling(), token_slots=16,
                                      cache_len=80, skip=skip)
         return lowered.as_text().count("stablehlo.case")
 

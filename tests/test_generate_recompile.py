@@ -1,11 +1,12 @@
-"""One compilation per (batch size, prompt-length bucket, policy kind).
+"""One compilation per (batch size, length bucket, policy kind).
 
 Counted with the size of `generate_jit`'s compilation cache. Policy numbers (thresholds,
-FixedExit layers, Learned weights) are traced, and prompts are left-padded to a bucket of
-64 tokens, so none of them may recompile; a new batch size, bucket or policy kind compiles
-exactly once. `max_new_tokens` is a static argument: the "exactly once" test uses one no
-other test uses, so every compilation it counts is its own whatever ran before; the
-"never again" test reuses the compilations the other modules need (LLAMA, 15 tokens).
+FixedExit layers, Learned weights) and `max_new_tokens` are traced, prompts are left-padded
+to a bucket of 64 tokens and outputs sized to a bucket of 16 new tokens, so none of them may
+recompile within their buckets; a new batch size, bucket or policy kind compiles exactly
+once. The "exactly once" tests use a bucket of new tokens no other test uses (33..48), so
+every compilation they count is their own whatever ran before; the "never again" test
+reuses the compilations the other modules need (LLAMA, 15 tokens: the bucket of 16).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from greencode_jax.generate.decode import generate_jit
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
 P = gc.policies
-N_NEW = 4  # used by no other test module
+N_NEW = 40  # in a bucket of new tokens (33..48) no other test module uses
 MODEL = "opt_pre_untied"  # the smallest model: 2 layers, exit layers (0, 1)
 HIDDEN = 64  # LLAMA's
 
@@ -76,6 +77,26 @@ def test_new_kind_batch_size_or_bucket_compiles_exactly_once(gen_models):
     assert compiles.new() == 1
     for prompt in rows_of(m, [65, 128, 100]):  # a bucket (65..128 tokens): once
         run(m.ours, prompt[None], policy=P.FixedExit(0), max_new_tokens=N_NEW)
+    assert compiles.new() == 1
+
+
+def test_max_new_tokens_within_a_bucket_never_recompiles(gen_models):
+    """33..48 new tokens share one compilation; each call still stops at its own count, with
+    outputs of that length, and (greedy) a shorter run is a prefix of a longer one. 49 is
+    the next bucket: one more compilation."""
+    m = gen_models[MODEL]
+    prompt = np.stack(rows_of(m, [30, 30]))  # batch 2: a program no other test here compiles
+    compiles = Compiles()
+    outs = {n: run(m.ours, prompt, policy=P.FixedExit(0), max_new_tokens=n) for n in (48, 33, N_NEW)}
+    assert compiles.new() == 1
+    longest = outs[48]
+    for n, out in outs.items():
+        assert out.tokens.shape == out.exit_layers.shape == (2, n)
+        assert out.lengths.tolist() == [n, n]  # no stop tokens: exactly n, not the bucket's 48
+        np.testing.assert_array_equal(out.tokens, longest.tokens[:, :n])
+        np.testing.assert_array_equal(out.exit_layers, longest.exit_layers[:, :n])
+    assert len(set(longest.tokens[0].tolist())) > 3  # tokens that vary: a prefix check that can fail
+    run(m.ours, prompt, policy=P.FixedExit(0), max_new_tokens=49)
     assert compiles.new() == 1
 
 

@@ -99,8 +99,8 @@ def test_decode_step_calls_the_kernels_once_per_decision(llama):
     policy = jax.tree.map(jnp.asarray, P.Learned(random_params(llama.config.hidden_size, (64, 64)), 0.5,
                                                  kernel="pallas"))
     lowered = generate_jit.trace(graphdef, state, jnp.zeros((1, 64), jnp.int32), jnp.ones((1, 64), bool), policy,
-                                 jnp.asarray([-1], jnp.int32), jnp.int32(0), jax.random.key(0),
-                                 sampling=gc.Sampling(), max_new_tokens=4, cache_len=80, skip=True)
+                                 jnp.asarray([-1], jnp.int32), jnp.int32(0), jax.random.key(0), jnp.int32(4),
+                                 sampling=gc.Sampling(), token_slots=16, cache_len=80, skip=True)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert llama.config.exit_layers == (0, 1, 2, 3)
     assert text.count("__gpu$xla.gpu.triton") == 2 * 3

@@ -28,6 +28,7 @@ from greencode_jax.generate.policy_kernel import unsupported_reason
 from greencode_jax.generate.sampling import Sampling
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
+NEW_TOKENS_BUCKET = 16  # max_new_tokens is traced; outputs and cache have room for a multiple of this
 STRATEGIES = ("skip", "masked")
 
 
@@ -150,11 +151,12 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 15,
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     pad = config.pad_token_id if config.pad_token_id is not None else (stop_tokens[0] if stop_tokens else 0)
     graphdef, state = nnx.split(model)
+    slots = _round_up(max_new_tokens, NEW_TOKENS_BUCKET)
     tokens, exit_layers, lengths = generate_jit(
         graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), _traced(policy), stop, jnp.int32(pad),
-        jax.random.key(0) if key is None else key, sampling=sampling, max_new_tokens=max_new_tokens,
-        cache_len=padded + _round_up(max_new_tokens, 16), skip=strategy == "skip")
-    return GenerateOutput(tokens, exit_layers, lengths)
+        jax.random.key(0) if key is None else key, jnp.int32(max_new_tokens), sampling=sampling, token_slots=slots,
+        cache_len=padded + slots, skip=strategy == "skip")
+    return GenerateOutput(tokens[:, :max_new_tokens], exit_layers[:, :max_new_tokens], lengths)
 
 
 __all__ = ["Confidence", "FixedExit", "Full", "GenerateOutput", "Learned", "Sampling", "generate", "policies"]

@@ -157,10 +157,12 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     return logits, exit_layer, keys, values
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens", "cache_len", "skip"))
-def generate_jit(graphdef, state, ids, valid, policy, stop_tokens, pad_token, rng, *, sampling: Sampling,
-                 max_new_tokens: int, cache_len: int, skip: bool):
-    """Prefill + decode loop. Returns tokens [B, N], exit layers [B, N] and lengths [B]."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "token_slots", "cache_len", "skip"))
+def generate_jit(graphdef, state, ids, valid, policy, stop_tokens, pad_token, rng, max_new_tokens, *,
+                 sampling: Sampling, token_slots: int, cache_len: int, skip: bool):
+    """Prefill + decode loop for up to `max_new_tokens` (traced, at most `token_slots`) tokens.
+    Returns tokens [B, token_slots], exit layers [B, token_slots] (slots past max_new_tokens
+    hold padding and -1) and lengths [B]."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = ids.shape
     last_hidden, keys, values = prefill(model, ids, valid, cache_len)
@@ -171,8 +173,8 @@ def generate_jit(graphdef, state, ids, valid, policy, stop_tokens, pad_token, rn
     init = DecodeState(
         step=jnp.int32(1), token=first, position=valid.sum(1).astype(jnp.int32), done=done, keys=keys,
         values=values, key_valid=key_valid,
-        tokens=jnp.full((batch, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(first),
-        exit_layers=jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(model.config.num_layers - 1),
+        tokens=jnp.full((batch, token_slots), pad_token, jnp.int32).at[:, 0].set(first),
+        exit_layers=jnp.full((batch, token_slots), -1, jnp.int32).at[:, 0].set(model.config.num_layers - 1),
         lengths=jnp.ones(batch, jnp.int32), rng=rng)
 
     def body(s: DecodeState) -> DecodeState:
