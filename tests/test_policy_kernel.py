@@ -34,9 +34,9 @@ def random_params(hidden_size, widths, seed=0):
 
 @pytest.mark.parametrize("hidden_size,widths,chunks", [
     (64, (64, 64), 1),  # GREEN-CODE's [64, 64]
-    (96, (16,), 3),  # chunks of 32
-    (40, (32, 8, 4), 5),  # chunks of 8, three hidden layers
-    (2560, (64, 64), 20),  # OPT-2.7B's width, chunks of 128
+    (96, (16,), 3),  # chunks of 32; 4 slots, one of them zeros
+    (40, (32, 8, 4), 5),  # chunks of 8, three hidden layers; 8 slots
+    (2560, (64, 64), 20),  # OPT-2.7B's width, chunks of 128; 32 slots
 ])
 def test_fused_kernel_equals_the_mlp_by_hand(hidden_size, widths, chunks):
     assert hidden_size // chunk_size(hidden_size, widths[0]) == chunks
@@ -71,7 +71,7 @@ def test_fused_kernel_lowers_to_two_triton_kernels_for_a_gpu():
     cpu = jax.jit(fused_exit_probability).trace(params, hidden).lower(lowering_platforms=("cpu",)).as_text()
     assert cuda.count("__gpu$xla.gpu.triton") == 2
     assert "stablehlo.dot" not in cuda and "stablehlo.while" not in cuda and "stablehlo.reduce" not in cuda
-    assert "grid_x = 4 : i32, grid_y = 24 : i32" in cuda  # 4 rows x 24 chunks of 128
+    assert "grid_x = 4 : i32, grid_y = 32 : i32" in cuda  # 4 rows x 24 chunks of 128, padded to 32 slots
     assert "triton" not in cpu
 
 

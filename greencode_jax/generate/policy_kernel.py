@@ -62,21 +62,23 @@ def fused_exit_probability(params, hidden):
     width = layers[0]["w"].shape[1]
     chunk = chunk_size(hidden_size, width)
     parts = hidden_size // chunk
+    # The second kernel reads all partial sums in one [slots, width] load, and Triton's sizes
+    # are powers of two: programs past the last chunk write zeros (E = 2560: 20 chunks, 32 slots).
+    slots = 1 << (parts - 1).bit_length()
 
     def first_layer_part(hidden_ref, mean_ref, std_ref, w_ref, out_ref):
-        """Program (row, part): the first layer's sum over one chunk of the hidden state."""
-        row, part = pl.program_id(0), pl.program_id(1)
-        cols = pl.ds(pl.multiple_of(part * chunk, chunk), chunk)
+        """Program (row, slot): the first layer's sum over one chunk of the hidden state."""
+        row, slot = pl.program_id(0), pl.program_id(1)
+        cols = pl.ds(pl.multiple_of(jnp.minimum(slot, parts - 1) * chunk, chunk), chunk)
         x = (hidden_ref[row, cols].astype(jnp.float32) - mean_ref[cols]) / std_ref[cols]
-        out_ref[row, part, :] = jnp.sum(x[:, None] * w_ref[cols, :], axis=0)
+        out_ref[row, slot, :] = jnp.where(slot < parts, jnp.sum(x[:, None] * w_ref[cols, :], axis=0), 0.0)
 
     def rest(partial_ref, *refs):
         """Program row: the partial sums added up, then the small layers and P(exit)."""
         *layer_refs, out_ref = refs
         weights, biases = layer_refs[0::2], layer_refs[1::2]
         row = pl.program_id(0)
-        x = jax.lax.fori_loop(0, parts, lambda i, acc: acc + partial_ref[row, i, :], jnp.zeros(width, jnp.float32))
-        x = jnp.tanh(x + biases[0][...])
+        x = jnp.tanh(jnp.sum(partial_ref[row, :, :], axis=0) + biases[0][...])
         for w, b in zip(weights[1:-1], biases[1:-1]):
             x = jnp.tanh(jnp.sum(x[:, None] * w[...], axis=0) + b[...])
         # softmax over (continue, exit) at index 1 is the sigmoid of the logits' difference
@@ -88,8 +90,8 @@ def fused_exit_probability(params, hidden):
         options = dict(compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
                        interpret=interpret)
         partial = pl.pallas_call(
-            first_layer_part, out_shape=jax.ShapeDtypeStruct((batch, parts, width), jnp.float32),
-            grid=(batch, parts), name="learned_first_layer", **options)(hidden, mean, std, flat[0])
+            first_layer_part, out_shape=jax.ShapeDtypeStruct((batch, slots, width), jnp.float32),
+            grid=(batch, slots), name="learned_first_layer", **options)(hidden, mean, std, flat[0])
         return pl.pallas_call(
             rest, out_shape=jax.ShapeDtypeStruct((batch,), jnp.float32), grid=(batch,),
             name="learned_exit_probability", **options)(partial, *flat)
