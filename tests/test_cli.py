@@ -105,6 +105,17 @@ def test_bench_decode_names_an_exit_layer_the_model_lacks(capsys):
     assert "exit_layers" in capsys.readouterr().err
 
 
+def test_bench_decode_ratios_are_per_round_with_their_quartiles():
+    from greencode_jax.cli.bench_decode import paired_ratio, paired_ratios, quartiles
+
+    samples = {"policy": [2.0, 3.0, 4.0, 10.0], "base": [1.0, 1.0, 2.0, 2.0]}
+    assert paired_ratios(samples, "policy", "base") == [2.0, 3.0, 2.0, 5.0]  # round by round, not medians' ratio
+    assert paired_ratio(samples, "policy", "base") == 2.5
+    # sorted 2, 2, 3, 5: quartiles at positions 0.75 and 2.25 -> 2 and 3 + 0.25 * (5 - 3)
+    assert quartiles([2.0, 3.0, 2.0, 5.0]) == (2.0, 3.5)
+    assert quartiles([1.2, 0.9]) == (0.9, 1.2)  # too few rounds for quartiles: the extremes
+
+
 def test_bench_decode_names_an_unknown_learned_kernel(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "decode", "--shape", "tiny-llama", "--learned-kernels", "xla,cuda"])
@@ -141,6 +152,8 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
     assert set(r["rows"]) == {"Full()", "FixedExit(0)", "Skip path (never exits)", *learned}
     assert r["rows"]["Skip path (never exits)"]["bytes"] == r["rows"]["Full()"]["bytes"]
     assert all("ratio_to_skip_path" in r["rows"][name] for name in learned)
+    q1, q3 = r["rows"]["Learned (never exits)"]["ratio_to_skip_path_quartiles"]  # 1 round: its one ratio
+    assert q1 == q3 == r["rows"]["Learned (never exits)"]["ratio_to_skip_path"]
     traces = sorted(p.name for p in (tmp_path / "traces").iterdir())
     assert traces == ["full.perfetto.json.gz", "learned-fused-kernel.perfetto.json.gz",
                       "learned-never-exits.perfetto.json.gz", "skip-path-never-exits.perfetto.json.gz"]

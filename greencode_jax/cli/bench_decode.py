@@ -90,7 +90,20 @@ def interleaved_per_token(runners: dict, new_tokens: int, repeats: int) -> tuple
 
 def paired_ratio(samples: dict, name: str, base: str) -> float:
     """Median over rounds of name's time / base's time in the same round."""
-    return statistics.median(a / b for a, b in zip(samples[name], samples[base]))
+    return statistics.median(paired_ratios(samples, name, base))
+
+
+def paired_ratios(samples: dict, name: str, base: str) -> list[float]:
+    """name's time / base's time, round by round."""
+    return [a / b for a, b in zip(samples[name], samples[base])]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartile (the extremes below 4 values): how far one round's ratio strays."""
+    if len(values) < 4:
+        return min(values), max(values)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def run_bench_decode(args) -> dict:
@@ -156,6 +169,7 @@ def run_bench_decode(args) -> dict:
                        bytes=weight_bytes(model, layer)) for name, (_, layer) in policies.items()}
     for name in learned_rows.keys() & rows.keys():
         rows[name]["ratio_to_skip_path"] = paired_ratio(samples, name, SKIP_PATH)
+        rows[name]["ratio_to_skip_path_quartiles"] = quartiles(paired_ratios(samples, name, SKIP_PATH))
     floor = rows["Full()"]["bytes"] / bandwidth
     hf_bound = HF_BOUND_GPU if platform == "gpu" else HF_BOUND_SMALL if params < SMALL_MODEL_PARAMS else HF_BOUND
     results = {"shape": args.shape, "params": params, "dtype": args.dtype, "exit_layers": list(config.exit_layers),
@@ -233,9 +247,10 @@ def _print(r: dict, hf_bound: float):
                   f"FixedExit(last), a lax.cond after each of {len(r['exit_layers']) - 1} exit decisions")
         elif "ratio_to_skip_path" in row:  # a Learned row
             policy_cost = row["ratio_to_skip_path"]
+            q1, q3 = row["ratio_to_skip_path_quartiles"]
             print(f"  {name:23s} {row['seconds_per_token'] * 1e3:8.2f} ms/token = {time_ratio:.3f}x Full(), "
-                  f"{policy_cost:.3f}x the skip path (the policy's own cost, bound <= {LEARNED_BOUND}: "
-                  f"{verdict(policy_cost <= LEARNED_BOUND)})")
+                  f"{policy_cost:.3f}x the skip path (rounds' quartiles {q1:.3f}-{q3:.3f}; the policy's own cost, "
+                  f"bound <= {LEARNED_BOUND}: {verdict(policy_cost <= LEARNED_BOUND)})")
         else:
             within = time_ratio / bytes_ratio
             print(f"  {name:23s} {row['seconds_per_token'] * 1e3:8.2f} ms/token = {time_ratio:.3f}x Full(), bytes "
