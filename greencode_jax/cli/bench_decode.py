@@ -168,8 +168,9 @@ def run_bench_decode(args) -> dict:
     rows = {name: dict(seconds_per_token=statistics.median(samples[name]), ratio_to_full=paired_ratio(samples, name, "Full()"),
                        bytes=weight_bytes(model, layer)) for name, (_, layer) in policies.items()}
     for name in learned_rows.keys() & rows.keys():
-        rows[name]["ratio_to_skip_path"] = paired_ratio(samples, name, SKIP_PATH)
-        rows[name]["ratio_to_skip_path_quartiles"] = quartiles(paired_ratios(samples, name, SKIP_PATH))
+        ratios = paired_ratios(samples, name, SKIP_PATH)
+        rows[name]["ratio_to_skip_path"] = statistics.median(ratios)
+        rows[name]["ratio_to_skip_path_quartiles"] = quartiles(ratios)
     floor = rows["Full()"]["bytes"] / bandwidth
     hf_bound = HF_BOUND_GPU if platform == "gpu" else HF_BOUND_SMALL if params < SMALL_MODEL_PARAMS else HF_BOUND
     results = {"shape": args.shape, "params": params, "dtype": args.dtype, "exit_layers": list(config.exit_layers),
