@@ -61,6 +61,20 @@ def test_fused_kernel_reads_bfloat16_states_as_the_xla_path_does():
     np.testing.assert_allclose(np.asarray(fused_exit_probability(params, hidden)), want, rtol=0, atol=1e-5)
 
 
+def test_xla_path_multiplies_in_full_float32_on_every_platform():
+    """On a GPU XLA's default float32 dot rounds its operands to TF32, and the two paths then
+    disagree by ~1e-4 in P(exit) (seen on an H100): the XLA path asks for HIGHEST precision.
+    The request is in the lowered program, whatever platform it is lowered for."""
+    import re
+
+    params = random_params(128, (64, 64))
+    lowered = jax.jit(P.Learned(params).exit_probability).trace(jnp.ones((1, 128))).lower(
+        lowering_platforms=("cuda",)).as_text()
+    dots = re.findall(r"stablehlo.dot_general.*", lowered)
+    assert len(dots) == 3, dots
+    assert all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots
+
+
 def test_fused_kernel_lowers_to_two_triton_kernels_for_a_gpu():
     """Lowered for CUDA (from this CPU host) the MLP is two Triton custom calls (the first
     layer over a grid of chunks, then the rest) and nothing interpreted; lowered for the CPU,

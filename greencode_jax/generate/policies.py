@@ -10,6 +10,7 @@ boolean per sequence. `logits` is only computed for policies with `needs_logits`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -126,9 +127,12 @@ class Learned:
         p = self.params
         x = (hidden.astype(jnp.float32) - p["obs_mean"]) / p["obs_std"]
         *body, last = p["layers"]
+        # Full float32 products: on a GPU XLA's default precision rounds float32 operands to
+        # TF32, which moves P(exit) by ~1e-4 and so flips decisions near the threshold.
+        dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
         for layer in body:
-            x = jnp.tanh(x @ layer["w"] + layer["b"])
-        return jax.nn.softmax(x @ last["w"] + last["b"], axis=-1)[..., 1]
+            x = jnp.tanh(dot(x, layer["w"]) + layer["b"])
+        return jax.nn.softmax(dot(x, last["w"]) + last["b"], axis=-1)[..., 1]
 
     def decide(self, layer: int, hidden, logits):
         return self.exit_probability(hidden) > self.threshold
