@@ -157,15 +157,7 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     return logits, exit_layer, keys, values
 
 
-# XLA:GPU records runs of kernels into CUDA graphs by default. Inside the decode loop's
-# conditionals each branch became a graph of its own (a layer each), and on an H100 the skip
-# path then took 1.9x Full()'s time per token instead of ~1.2x, with rounds too erratic to
-# measure. Plain launches are what a conditional at every layer needs. (No effect elsewhere.)
-DECODE_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "token_slots", "cache_len", "skip"),
-                   compiler_options=DECODE_COMPILER_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "token_slots", "cache_len", "skip"))
 def generate_jit(graphdef, state, ids, valid, policy, stop_tokens, pad_token, rng, max_new_tokens, *,
                  sampling: Sampling, token_slots: int, cache_len: int, skip: bool):
     """Prefill + decode loop for up to `max_new_tokens` (traced, at most `token_slots`) tokens.
