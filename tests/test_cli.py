@@ -116,6 +116,31 @@ def test_bench_decode_ratios_are_per_round_with_their_quartiles():
     assert quartiles([1.2, 0.9]) == (0.9, 1.2)  # too few rounds for quartiles: the extremes
 
 
+def test_bench_decode_verdicts_say_when_noise_decides_them():
+    from greencode_jax.cli.bench_decode import bounded_verdict, erratic_rounds
+
+    assert bounded_verdict(1.02, (1.00, 1.025), 1.03) == "meets"
+    assert bounded_verdict(1.10, (1.05, 1.20), 1.15) == "meets, within noise: its rounds' quartiles straddle the bound"
+    assert bounded_verdict(1.20, (1.10, 1.30), 1.15).startswith("MISSES, within noise")
+    assert bounded_verdict(1.20, (1.16, 1.30), 1.15) == "MISSES"
+    assert bounded_verdict(0.5, (-0.2, 1.0), 1.03).startswith("no verdict")
+    # per-token samples by runner, round by round: rounds 0 and 2 have a runner at <= 0
+    assert erratic_rounds({"a": [1e-3, 2e-3, 0.0], "b": [-1e-4, 1e-3, 1e-3]}) == 2
+    assert erratic_rounds({"a": [1e-3, 2e-3]}) == 0
+
+
+def test_bench_decode_device_busy_per_token_leaves_out_the_prompt_and_op_lines():
+    from greencode_jax.cli.bench_decode import device_busy_per_token
+
+    def summary(stream_us, copy_us):  # two streams and XLA's op line, which repeats the kernels
+        return {"/device:GPU:0 Stream #14(Compute)": {"busy_us": stream_us},
+                "/device:GPU:0 Stream #15(MemcpyH2D)": {"busy_us": copy_us},
+                "/device:GPU:0 XLA Ops": {"busy_us": stream_us + copy_us}}
+
+    # 1 token: a 500 us prompt pass + 100 us, 3 us of copies; 15 tokens: 14 more tokens of 100 us
+    assert device_busy_per_token(summary(500 + 15 * 100, 3), summary(500 + 100, 3), 15) == pytest.approx(100)
+
+
 def test_bench_decode_names_an_unknown_learned_kernel(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "decode", "--shape", "tiny-llama", "--learned-kernels", "xla,cuda"])
@@ -158,4 +183,6 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
     assert traces == ["full.perfetto.json.gz", "learned-fused-kernel.perfetto.json.gz",
                       "learned-never-exits.perfetto.json.gz", "skip-path-never-exits.perfetto.json.gz"]
     assert r["profile"] == dict.fromkeys(["Full()", "Skip path (never exits)", *learned], {})  # CPU: no device
+    assert r["device_busy_us_per_token"] == {}
+    assert r["rows"]["FixedExit(0)"]["ratio_to_full_quartiles"] == [r["rows"]["FixedExit(0)"]["ratio_to_full"]] * 2
     assert r["memory_floor_ms"] == pytest.approx(r["rows"]["Full()"]["bytes"] / (r["read_bandwidth_gbs"] * 1e6))
