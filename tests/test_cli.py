@@ -129,16 +129,18 @@ def test_bench_decode_verdicts_say_when_noise_decides_them():
     assert erratic_rounds({"a": [1e-3, 2e-3]}) == 0
 
 
-def test_bench_decode_device_busy_per_token_leaves_out_the_prompt_and_op_lines():
-    from greencode_jax.cli.bench_decode import device_busy_per_token
+def test_bench_decode_device_time_per_token_leaves_out_the_prompt_and_op_lines():
+    from greencode_jax.cli.bench_decode import device_per_token
 
-    def summary(stream_us, copy_us):  # two streams and XLA's op line, which repeats the kernels
-        return {"/device:GPU:0 Stream #14(Compute)": {"busy_us": stream_us},
-                "/device:GPU:0 Stream #15(MemcpyH2D)": {"busy_us": copy_us},
-                "/device:GPU:0 XLA Ops": {"busy_us": stream_us + copy_us}}
+    def summary(stream_us, copy_us, reads):  # two streams and XLA's op line, which repeats the kernels
+        return {"/device:GPU:0 Stream #14(Compute)": {"busy_us": stream_us, "copies": {"MemcpyD2H": reads}},
+                "/device:GPU:0 Stream #15(MemcpyH2D)": {"busy_us": copy_us, "copies": {"MemcpyH2D": 2}},
+                "/device:GPU:0 XLA Ops": {"busy_us": stream_us + copy_us, "copies": {"MemcpyD2H": reads}}}
 
-    # 1 token: a 500 us prompt pass + 100 us, 3 us of copies; 15 tokens: 14 more tokens of 100 us
-    assert device_busy_per_token(summary(500 + 15 * 100, 3), summary(500 + 100, 3), 15) == pytest.approx(100)
+    # 1 token: a 500 us prompt pass + 100 us, 3 us of copies, 1 read (the loop's end);
+    # 15 tokens: 14 more tokens of 100 us and 4 predicate reads each
+    got = device_per_token(summary(500 + 15 * 100, 3, 1 + 14 * 4), summary(500 + 100, 3, 1), 15)
+    assert got == {"busy_us": pytest.approx(100), "host_reads": pytest.approx(4)}
 
 
 def test_bench_decode_names_an_unknown_learned_kernel(capsys):
@@ -183,6 +185,6 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
     assert traces == ["full.perfetto.json.gz", "learned-fused-kernel.perfetto.json.gz",
                       "learned-never-exits.perfetto.json.gz", "skip-path-never-exits.perfetto.json.gz"]
     assert r["profile"] == dict.fromkeys(["Full()", "Skip path (never exits)", *learned], {})  # CPU: no device
-    assert r["device_busy_us_per_token"] == {}
+    assert r["device_per_token"] == {}
     assert r["rows"]["FixedExit(0)"]["ratio_to_full_quartiles"] == [r["rows"]["FixedExit(0)"]["ratio_to_full"]] * 2
     assert r["memory_floor_ms"] == pytest.approx(r["rows"]["Full()"]["bytes"] / (r["read_bandwidth_gbs"] * 1e6))

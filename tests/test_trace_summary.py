@@ -36,13 +36,15 @@ def test_device_lines_are_counted_apart_and_host_events_ignored(tmp_path):
         meta("thread_name", 2, "XLA Ops", tid=99),
         op(1, 5, "host work", 0.0, 500.0),
         op(2, 13, "gemv", 10.0, 4.0), op(2, 13, "gemv", 20.0, 6.0), op(2, 13, "tanh_fusion", 30.0, 1.5),
-        op(2, 99, "dot.1", 10.0, 4.0),
+        op(2, 99, "dot.1", 10.0, 4.0), op(2, 13, "MemcpyD2H", 32.0, 0.5), op(2, 13, "MemcpyD2H", 40.0, 0.5),
+        op(2, 13, "MemcpyD2D", 41.0, 1.0),
     ]
     summary = summarize_trace(write(tmp_path / "t.json.gz", events), top=1)
     assert list(summary) == ["/device:GPU:0 Stream #13(Compute)", "/device:GPU:0 XLA Ops"]
     stream = summary["/device:GPU:0 Stream #13(Compute)"]
-    assert (stream["events"], stream["busy_us"], stream["span_us"]) == (3, 11.5, 21.5)  # 10..31.5
+    assert (stream["events"], stream["busy_us"], stream["span_us"]) == (6, 13.5, 32.0)  # 10..42
     assert stream["top"] == [{"name": "gemv", "count": 2, "total_us": 10.0}]
+    assert stream["copies"] == {"MemcpyD2D": 1, "MemcpyD2H": 2}  # counted however short they are
     assert summary["/device:GPU:0 XLA Ops"]["events"] == 1
 
 

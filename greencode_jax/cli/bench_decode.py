@@ -193,7 +193,7 @@ def run_bench_decode(args) -> dict:
     _print(results, hf_bound)
     if args.profile:
         traced = ("Full()", SKIP_PATH, *learned_rows)
-        results["profile"], results["device_busy_us_per_token"] = profile_policies(
+        results["profile"], results["device_per_token"] = profile_policies(
             {name: run for name, run in runners.items() if name in traced}, args.new, args.profile)
     if args.json:
         from greencode_jax.atomic import atomic_write_text
@@ -208,12 +208,18 @@ def erratic_rounds(samples: dict) -> int:
     return sum(any(per_token[i] <= 0 for per_token in samples.values()) for i in range(len(next(iter(samples.values())))))
 
 
-def device_busy_per_token(summary_new: dict, summary_one: dict, new_tokens: int) -> float:
-    """µs of kernels and copies per token between trace summaries of a `new_tokens` and a
-    1-token generate, over their stream lines (XLA's op and module lines repeat the kernels)."""
-    def busy(summary):
-        return sum(line["busy_us"] for name, line in summary.items() if "Stream" in name)
-    return (busy(summary_new) - busy(summary_one)) / (new_tokens - 1)
+def device_per_token(summary_new: dict, summary_one: dict, new_tokens: int) -> dict:
+    """Per token, between trace summaries of a `new_tokens` and a 1-token generate, over their
+    stream lines (XLA's op and module lines repeat the kernels): µs of kernels and copies
+    ("busy_us") and device-to-host copies ("host_reads": a conditional reads its predicate so)."""
+    def total(summary, field):
+        return sum(field(line) for name, line in summary.items() if "Stream" in name)
+
+    def per_token(field):
+        return (total(summary_new, field) - total(summary_one, field)) / (new_tokens - 1)
+
+    return {"busy_us": per_token(lambda line: line["busy_us"]),
+            "host_reads": per_token(lambda line: line["copies"].get("MemcpyD2H", 0))}
 
 
 def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict, dict]:
@@ -223,7 +229,7 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
     prompt: (busy(new_tokens) - busy(1)) / (new_tokens - 1), as for the wall-clock figures.
     Kernel durations do not swing with the host's timing as wall-clock time does on a GPU,
     but they leave out the device's idle gaps (launches, conditionals' host round trips).
-    Returns the summaries and those busy times (empty where the trace has no device lines)."""
+    Returns the summaries and those per-token figures (empty where the trace has no device lines)."""
     import pathlib
     import re
     import shutil
@@ -250,7 +256,7 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
         target = out / f"{slug}.perfetto.json.gz"
         summaries[name] = summary = traced(run, new_tokens, target)
         if summary:
-            busy[name] = device_busy_per_token(summary, traced(run, 1), new_tokens)
+            busy[name] = device_per_token(summary, traced(run, 1), new_tokens)
         print(f"  profile {name}: {target}")
         for line, s in summary.items():
             print(f"    {line}: {s['events'] / new_tokens:.1f} events/token, busy {s['busy_us'] / new_tokens:.1f} us/token "
@@ -265,10 +271,12 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
 def _print_busy(busy: dict):
     if "Full()" not in busy:
         return
-    print("  device busy time per token (kernels and copies of the traced runs, idle gaps left out):")
-    for name, us in busy.items():
+    print("  device busy time per token (kernels and copies of the traced runs, idle gaps left out), "
+          "and device-to-host reads per token:")
+    for name, row in busy.items():
         base = SKIP_PATH if name in (LEARNED, LEARNED_FUSED) and SKIP_PATH in busy else "Full()"
-        print(f"    {name:23s} {us:8.1f} us" + ("" if name == "Full()" else f" = {us / busy[base]:.3f}x {base}"))
+        ratio = "" if name == "Full()" else f" = {row['busy_us'] / busy[base]['busy_us']:.3f}x {base}"
+        print(f"    {name:23s} {row['busy_us']:8.1f} us{ratio}; {row['host_reads']:.1f} reads")
 
 
 def bounded_verdict(value: float, spread: tuple[float, float], bound: float) -> str:

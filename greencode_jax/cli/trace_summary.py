@@ -33,7 +33,8 @@ def load_trace_events(path: str | Path) -> list[dict]:
 def summarize_trace(path: str | Path, top: int = 8) -> dict:
     """Per device line (a stream, or XLA's op and module lines, which cover the same kernels
     again): its complete events, their summed duration ("busy"), the time from the first
-    start to the last end ("span"), and the `top` names by total time."""
+    start to the last end ("span"), the `top` names by total time, and the count of each kind
+    of memory copy ("copies", e.g. MemcpyD2H)."""
     events = load_trace_events(path)
     devices = {e["pid"]: e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "process_name"
@@ -56,5 +57,8 @@ def summarize_trace(path: str | Path, top: int = 8) -> dict:
             "span_us": max(e["ts"] + e.get("dur", 0.0) for e in line_ops) - min(e["ts"] for e in line_ops),
             "top": [{"name": name, "count": count, "total_us": total}
                     for name, (count, total) in sorted(by_name.items(), key=lambda item: -item[1][1])[:top]],
+            # memory copies by direction, however short: a device-to-host copy in a decode step
+            # is a conditional's predicate on its way to the host
+            "copies": {name: count for name, (count, _) in sorted(by_name.items()) if name.startswith("Memcpy")},
         }
     return dict(sorted(summary.items()))
