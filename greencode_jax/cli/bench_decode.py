@@ -250,13 +250,13 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summaries, busy = {}, {}
+    summaries, per_token = {}, {}
     for name, run in runners.items():
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         target = out / f"{slug}.perfetto.json.gz"
         summaries[name] = summary = traced(run, new_tokens, target)
         if summary:
-            busy[name] = device_per_token(summary, traced(run, 1), new_tokens)
+            per_token[name] = device_per_token(summary, traced(run, 1), new_tokens)
         print(f"  profile {name}: {target}")
         for line, s in summary.items():
             print(f"    {line}: {s['events'] / new_tokens:.1f} events/token, busy {s['busy_us'] / new_tokens:.1f} us/token "
@@ -264,18 +264,18 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
                   + ", ".join(f"{t['name'][:40]} x{t['count']} {t['total_us']:.0f} us" for t in s["top"][:3]))
         if not summary:
             print("    no device lines in the trace (on a CPU, XLA's work shows as host threads only)")
-    _print_busy(busy)
-    return summaries, busy
+    _print_device_per_token(per_token)
+    return summaries, per_token
 
 
-def _print_busy(busy: dict):
-    if "Full()" not in busy:
+def _print_device_per_token(rows: dict):
+    if "Full()" not in rows:
         return
     print("  device busy time per token (kernels and copies of the traced runs, idle gaps left out), "
           "and device-to-host reads per token:")
-    for name, row in busy.items():
-        base = SKIP_PATH if name in (LEARNED, LEARNED_FUSED) and SKIP_PATH in busy else "Full()"
-        ratio = "" if name == "Full()" else f" = {row['busy_us'] / busy[base]['busy_us']:.3f}x {base}"
+    for name, row in rows.items():
+        base = SKIP_PATH if name in (LEARNED, LEARNED_FUSED) and SKIP_PATH in rows else "Full()"
+        ratio = "" if name == "Full()" else f" = {row['busy_us'] / rows[base]['busy_us']:.3f}x {base}"
         print(f"    {name:23s} {row['busy_us']:8.1f} us{ratio}; {row['host_reads']:.1f} reads")
 
 
