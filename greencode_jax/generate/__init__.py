@@ -24,7 +24,7 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.generate import policies
 from greencode_jax.generate.decode import generate_jit
 from greencode_jax.generate.policies import POLICY_TYPES, Confidence, FixedExit, Full, Learned
-from greencode_jax.generate.policy_kernel import unsupported_reason
+from greencode_jax.generate.policy_kernel import check_supported
 from greencode_jax.generate.sampling import Sampling
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
@@ -100,8 +100,8 @@ def _check_learned(policy, hidden_size: int):
         raise GreencodeError(f"Learned policy params: expected 2 outputs (continue, exit) and obs_mean, obs_std of "
                              f"shape [{hidden_size}]; got {width} outputs, {np.shape(params['obs_mean'])}, "
                              f"{np.shape(params['obs_std'])}")
-    if policy.kernel == "pallas" and (reason := unsupported_reason(params, jax.default_backend())):
-        raise GreencodeError(f"Learned(kernel='pallas'): {reason}; use kernel='xla'")
+    if policy.kernel == "pallas":
+        check_supported(params, jax.default_backend())
 
 
 def _traced(policy):

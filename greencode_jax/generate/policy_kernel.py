@@ -42,6 +42,13 @@ def unsupported_reason(params, backend: str | None = None) -> str | None:
     return None
 
 
+def check_supported(params, backend: str | None = None):
+    """One clear error where `unsupported_reason` finds one."""
+    reason = unsupported_reason(params, backend)
+    if reason:
+        raise GreencodeError(f"Learned(kernel='pallas'): {reason}; use kernel='xla'")
+
+
 def chunk_size(hidden_size: int, width: int) -> int:
     """The largest power of two that divides hidden_size, capped so a [chunk, width] tile stays small."""
     return min(hidden_size & -hidden_size, max(1, CHUNK_ELEMENTS // width))
@@ -52,9 +59,7 @@ def fused_exit_probability(params, hidden):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
-    reason = unsupported_reason(params)
-    if reason:
-        raise GreencodeError(f"Learned(kernel='pallas'): {reason}; use kernel='xla'")
+    check_supported(params)
     lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
     hidden = hidden.reshape(-1, hidden_size)
     batch = hidden.shape[0]
