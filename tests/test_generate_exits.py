@@ -216,15 +216,13 @@ def test_skip_strategy_lowers_to_one_conditional_per_decision(llama):
     """At batch 1 the skip path is a real `lax.cond` after each exit decision (nested: its
     skip branch covers every later layer, so a token pays one per decision it reaches), not
     a select that computes both branches. Before the first decision nothing can be skipped
-    and Full() never decides: no conditional there, since on a GPU each one costs a
-    device-to-host read. Confidence's exit head needs none of its own. "masked" has none."""
-    from flax import nnx
-
+    and Full() never decides: no conditional there (each one costs a device-to-host read on
+    a GPU run without command buffers). Confidence's exit head needs none of its own.
+    "masked" has none."""
     ids, valid = jnp.zeros((1, 64), jnp.int32), jnp.ones((1, 64), bool)
-    graphdef, state = nnx.split(llama.ours)
 
     def conditionals(policy, skip=True):
-        lowered = generate_jit.lower(graphdef, state, ids, valid, policy, jnp.asarray([-1], jnp.int32), jnp.int32(0),
+        lowered = generate_jit.lower(llama.ours, ids, valid, policy, jnp.asarray([-1], jnp.int32), jnp.int32(0),
                                      jax.random.key(0), jnp.int32(N_NEW), sampling=gc.Sampling(), token_slots=16,
                                      cache_len=80, skip=skip)
         return lowered.as_text().count("stablehlo.case")

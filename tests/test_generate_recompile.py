@@ -125,3 +125,23 @@ def test_decode_loop_updates_the_kv_cache_in_place(llama, monkeypatch, batch):
         copied = [shape for shape in re.findall(r"= f32\[([\d,]+)\]\S* copy\(", text)
                   if np.prod([int(d) for d in shape.split(",")]) == cache and str(cache_len) in shape.split(",")]
         assert copied == [], f"the decode loop copies KV caches of shapes {copied}"
+
+
+def test_on_a_gpu_generation_runs_its_loop_and_conditionals_as_cuda_graphs(monkeypatch):
+    """generate_jit's compiler options put while loops and conditionals in XLA command buffers
+    (CUDA graphs that decide on the device), unless XLA_FLAGS sets that option itself. XLA
+    accepts every kind named (it refuses an unknown one, as it did after renaming CONDITIONALS
+    to CONDITIONAL and WHILE); other backends ignore the option."""
+    import jax
+
+    from greencode_jax.generate.decode import command_buffer_options
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    options = command_buffer_options()
+    kinds = options["xla_gpu_enable_command_buffer"].split(",")
+    assert {"CONDITIONAL", "WHILE", "FUSION"} <= set(kinds)
+    assert jax.jit(lambda x: x + 1, compiler_options=options)(1) == 2
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_gpu_enable_command_buffer=")
+    assert command_buffer_options() is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert command_buffer_options() == options

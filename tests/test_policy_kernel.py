@@ -105,14 +105,11 @@ def test_platform_choice_leaves_no_conditional_in_the_compiled_program():
 def test_decode_step_calls_the_kernels_once_per_decision(llama):
     """Generation lowered for CUDA: the two Triton kernels once per exit decision (3 on the
     4-layer test model), so each decision is two launches for the policy."""
-    from flax import nnx
-
     from greencode_jax.generate.decode import generate_jit
 
-    graphdef, state = nnx.split(llama.ours)
     policy = jax.tree.map(jnp.asarray, P.Learned(random_params(llama.config.hidden_size, (64, 64)), 0.5,
                                                  kernel="pallas"))
-    lowered = generate_jit.trace(graphdef, state, jnp.zeros((1, 64), jnp.int32), jnp.ones((1, 64), bool), policy,
+    lowered = generate_jit.trace(llama.ours, jnp.zeros((1, 64), jnp.int32), jnp.ones((1, 64), bool), policy,
                                  jnp.asarray([-1], jnp.int32), jnp.int32(0), jax.random.key(0), jnp.int32(4),
                                  sampling=gc.Sampling(), token_slots=16, cache_len=80, skip=True)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()

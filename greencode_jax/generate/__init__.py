@@ -18,7 +18,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from greencode_jax.errors import GreencodeError
 from greencode_jax.generate import policies
@@ -150,10 +149,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 15,
         raise GreencodeError(f"sampling top_k={sampling.top_k} exceeds the vocabulary ({config.vocab_size} tokens)")
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     pad = config.pad_token_id if config.pad_token_id is not None else (stop_tokens[0] if stop_tokens else 0)
-    graphdef, state = nnx.split(model)
     slots = _round_up(max_new_tokens, NEW_TOKENS_BUCKET)
     tokens, exit_layers, lengths = generate_jit(
-        graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), _traced(policy), stop, jnp.int32(pad),
+        model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), _traced(policy), stop, jnp.int32(pad),
         jax.random.key(0) if key is None else key, jnp.int32(max_new_tokens), sampling=sampling, token_slots=slots,
         cache_len=padded + slots, skip=strategy == "skip")
     return GenerateOutput(tokens[:, :max_new_tokens], exit_layers[:, :max_new_tokens], lengths)
