@@ -129,6 +129,24 @@ def test_bench_decode_verdicts_say_when_noise_decides_them():
     assert erratic_rounds({"a": [1e-3, 2e-3]}) == 0
 
 
+def test_bench_decode_times_each_pair_of_calls_without_garbage_collection():
+    import gc
+
+    from greencode_jax.cli.bench_decode import interleaved_per_token
+
+    collector_on = []
+
+    def runner(n):
+        collector_on.append(gc.isenabled())
+        return [n]
+
+    per_token, whole = interleaved_per_token({"a": runner, "b": runner}, new_tokens=5, repeats=3)
+    assert collector_on == [False] * 12 and gc.isenabled()  # 3 rounds x 2 runners x (1 and 5 tokens)
+    assert [len(v) for v in per_token.values()] == [3, 3]
+    for name, calls in whole.items():  # (1-token, 5-token) seconds; per token = their difference / 4
+        assert per_token[name] == pytest.approx([(full - one) / 4 for one, full in calls])
+
+
 def test_bench_decode_device_time_per_token_leaves_out_the_prompt_and_op_lines():
     from greencode_jax.cli.bench_decode import device_per_token
 

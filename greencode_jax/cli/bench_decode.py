@@ -10,6 +10,8 @@ on a shared machine a slow spell otherwise lands on one policy and not on anothe
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import statistics
 import tempfile
@@ -78,14 +80,28 @@ def interleaved_per_token(runners: dict, new_tokens: int, repeats: int) -> tuple
     """Per-token seconds of each runner, measured in rounds: every round times each runner
     for 1 and for `new_tokens` tokens, so the prompt pass cancels out, and runs them all in
     turn, so a slow spell of this shared machine hits every figure of that round alike.
-    Returns each runner's per-round samples of seconds per token and of the whole run."""
+    Returns each runner's per-round samples of seconds per token and of its two whole calls
+    (1 token, `new_tokens` tokens)."""
     per_token, whole = {name: [] for name in runners}, {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
-            one, full = _seconds(lambda: run(1)), _seconds(lambda: run(new_tokens))
+            with _no_garbage_collection():
+                one, full = _seconds(lambda: run(1)), _seconds(lambda: run(new_tokens))
             per_token[name].append((full - one) / (new_tokens - 1))
-            whole[name].append(full)
+            whole[name].append((one, full))
     return per_token, whole
+
+
+@contextlib.contextmanager
+def _no_garbage_collection():
+    """Collects first, then keeps Python's collector out of the timed calls (as timeit does):
+    a collection inside one of a pair's two calls would be charged to the tokens."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def paired_ratio(samples: dict, name: str, base: str) -> float:
@@ -175,7 +191,8 @@ def run_bench_decode(args) -> dict:
     for name, (_, layer) in policies.items():
         to_full = paired_ratios(samples, name, "Full()")
         rows[name] = dict(seconds_per_token=statistics.median(samples[name]), ratio_to_full=statistics.median(to_full),
-                          ratio_to_full_quartiles=quartiles(to_full), bytes=weight_bytes(model, layer))
+                          ratio_to_full_quartiles=quartiles(to_full), bytes=weight_bytes(model, layer),
+                          call_seconds=[statistics.median(calls) for calls in zip(*whole[name])])
     for name in learned_rows.keys() & rows.keys():
         ratios = paired_ratios(samples, name, SKIP_PATH)
         rows[name]["ratio_to_skip_path"] = statistics.median(ratios)
@@ -187,19 +204,25 @@ def run_bench_decode(args) -> dict:
                "repeats": args.repeats, "read_bandwidth_gbs": bandwidth / 1e9, "memory_floor_ms": floor * 1e3,
                "rows": rows, "hf_seconds_per_token": statistics.median(samples["transformers"]),
                "hf_speedup": 1 / paired_ratio(samples, "Full()", "transformers"),
-               "hf_total_s": statistics.median(whole["transformers"]), "ours_total_s": statistics.median(whole["Full()"]),
+               "hf_total_s": statistics.median(t for _, t in whole["transformers"]),
+               "ours_total_s": statistics.median(t for _, t in whole["Full()"]),
                "device": jax.devices()[0].device_kind, "torch_device": device,
                "erratic_rounds": erratic_rounds(samples)}
     _print(results, hf_bound)
+    _write_json(args.json, results)  # the timings are kept even if tracing fails
     if args.profile:
         traced = ("Full()", SKIP_PATH, *learned_rows)
         results["profile"], results["device_per_token"] = profile_policies(
             {name: run for name, run in runners.items() if name in traced}, args.new, args.profile)
-    if args.json:
+        _write_json(args.json, results)
+    return results
+
+
+def _write_json(path: str | None, results: dict):
+    if path:
         from greencode_jax.atomic import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
-    return results
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def erratic_rounds(samples: dict) -> int:
@@ -229,6 +252,8 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
     prompt: (busy(new_tokens) - busy(1)) / (new_tokens - 1), as for the wall-clock figures.
     Kernel durations do not swing with the host's timing as wall-clock time does on a GPU,
     but they leave out the device's idle gaps (launches, conditionals' host round trips).
+    Kernels inside CUDA graphs (generate's default on a GPU) are not in the trace: there the
+    busy time covers only what runs outside them (CUPTI's graph tracing crashed JAX 0.11.2 on an H100).
     Returns the summaries and those per-token figures (empty where the trace has no device lines)."""
     import pathlib
     import re
@@ -271,8 +296,9 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
 def _print_device_per_token(rows: dict):
     if "Full()" not in rows:
         return
-    print("  device busy time per token (kernels and copies of the traced runs, idle gaps left out), "
-          "and device-to-host reads per token:")
+    print("  device busy time per token (kernels and copies of the traced runs, idle gaps left out; kernels "
+          "inside CUDA graphs are not traced: XLA_FLAGS=--xla_gpu_enable_command_buffer= turns graphs off), and "
+          "device-to-host reads per token:")
     for name, row in rows.items():
         base = SKIP_PATH if name in (LEARNED, LEARNED_FUSED) and SKIP_PATH in rows else "Full()"
         ratio = "" if name == "Full()" else f" = {row['busy_us'] / rows[base]['busy_us']:.3f}x {base}"
@@ -292,7 +318,9 @@ def _print(r: dict, hf_bound: float):
     if r["erratic_rounds"]:
         print(f"  warning: {r['erratic_rounds']} of {r['repeats']} rounds timed a {r['new_tokens']}-token generate no "
               f"slower than a 1-token one; this machine's timing swings more than the tokens cost (raise --new or "
-              f"--repeats, or read the device busy times of --profile)")
+              f"--repeats, or read the device busy times of --profile); whole calls, 1 / {r['new_tokens']} tokens "
+              f"(medians): " + ", ".join(f"{name} {row['call_seconds'][0] * 1e3:.1f} / {row['call_seconds'][1] * 1e3:.1f} ms"
+                                         for name, row in r["rows"].items()))
     full = r["rows"]["Full()"]
     print(f"  read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s; Full() reads {full['bytes'] / 1e6:.1f} MB/token "
           f"-> memory floor {r['memory_floor_ms']:.2f} ms/token")
