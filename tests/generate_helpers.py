@@ -116,7 +116,7 @@ _SESSION: dict = {}
 def gen_models(zoo, tmp_path_factory) -> GenModels:
     # Test modules import this fixture, and pytest keeps one instance per importing module
     # even at session scope: keep one here. A second copy of a model would compile everything
-    # again (its source path is part of the model's graphdef, a static jit argument).
+    # again (its source path is part of the model's pytree structure, which keys jit's cache).
     if "models" not in _SESSION:
         _SESSION["models"] = GenModels(zoo, tmp_path_factory.mktemp("gen_models"))
     return _SESSION["models"]
