@@ -21,7 +21,7 @@ import numpy as np
 
 from greencode_jax.errors import GreencodeError
 from greencode_jax.generate import policies
-from greencode_jax.generate.decode import generate_jit
+from greencode_jax.generate.decode import generate_jit, generate_jit_gpu
 from greencode_jax.generate.policies import POLICY_TYPES, Confidence, FixedExit, Full, Learned
 from greencode_jax.generate.policy_kernel import check_supported
 from greencode_jax.generate.sampling import Sampling
@@ -150,7 +150,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 15,
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     pad = config.pad_token_id if config.pad_token_id is not None else (stop_tokens[0] if stop_tokens else 0)
     slots = _round_up(max_new_tokens, NEW_TOKENS_BUCKET)
-    tokens, exit_layers, lengths = generate_jit(
+    program = generate_jit_gpu if jax.default_backend() == "gpu" else generate_jit
+    tokens, exit_layers, lengths = program(
         model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), _traced(policy), stop, jnp.int32(pad),
         jax.random.key(0) if key is None else key, jnp.int32(max_new_tokens), sampling=sampling, token_slots=slots,
         cache_len=padded + slots, skip=strategy == "skip")

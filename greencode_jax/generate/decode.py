@@ -172,12 +172,7 @@ def command_buffer_options() -> dict | None:
     return {"xla_gpu_enable_command_buffer": COMMAND_BUFFERS}
 
 
-# The model goes in as a pytree, not as nnx.split's (graphdef, state): nnx.split and the
-# graphdef's hash took 5.5 ms of host time per call for a 16-layer model on a 2-core CPU,
-# more than four tokens of llama-1b decoding on an H100; jax flattens the module in 0.6 ms.
-@functools.partial(jax.jit, static_argnames=("sampling", "token_slots", "cache_len", "skip"),
-                   compiler_options=command_buffer_options())
-def generate_jit(model, ids, valid, policy, stop_tokens, pad_token, rng, max_new_tokens, *,
+def generate_program(model, ids, valid, policy, stop_tokens, pad_token, rng, max_new_tokens, *,
                  sampling: Sampling, token_slots: int, cache_len: int, skip: bool):
     """Prefill + decode loop for up to `max_new_tokens` (traced, at most `token_slots`) tokens.
     Returns tokens [B, token_slots], exit layers [B, token_slots] (slots past max_new_tokens
@@ -214,3 +209,13 @@ def generate_jit(model, ids, valid, policy, stop_tokens, pad_token, rng, max_new
 
     final = jax.lax.while_loop(cond, body, init)
     return final.tokens, final.exit_layers, final.lengths
+
+
+# The model goes in as a pytree, not as nnx.split's (graphdef, state): nnx.split and the
+# graphdef's hash took 5.5 ms of host time per call for a 16-layer model on a 2-core CPU,
+# more than four tokens of llama-1b decoding on an H100; jax flattens the module in 0.6 ms.
+STATIC_ARGNAMES = ("sampling", "token_slots", "cache_len", "skip")
+generate_jit = jax.jit(generate_program, static_argnames=STATIC_ARGNAMES)
+# The GPU's: the option is for XLA:GPU only, and a TPU's compiler need not accept it.
+generate_jit_gpu = jax.jit(generate_program, static_argnames=STATIC_ARGNAMES,
+                           compiler_options=command_buffer_options())
