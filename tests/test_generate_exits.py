@@ -216,9 +216,8 @@ def test_skip_strategy_lowers_to_one_conditional_per_decision(llama):
     """At batch 1 the skip path is a real `lax.cond` after each exit decision (nested: its
     skip branch covers every later layer, so a token pays one per decision it reaches), not
     a select that computes both branches. Before the first decision nothing can be skipped
-    and Full() never decides: no conditional there (each one costs a device-to-host read on
-    a GPU run without command buffers). Confidence's exit head needs none of its own.
-    "masked" has none."""
+    and Full() never decides: no conditional there (each one costs a launch on a GPU).
+    Confidence's exit head needs none of its own. "masked" has none."""
     ids, valid = jnp.zeros((1, 64), jnp.int32), jnp.ones((1, 64), bool)
 
     def conditionals(policy, skip=True):

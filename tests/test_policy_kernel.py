@@ -91,7 +91,7 @@ def test_fused_kernel_lowers_to_two_triton_kernels_for_a_gpu():
 
 def test_platform_choice_leaves_no_conditional_in_the_compiled_program():
     """The kernels are picked per platform with a `case` on a constant platform index; XLA must
-    fold it away, since on a GPU a run-time conditional would cost a host round trip per
+    fold it away, since on a GPU a run-time conditional would cost a launch per
     decision. (XLA's conditional simplifier does this on every backend; checked on this one.)"""
     import re
 

@@ -153,7 +153,7 @@ def run_bench_decode(args) -> dict:
     policies = {"Full()": (gc.policies.Full(), None)}
     policies.update({f"FixedExit({k})": (gc.policies.FixedExit(k), k) for k in targets if k != last})
     # Full() has no conditional; a policy that may exit has one after each of its decisions, whose
-    # cost (a device-to-host read each on a GPU) FixedExit(last) shows without any policy work.
+    # cost (on a GPU a launch or a graph node each) FixedExit(last) shows without any policy work.
     policies[SKIP_PATH] = (gc.policies.FixedExit(last), None)
     learned_params = gc.policies.Learned.init_params(jax.random.key(0), config.hidden_size)
     kernels = args.learned_kernels or (("xla", "pallas") if platform == "gpu" else ("xla",))
@@ -234,7 +234,8 @@ def erratic_rounds(samples: dict) -> int:
 def device_per_token(summary_new: dict, summary_one: dict, new_tokens: int) -> dict:
     """Per token, between trace summaries of a `new_tokens` and a 1-token generate, over their
     stream lines (XLA's op and module lines repeat the kernels): µs of kernels and copies
-    ("busy_us") and device-to-host copies ("host_reads": a conditional reads its predicate so)."""
+    ("busy_us") and device-to-host copies ("host_reads": a loop or conditional run from the host
+    reads its predicate so)."""
     def total(summary, field):
         return sum(field(line) for name, line in summary.items() if "Stream" in name)
 
@@ -251,7 +252,7 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
     A 1-token generate is traced too, so that the device's busy time per token excludes the
     prompt: (busy(new_tokens) - busy(1)) / (new_tokens - 1), as for the wall-clock figures.
     Kernel durations do not swing with the host's timing as wall-clock time does on a GPU,
-    but they leave out the device's idle gaps (launches, conditionals' host round trips).
+    but they leave out the device's idle gaps (launches, predicates' trips to the host).
     Kernels inside CUDA graphs (generate's default on a GPU) are not in the trace: there the
     busy time covers only what runs outside them (CUPTI's graph tracing crashed JAX 0.11.2 on an H100).
     Returns the summaries and those per-token figures (empty where the trace has no device lines)."""

@@ -58,7 +58,7 @@ def summarize_trace(path: str | Path, top: int = 8) -> dict:
             "top": [{"name": name, "count": count, "total_us": total}
                     for name, (count, total) in sorted(by_name.items(), key=lambda item: -item[1][1])[:top]],
             # memory copies by direction, however short: a device-to-host copy in a decode step
-            # is a conditional's predicate on its way to the host
+            # is a loop's or conditional's predicate on its way to the host
             "copies": {name: count for name, (count, _) in sorted(by_name.items()) if name.startswith("Memcpy")},
         }
     return dict(sorted(summary.items()))

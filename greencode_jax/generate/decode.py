@@ -98,9 +98,9 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     After each exit decision one `lax.cond` asks whether every row has exited: if so, its
     skip branch only writes the K/V of all the remaining layers (and the LM head runs on
     the exit states); if not, its other branch runs the layers up to the next decision and
-    holds the next conditional. On a GPU each conditional reads its predicate back to the
-    host, so a token pays one per decision it reaches, none before the first decision, and
-    Full() (which never decides) none at all."""
+    holds the next conditional. On a GPU each conditional costs a launch from the host (or a
+    graph node, see command_buffer_options), so a token pays one per decision it reaches,
+    none before the first decision, and Full() (which never decides) none at all."""
     config = model.config
     last = config.num_layers - 1
     batch = token.shape[0]
