@@ -131,7 +131,7 @@ def test_on_a_gpu_generation_runs_its_loop_and_conditionals_as_cuda_graphs(monke
     """The GPU program's compiler options put while loops and conditionals in XLA command
     buffers (CUDA graphs that decide on the device), unless XLA_FLAGS sets that option itself.
     XLA accepts every kind named (it refuses an unknown one, as it did after renaming
-    CONDITIONALS to CONDITIONAL and WHILE). Other backends run the program without them."""
+    CONDITIONALS to CONDITIONAL and WHILE)."""
     import jax
 
     from greencode_jax.generate.decode import command_buffer_options

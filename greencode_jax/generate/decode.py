@@ -165,15 +165,16 @@ def command_buffer_options() -> dict | None:
     """XLA options for the generation on a GPU: its decode loop and exit conditionals run as
     CUDA graphs, whose conditional nodes decide on the device, so no token and no exit
     decision waits for a device-to-host read of its predicate (H100, bf16 llama-1b shape:
-    1 read per token -> 0, Full() 1.43 -> 1.30 ms/token; see the README). Other backends
-    ignore the option. A setting of it in XLA_FLAGS wins (e.g. `=` to turn graphs off)."""
+    1 read per token -> 0, Full() 1.43 -> 1.30 ms/token; see the README). Only the GPU
+    program (generate_jit_gpu) carries it. A setting of it in XLA_FLAGS wins (e.g. `=` to
+    turn graphs off)."""
     if "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", ""):
         return None
     return {"xla_gpu_enable_command_buffer": COMMAND_BUFFERS}
 
 
 def generate_program(model, ids, valid, policy, stop_tokens, pad_token, rng, max_new_tokens, *,
-                 sampling: Sampling, token_slots: int, cache_len: int, skip: bool):
+                     sampling: Sampling, token_slots: int, cache_len: int, skip: bool):
     """Prefill + decode loop for up to `max_new_tokens` (traced, at most `token_slots`) tokens.
     Returns tokens [B, token_slots], exit layers [B, token_slots] (slots past max_new_tokens
     hold padding and -1) and lengths [B]."""
