@@ -145,3 +145,22 @@ def test_on_a_gpu_generation_runs_its_loop_and_conditionals_as_cuda_graphs(monke
     assert command_buffer_options() is None
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert command_buffer_options() == options
+
+
+def test_copies_of_a_checkpoint_in_two_directories_share_their_compilations(llama, tmp_path):
+    """Where the weights came from is not part of the program: an ablation's checkpoints of
+    one architecture compile generate (and the logits) once, though each keeps its own path."""
+    from greencode_jax.models.model import _jitted_logits
+
+    copies = [gc.load_checkpoint(gc.save_checkpoint(llama.ours, tmp_path / name)) for name in ("a", "b")]
+    assert [m.origin.path for m in copies] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    prompt = np.asarray(rows_of(llama, [20])[0])[None]
+    compiles, logits_compiles = Compiles(), _jitted_logits._cache_size()
+    first = run(copies[0], prompt, policy=P.FixedExit(1))
+    assert compiles.new() <= 1  # the first copy may reuse the fixture model's compilation
+    second = run(copies[1], prompt, policy=P.FixedExit(1))
+    assert compiles.new() == 0
+    for m in copies:
+        m.logits(prompt, layer=1)
+    assert _jitted_logits._cache_size() == logits_compiles + 1
+    np.testing.assert_array_equal(first.tokens, second.tokens)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from greencode_jax.atomic import atomic_directory
 from greencode_jax.errors import GreencodeError
-from greencode_jax.models import EarlyExitLM, ModelConfig, abstract_model, resolve_dtype
+from greencode_jax.models import EarlyExitLM, ModelConfig, Origin, abstract_model, resolve_dtype
 from greencode_jax.models.config import load_json
 
 CONFIG_NAME = "greencode_config.json"
@@ -65,7 +65,7 @@ def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False
         checkpointer = _checkpointer()
         checkpointer.save((tmp / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()
-        copy_tokenizer_files(getattr(model, "source", None), tmp)
+        copy_tokenizer_files(model.origin.path, tmp)
     return out
 
 
@@ -126,7 +126,7 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers:
         restored = _swap_kernels(restored, lambda x: jax.numpy.swapaxes(x, -1, -2))
     nnx.replace_by_pure_dict(abstract_state, restored)
     model = nnx.merge(graphdef, abstract_state)
-    model.source = str(path)
+    model.origin = Origin(str(path))
     if scan_layers is not None:
         model.set_scan_layers(scan_layers)
     return model

@@ -81,5 +81,5 @@ def export_pretrained(model: EarlyExitLM, out_dir: str | Path, max_shard_bytes: 
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        copy_tokenizer_files(tokenizer_dir or getattr(model, "source", None), tmp)
+        copy_tokenizer_files(tokenizer_dir or model.origin.path, tmp)
     return out_dir

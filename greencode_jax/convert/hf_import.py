@@ -14,7 +14,7 @@ from greencode_jax.convert.mapping import (
 )
 from greencode_jax.convert.readers import TensorSource
 from greencode_jax.errors import GreencodeError
-from greencode_jax.models import EarlyExitLM, ModelConfig, abstract_model, resolve_dtype
+from greencode_jax.models import EarlyExitLM, ModelConfig, Origin, abstract_model, resolve_dtype
 from greencode_jax.models.config import load_json
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -79,7 +79,7 @@ def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None, scan_layer
 
     state = nnx.from_flat_state({path: flat_abstract[path].replace(arrays[path]) for path in flat_abstract})
     model = nnx.merge(graphdef, state)
-    model.source = str(model_dir)
+    model.origin = Origin(str(model_dir))
     return model
 
 

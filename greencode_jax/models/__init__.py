@@ -2,8 +2,8 @@
 
 from greencode_jax.models.config import ModelConfig, RopeScaling
 from greencode_jax.models.model import (
-    DecoderBlock, EarlyExitLM, ForwardOutput, abstract_model, init_model, resolve_dtype,
+    DecoderBlock, EarlyExitLM, ForwardOutput, Origin, abstract_model, init_model, resolve_dtype,
 )
 
-__all__ = ["DecoderBlock", "EarlyExitLM", "ForwardOutput", "ModelConfig", "RopeScaling", "abstract_model",
+__all__ = ["DecoderBlock", "EarlyExitLM", "ForwardOutput", "ModelConfig", "Origin", "RopeScaling", "abstract_model",
            "init_model", "resolve_dtype"]

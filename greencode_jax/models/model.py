@@ -9,6 +9,7 @@ sliced out for the KV-cached decode step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -25,6 +26,25 @@ from greencode_jax.models.layers import (
 
 OPT_POSITION_OFFSET = 2  # OPT's learned positions start at index 2 (fairseq legacy)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Origin:
+    """The directory a model's weights were loaded from (None: built here): its tokenizer
+    files travel with the weights when they are saved or exported.
+
+    Every Origin compares equal to every other. A model's static attributes are part of its
+    pytree structure and so of every jit cache key it enters; the path changes nothing in a
+    compiled program, so two copies of a checkpoint in two directories (an ablation's
+    checkpoints, say) must share their compilations."""
+
+    path: str | None = None
+
+    def __eq__(self, other):
+        return isinstance(other, Origin)
+
+    def __hash__(self):
+        return hash(Origin)
 
 
 def param_arrays(*modules) -> list:
@@ -90,6 +110,7 @@ class EarlyExitLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, dtype="float32", *, rngs: nnx.Rngs):
         c = self.config = config
+        self.origin = Origin()
         dtype = self.dtype = resolve_dtype(dtype)
         embed_dim = c.word_embed_dim
         self.embed_tokens = nnx.Embed(c.vocab_size, embed_dim, dtype=dtype, param_dtype=dtype,

@@ -26,14 +26,14 @@ def write_checkpoint(params, config, dtype, out: Path, tokenizer_dir) -> Path:
     from flax import nnx
 
     from greencode_jax.convert import save_checkpoint
-    from greencode_jax.models import abstract_model
+    from greencode_jax.models import Origin, abstract_model
 
     # One device's arrays (the host CPU's): the checkpoint then records no mesh at all
     # (`load_checkpoint` restores onto one device whatever was recorded, see `restore_params`).
     cpu = jax.local_devices(backend="cpu")[0]
     params = jax.device_put(jax.device_get(params), cpu)
     model = nnx.merge(nnx.graphdef(abstract_model(config, dtype)), params)
-    model.source = str(tokenizer_dir) if tokenizer_dir is not None else None
+    model.origin = Origin(str(tokenizer_dir) if tokenizer_dir is not None else None)
     return save_checkpoint(model, out, overwrite=True)
 
 
