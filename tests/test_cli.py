@@ -204,5 +204,7 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
                       "learned-never-exits.perfetto.json.gz", "skip-path-never-exits.perfetto.json.gz"]
     assert r["profile"] == dict.fromkeys(["Full()", "Skip path (never exits)", *learned], {})  # CPU: no device
     assert r["device_per_token"] == {}
+    no_graphs = {"initialize": 0, "update": 0, "execute": 0, "disabled_when_profiling": 0}  # a CPU has none
+    assert r["command_buffers"] == dict.fromkeys(["Full()", "Skip path (never exits)", *learned], no_graphs)
     assert r["rows"]["FixedExit(0)"]["ratio_to_full_quartiles"] == [r["rows"]["FixedExit(0)"]["ratio_to_full"]] * 2
     assert r["memory_floor_ms"] == pytest.approx(r["rows"]["Full()"]["bytes"] / (r["read_bandwidth_gbs"] * 1e6))

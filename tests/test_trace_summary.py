@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from greencode_jax.cli.trace_summary import summarize_trace
+from greencode_jax.cli.trace_summary import command_buffer_events, summarize_trace
 from greencode_jax.errors import GreencodeError
 
 
@@ -64,3 +64,21 @@ def test_unreadable_trace_is_one_clear_error(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(GreencodeError, match="bad.json.gz"):
         summarize_trace(path)
+
+
+def test_command_buffer_records_are_counted_from_the_host_lines(tmp_path):
+    """XLA's host records of its CUDA graphs, by kind, with or without TraceMeEncode's '#' arguments;
+    device kernels of the same name and metadata events are not records."""
+    events = [
+        meta("process_name", 1, "/host:CPU"), meta("thread_name", 1, "python", tid=5),
+        meta("process_name", 2, "/device:GPU:0"), meta("thread_name", 2, "Stream #13(Compute)", tid=13),
+        op(1, 5, "command_buffer::update#device=0,num_commands=52,num_executions=1#", 0.0, 800.0),
+        op(1, 5, "command_buffer::execute#device=0,num_commands=52,num_executions=1#", 800.0, 20.0),
+        op(1, 5, "command_buffer::execute", 900.0, 20.0),
+        op(1, 5, "command_buffer::updated_elsewhere", 950.0, 1.0),
+        op(1, 5, "WARNING: CommandBuffer disabled when profiling", 990.0, 1.0),
+        {"ph": "i", "pid": 1, "tid": 5, "name": "command_buffer::update", "ts": 999.0},
+        op(2, 13, "gemv", 10.0, 4.0),
+    ]
+    counts = command_buffer_events(write(tmp_path / "t.json.gz", events))
+    assert counts == {"initialize": 0, "update": 1, "execute": 2, "disabled_when_profiling": 1}

@@ -212,7 +212,7 @@ def run_bench_decode(args) -> dict:
     _write_json(args.json, results)  # the timings are kept even if tracing fails
     if args.profile:
         traced = ("Full()", SKIP_PATH, *learned_rows)
-        results["profile"], results["device_per_token"] = profile_policies(
+        results["profile"], results["device_per_token"], results["command_buffers"] = profile_policies(
             {name: run for name, run in runners.items() if name in traced}, args.new, args.profile)
         _write_json(args.json, results)
     return results
@@ -246,7 +246,7 @@ def device_per_token(summary_new: dict, summary_one: dict, new_tokens: int) -> d
             "host_reads": per_token(lambda line: line["copies"].get("MemcpyD2H", 0))}
 
 
-def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict, dict]:
+def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict, dict, dict]:
     """Traces one `new_tokens` generate per runner into out_dir/<name>.perfetto.json.gz and
     prints, per device line, its kernels and busy time per token (the prompt pass included).
     A 1-token generate is traced too, so that the device's busy time per token excludes the
@@ -255,14 +255,18 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
     but they leave out the device's idle gaps (launches, predicates' trips to the host).
     Kernels inside CUDA graphs (generate's default on a GPU) are not in the trace: there the
     busy time covers only what runs outside them (CUPTI's graph tracing crashed JAX 0.11.2 on an H100).
-    Returns the summaries and those per-token figures (empty where the trace has no device lines)."""
+    It also counts, per traced generate, XLA's host records of its CUDA graphs (trace_summary.
+    command_buffer_events): an `update` in every call means the host records a graph again per
+    call, because a buffer it uses has a new address each time.
+    Returns the summaries, those per-token figures (empty where the trace has no device lines)
+    and the command-buffer counts."""
     import pathlib
     import re
     import shutil
 
     import jax
 
-    from greencode_jax.cli.trace_summary import summarize_trace
+    from greencode_jax.cli.trace_summary import command_buffer_events, summarize_trace
 
     def traced(run, n, target=None):
         with tempfile.TemporaryDirectory() as tmp:
@@ -272,18 +276,20 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
             if target is None:
                 return summarize_trace(trace)
             shutil.move(trace, target)
-            return summarize_trace(target)
+            return summarize_trace(target), command_buffer_events(target)
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summaries, per_token = {}, {}
+    summaries, per_token, graphs = {}, {}, {}
     for name, run in runners.items():
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         target = out / f"{slug}.perfetto.json.gz"
-        summaries[name] = summary = traced(run, new_tokens, target)
+        summary, graphs[name] = traced(run, new_tokens, target)
+        summaries[name] = summary
         if summary:
             per_token[name] = device_per_token(summary, traced(run, 1), new_tokens)
-        print(f"  profile {name}: {target}")
+        print(f"  profile {name}: {target}; CUDA graphs: " + ", ".join(f"{count} {kind.replace('_', ' ')}"
+                                                                        for kind, count in graphs[name].items()))
         for line, s in summary.items():
             print(f"    {line}: {s['events'] / new_tokens:.1f} events/token, busy {s['busy_us'] / new_tokens:.1f} us/token "
                   f"of a {s['span_us'] / new_tokens:.1f} us/token span; most time: "
@@ -291,7 +297,7 @@ def profile_policies(runners: dict, new_tokens: int, out_dir: str) -> tuple[dict
         if not summary:
             print("    no device lines in the trace (on a CPU, XLA's work shows as host threads only)")
     _print_device_per_token(per_token)
-    return summaries, per_token
+    return summaries, per_token, graphs
 
 
 def _print_device_per_token(rows: dict):

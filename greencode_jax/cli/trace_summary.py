@@ -62,3 +62,26 @@ def summarize_trace(path: str | Path, top: int = 8) -> dict:
             "copies": {name: count for name, (count, _) in sorted(by_name.items()) if name.startswith("Memcpy")},
         }
     return dict(sorted(summary.items()))
+
+
+# XLA:GPU's host-side records of its command buffers (CUDA graphs): built, re-recorded because
+# an allocation they use moved, launched; and the profiler's fallback to plain kernels
+COMMAND_BUFFER_EVENTS = {
+    "command_buffer::initialize": "initialize",
+    "command_buffer::update": "update",
+    "command_buffer::execute": "execute",
+    "WARNING: CommandBuffer disabled when profiling": "disabled_when_profiling",
+}
+
+
+def command_buffer_events(path: str | Path) -> dict:
+    """How often the traced run built, re-recorded (`update`: some buffer a graph uses had a new
+    address, so the host records the whole graph again) and launched XLA's CUDA graphs, and how
+    often the profiler made XLA run their kernels one by one instead. Names carry their
+    arguments after a '#' (tsl's TraceMeEncode); every kind is counted, zeros included."""
+    counts = dict.fromkeys(COMMAND_BUFFER_EVENTS.values(), 0)
+    for e in load_trace_events(path):
+        kind = COMMAND_BUFFER_EVENTS.get(str(e.get("name", "")).split("#")[0]) if e.get("ph") == "X" else None
+        if kind:
+            counts[kind] += 1
+    return counts
