@@ -164,3 +164,56 @@ def test_copies_of_a_checkpoint_in_two_directories_share_their_compilations(llam
         m.logits(prompt, layer=1)
     assert _jitted_logits._cache_size() == logits_compiles + 1
     np.testing.assert_array_equal(first.tokens, second.tokens)
+
+
+def test_the_decode_loop_reads_no_argument_but_weights_and_policy_and_writes_no_output(llama, monkeypatch):
+    """On a GPU the decode loop is a CUDA graph that XLA records again, on the host, whenever a
+    buffer it uses has moved since its last run, and arguments and outputs get new buffers on
+    every call. So in the compiled program the loop's inputs are computed values, the model's
+    weights and the policy's numbers only (not max_new_tokens, stop tokens or padding), and
+    the outputs are computed after it, not taken from its state. (The same passes place
+    buffers on CPU and GPU; this CPU's program stands for both.)"""
+    import re
+
+    import greencode_jax.generate as generate_module
+
+    programs = []
+
+    def observed(*args, **kwargs):
+        programs.append(generate_jit.lower(*args, **kwargs).compile().as_text())
+        return generate_jit(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate_jit", observed)
+    ids = np.stack(rows_of(llama, [20]))
+    for policy in (P.Full(), P.FixedExit(1), learned_policy(HIDDEN, 0.5)):
+        run(llama.ours, ids, policy=policy, max_new_tokens=N_NEW, stop_tokens=(5, 7))
+    for text in programs:
+        entry = text[text.index("\nENTRY"):]
+        entry = entry[:entry.index("\n}")]
+        instructions = dict(re.findall(r"^\s*(?:ROOT )?%(\S+) = (.*)$", entry, re.M))
+        arguments = {name: re.search(r'op_name="([^"]+)"', line).group(1)
+                     for name, line in instructions.items() if " parameter(" in line}
+        assert {"max_new_tokens", "stop_tokens", "pad_token"} <= set(arguments.values())
+
+        def operands(name):
+            return re.findall(r"%([\w.\-]+)", instructions[name].split("(", 1)[1].split("), ")[0])
+
+        (loop,) = [name for name, line in instructions.items() if re.search(r"\bwhile\(", line)]
+        (state,) = operands(loop)
+        read = {arguments[x] for x in operands(state) if x in arguments}
+        assert read and all(a.startswith(("model.", "policy.")) for a in read), sorted(read)
+        root = re.search(r"ROOT %(\S+) =", entry).group(1)
+        taken_from_the_loop = [out for out in operands(root)
+                               if re.match(rf"\S+ get-tuple-element\(%{re.escape(loop)}\)", instructions[out])]
+        assert taken_from_the_loop == []
+
+
+def test_the_same_policy_number_is_the_same_device_buffer():
+    from greencode_jax.generate import _traced
+
+    assert _traced(P.Confidence(0.5)).threshold is _traced(P.Confidence(0.5)).threshold
+    assert _traced(P.FixedExit(np.int64(1))).layer is _traced(P.FixedExit(1)).layer
+    assert _traced(P.Confidence(0.25)).threshold is not _traced(P.Confidence(0.5)).threshold
+    assert float(_traced(P.Confidence(np.float32(0.9))).threshold) == np.float32(0.9)
+    params = learned_policy(HIDDEN, 0.5).params
+    assert _traced(P.Learned(params, 0.5)).params["layers"][0]["w"] is params["layers"][0]["w"]  # arrays as they are

@@ -12,6 +12,7 @@ never recompiles.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -106,9 +107,23 @@ def _check_learned(policy, hidden_size: int):
 def _traced(policy):
     """The policy's numbers as arrays of one dtype per kind. A Python int, a Python float and
     a numpy scalar trace to different avals, so Confidence(0) after Confidence(0.5) (or a
-    numpy threshold) would otherwise compile the whole generation again."""
+    numpy threshold) would otherwise compile the whole generation again.
+
+    A number becomes the same device buffer every time it is used: the decode loop reads the
+    policy's numbers, and on a GPU a loop whose buffers moved since its last run is recorded
+    again by the host (see decode.generate_program). Arrays pass as they are."""
     dtype = jnp.int32 if isinstance(policy, FixedExit) else jnp.float32
-    return jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), policy)
+    return jax.tree.map(lambda leaf: _device_number(leaf, dtype) if _is_number(leaf) else jnp.asarray(leaf, dtype),
+                        policy)
+
+
+def _is_number(leaf) -> bool:
+    return isinstance(leaf, (int, float, np.number))
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_number(value, dtype):
+    return jnp.asarray(value, dtype)
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 15, policy=None,

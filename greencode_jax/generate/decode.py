@@ -31,15 +31,15 @@ from greencode_jax.models.layers import attention_mask
 
 class DecodeState(NamedTuple):
     step: jax.Array  # scalar int32: tokens generated so far
+    remaining: jax.Array  # scalar int32: tokens still to generate (at most)
     token: jax.Array  # [B] the last token, input of the next step
     position: jax.Array  # [B] its position id
     done: jax.Array  # [B] bool: a stop token was emitted
     keys: tuple  # per layer [B, K, S, D] (see models.layers.dot_product_attention)
     values: tuple  # per layer [B, K, D, S]
     key_valid: jax.Array  # [B, S] bool: which cache slots hold real tokens
-    tokens: jax.Array  # [B, N] output
-    exit_layers: jax.Array  # [B, N] output (-1 after a stop)
-    lengths: jax.Array  # [B] tokens generated, the stop token included
+    tokens: jax.Array  # [B, N] tokens chosen (a row's slots after its stop hold junk, masked at the end)
+    exit_layers: jax.Array  # [B, N] their exit layers (-1 after a stop and past the last token)
     rng: jax.Array
 
 
@@ -176,20 +176,26 @@ def command_buffer_options() -> dict | None:
 def generate_program(model, ids, valid, policy, stop_tokens, pad_token, rng, max_new_tokens, *,
                      sampling: Sampling, token_slots: int, cache_len: int, skip: bool):
     """Prefill + decode loop for up to `max_new_tokens` (traced, at most `token_slots`) tokens.
-    Returns tokens [B, token_slots], exit layers [B, token_slots] (slots past max_new_tokens
-    hold padding and -1) and lengths [B]."""
+    Returns tokens [B, token_slots], exit layers [B, token_slots] (slots after a row's last
+    token hold `pad_token` and -1) and lengths [B].
+
+    On a GPU the loop is one CUDA graph, which XLA records again on the host, every call,
+    when a buffer it uses has moved (CommandBufferThunk: an "update"); arguments and outputs
+    get new buffers every call. So the loop touches neither: it counts `max_new_tokens` down
+    in its own state, looks stop tokens up in a table built here, and leaves padding, the
+    outputs and the lengths to the masking after it. Only the weights and the policy's
+    numbers (kept in one buffer per value by generate) are read from arguments inside it."""
     batch, prompt_len = ids.shape
     last_hidden, keys, values = prefill(model, ids, valid, cache_len)
+    is_stop = jnp.isin(jnp.arange(model.config.vocab_size), stop_tokens)  # [V]
     rng, first_key = jax.random.split(rng)
     first = choose_tokens(model.exit_head(last_hidden), sampling, first_key)
-    done = jnp.isin(first, stop_tokens)
     key_valid = jnp.zeros((batch, cache_len), bool).at[:, :prompt_len].set(valid)
     init = DecodeState(
-        step=jnp.int32(1), token=first, position=valid.sum(1).astype(jnp.int32), done=done, keys=keys,
-        values=values, key_valid=key_valid,
-        tokens=jnp.full((batch, token_slots), pad_token, jnp.int32).at[:, 0].set(first),
-        exit_layers=jnp.full((batch, token_slots), -1, jnp.int32).at[:, 0].set(model.config.num_layers - 1),
-        lengths=jnp.ones(batch, jnp.int32), rng=rng)
+        step=jnp.int32(1), remaining=max_new_tokens - 1, token=first, position=valid.sum(1).astype(jnp.int32),
+        done=is_stop[first], keys=keys, values=values, key_valid=key_valid,
+        tokens=jnp.zeros((batch, token_slots), jnp.int32).at[:, 0].set(first),
+        exit_layers=jnp.full((batch, token_slots), -1, jnp.int32).at[:, 0].set(model.config.num_layers - 1), rng=rng)
 
     def body(s: DecodeState) -> DecodeState:
         slot = prompt_len + s.step - 1  # the cache slot of s.token
@@ -197,19 +203,22 @@ def generate_program(model, ids, valid, policy, stop_tokens, pad_token, rng, max
             model, policy, s.token, s.position, s.keys, s.values, s.key_valid, slot, skip, finished=s.done)
         key_valid = jax.lax.dynamic_update_slice(s.key_valid, jnp.ones((batch, 1), bool), (0, slot))
         rng, key = jax.random.split(s.rng)
-        token = jnp.where(s.done, pad_token, choose_tokens(logits, sampling, key))
+        token = choose_tokens(logits, sampling, key)  # a finished row's is junk: masked below
         tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
         exits = jax.lax.dynamic_update_slice(s.exit_layers, jnp.where(s.done, -1, exit_layer)[:, None], (0, s.step))
-        lengths = jnp.where(s.done, s.lengths, s.step + 1)
-        done = s.done | jnp.isin(token, stop_tokens)
-        return DecodeState(s.step + 1, token, s.position + 1, done, keys, values, key_valid, tokens, exits, lengths,
-                           rng)
+        done = s.done | is_stop[token]
+        return DecodeState(s.step + 1, s.remaining - 1, token, s.position + 1, done, keys, values, key_valid, tokens,
+                           exits, rng)
 
     def cond(s: DecodeState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+        return (s.remaining > 0) & ~jnp.all(s.done)
 
     final = jax.lax.while_loop(cond, body, init)
-    return final.tokens, final.exit_layers, final.lengths
+    # Every token up to a row's stop (included) has an exit layer. These are new buffers, so the
+    # outputs are written here, after the loop, not by it.
+    generated = final.exit_layers >= 0
+    return (jnp.where(generated, final.tokens, pad_token), jnp.where(generated, final.exit_layers, -1),
+            generated.sum(1, dtype=jnp.int32))
 
 
 # The model goes in as a pytree, not as nnx.split's (graphdef, state): nnx.split and the
