@@ -134,14 +134,15 @@ def test_bench_decode_times_each_pair_of_calls_without_garbage_collection():
 
     from greencode_jax.cli.bench_decode import interleaved_per_token
 
-    collector_on = []
+    calls = []
 
     def runner(n):
-        collector_on.append(gc.isenabled())
+        calls.append((n, gc.isenabled()))
         return [n]
 
     per_token, whole = interleaved_per_token({"a": runner, "b": runner}, new_tokens=5, repeats=3)
-    assert collector_on == [False] * 12 and gc.isenabled()  # 3 rounds x 2 runners x (1 and 5 tokens)
+    # 3 rounds x 2 runners x (an untimed 1-token call, then the timed 1 and 5 tokens with the collector off)
+    assert calls == [(1, True), (1, False), (5, False)] * 6 and gc.isenabled()
     assert [len(v) for v in per_token.values()] == [3, 3]
     for name, calls in whole.items():  # (1-token, 5-token) seconds; per token = their difference / 4
         assert per_token[name] == pytest.approx([(full - one) / 4 for one, full in calls])

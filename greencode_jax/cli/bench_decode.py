@@ -80,11 +80,18 @@ def interleaved_per_token(runners: dict, new_tokens: int, repeats: int) -> tuple
     """Per-token seconds of each runner, measured in rounds: every round times each runner
     for 1 and for `new_tokens` tokens, so the prompt pass cancels out, and runs them all in
     turn, so a slow spell of this shared machine hits every figure of that round alike.
+    Each timed pair follows an untimed 1-token call of the same runner: rows of one policy kind
+    (FixedExit(k) and the skip path) share a compiled program but not their numbers' buffers,
+    and on a GPU the first call after another row's records the program's CUDA graph again on
+    the host (XLA's update when a buffer moved). Left in, that cost would land on the 1-token
+    call alone and make those rows look cheaper per token than they are for a user who keeps
+    one policy.
     Returns each runner's per-round samples of seconds per token and of its two whole calls
     (1 token, `new_tokens` tokens)."""
     per_token, whole = {name: [] for name in runners}, {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
+            run(1)  # untimed: this row's buffers settle into the program
             with _no_garbage_collection():
                 one, full = _seconds(lambda: run(1)), _seconds(lambda: run(new_tokens))
             per_token[name].append((full - one) / (new_tokens - 1))
