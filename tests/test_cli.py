@@ -140,12 +140,28 @@ def test_bench_decode_times_each_pair_of_calls_without_garbage_collection():
         calls.append((n, gc.isenabled()))
         return [n]
 
-    per_token, whole = interleaved_per_token({"a": runner, "b": runner}, new_tokens=5, repeats=3)
-    # 3 rounds x 2 runners x (an untimed 1-token call, then the timed 1 and 5 tokens with the collector off)
-    assert calls == [(1, True), (1, False), (5, False)] * 6 and gc.isenabled()
+    def reading():
+        calls.append("reading")
+        return len(calls)
+
+    per_token, whole, readings = interleaved_per_token({"a": runner, "b": runner}, new_tokens=5, repeats=3,
+                                                       each_round=reading)
+    # per round: one reading, then per runner an untimed 1-token call and the timed 1 and 5 tokens, collector off
+    assert calls == ["reading", *[(1, True), (1, False), (5, False)] * 2] * 3 and gc.isenabled()
+    assert readings == [1, 8, 15]
     assert [len(v) for v in per_token.values()] == [3, 3]
     for name, calls in whole.items():  # (1-token, 5-token) seconds; per token = their difference / 4
         assert per_token[name] == pytest.approx([(full - one) / 4 for one, full in calls])
+
+
+def test_bench_decode_compares_each_round_with_its_own_floor():
+    """A round at 20 GB/s and one at 40 GB/s: 1 GB per token takes 50 ms and 25 ms at their floors."""
+    from greencode_jax.cli.bench_decode import floor_ratios
+
+    assert floor_ratios([0.060, 0.030], [20e9, 40e9], 10**9) == pytest.approx([1.2, 1.2])
+    assert floor_ratios([0.050, 0.050], [20e9, 40e9], 10**9) == pytest.approx([1.0, 2.0])
+    with pytest.raises(ValueError):
+        floor_ratios([0.05], [20e9, 40e9], 10**9)
 
 
 def test_bench_decode_device_time_per_token_leaves_out_the_prompt_and_op_lines():
@@ -209,3 +225,6 @@ def test_bench_decode_counts_the_bytes_each_depth_reads(tmp_path, capsys, dtype,
     assert r["command_buffers"] == dict.fromkeys(["Full()", "Skip path (never exits)", *learned], no_graphs)
     assert r["rows"]["FixedExit(0)"]["ratio_to_full_quartiles"] == [r["rows"]["FixedExit(0)"]["ratio_to_full"]] * 2
     assert r["memory_floor_ms"] == pytest.approx(r["rows"]["Full()"]["bytes"] / (r["read_bandwidth_gbs"] * 1e6))
+    assert len(r["read_bandwidth_rounds_gbs"]) == 1 and r["read_bandwidth_gbs"] == r["read_bandwidth_rounds_gbs"][0]
+    full = r["rows"]["Full()"]  # 1 round: its one ratio, against that round's floor
+    assert r["floor_ratio"] == pytest.approx(full["seconds_per_token"] * 1e3 / r["memory_floor_ms"])
