@@ -168,7 +168,7 @@ def run_bench_decode(args) -> dict:
           f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device}"
           f"{'' if device == 'cuda' else f' with {torch.get_num_threads()} threads'}", flush=True)
     ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, args.prompt))
-    bandwidth = ReadBandwidth()
+    read_bandwidth = ReadBandwidth()
 
     last = config.num_layers - 1
     targets = sorted({min(config.exit_layers, key=lambda e: abs(e - q * config.num_layers)) for q in (0.25, 0.5, 0.75)})
@@ -207,8 +207,10 @@ def run_bench_decode(args) -> dict:
                 raise
             print(f"  {name}: dropped, it failed on this device: {type(e).__name__}: {str(e)[:300]}", flush=True)
             del runners[name], policies[name]
-    samples, whole, bandwidths = interleaved_per_token(runners, args.new, args.repeats, each_round=bandwidth)
-    bandwidth.close()
+    try:
+        samples, whole, bandwidths = interleaved_per_token(runners, args.new, args.repeats, each_round=read_bandwidth)
+    finally:
+        read_bandwidth.close()
 
     rows = {}
     for name, (_, layer) in policies.items():

@@ -76,7 +76,8 @@ COMMAND_BUFFER_EVENTS = {
 
 def command_buffer_events(path: str | Path) -> dict:
     """How often the traced run built, re-recorded (`update`: some buffer a graph uses had a new
-    address, so the host records the whole graph again) and launched XLA's CUDA graphs, and how
+    address, so the host records again every command of it that uses one) and launched XLA's
+    CUDA graphs, and how
     often the profiler made XLA run their kernels one by one instead. Names carry their
     arguments after a '#' (tsl's TraceMeEncode); every kind is counted, zeros included."""
     counts = dict.fromkeys(COMMAND_BUFFER_EVENTS.values(), 0)
