@@ -77,9 +77,9 @@ COMMAND_BUFFER_EVENTS = {
 def command_buffer_events(path: str | Path) -> dict:
     """How often the traced run built, re-recorded (`update`: some buffer a graph uses had a new
     address, so the host records again every command of it that uses one) and launched XLA's
-    CUDA graphs, and how
-    often the profiler made XLA run their kernels one by one instead. Names carry their
-    arguments after a '#' (tsl's TraceMeEncode); every kind is counted, zeros included."""
+    CUDA graphs, and how often the profiler made XLA run their kernels one by one instead.
+    Names carry their arguments after a '#' (tsl's TraceMeEncode); every kind is counted,
+    zeros included."""
     counts = dict.fromkeys(COMMAND_BUFFER_EVENTS.values(), 0)
     for e in load_trace_events(path):
         kind = COMMAND_BUFFER_EVENTS.get(str(e.get("name", "")).split("#")[0]) if e.get("ph") == "X" else None
