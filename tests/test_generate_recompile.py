@@ -40,6 +40,21 @@ class Compiles:
         return count
 
 
+def record_compiled_programs(monkeypatch) -> list:
+    """(optimized program text, static kwargs) of every generate call from here on; each call
+    still runs the real program."""
+    import greencode_jax.generate as generate_module
+
+    programs = []
+
+    def observed(*args, **kwargs):
+        programs.append((generate_jit.lower(*args, **kwargs).compile().as_text(), kwargs))
+        return generate_jit(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate_jit", observed)
+    return programs
+
+
 def test_policy_numbers_and_prompt_lengths_never_recompile(llama):
     """After one call per kind (which may compile, or reuse another test's compilation),
     other thresholds, layers, MLP weights, stop tokens and prompt lengths within the
@@ -107,20 +122,13 @@ def test_decode_loop_updates_the_kv_cache_in_place(llama, monkeypatch, batch):
     read made it copy every layer's cache on every token, 35 % of an OPT-125m step.)"""
     import re
 
-    import greencode_jax.generate as generate_module
-
-    programs = []
-
-    def observed(*args, **kwargs):  # records the compiled program, then runs the real thing
-        programs.append((generate_jit.lower(*args, **kwargs).compile().as_text(), kwargs["cache_len"]))
-        return generate_jit(*args, **kwargs)
-
-    monkeypatch.setattr(generate_module, "generate_jit", observed)
+    programs = record_compiled_programs(monkeypatch)
     ids = np.stack(rows_of(llama, [20] * batch))
     for policy in (P.Full(), P.FixedExit(1), learned_policy(HIDDEN, 0.5)):
         run(llama.ours, ids, policy=policy, max_new_tokens=N_NEW)
     c = llama.config
-    for text, cache_len in programs:
+    for text, kwargs in programs:
+        cache_len = kwargs["cache_len"]
         cache = batch * c.num_kv_heads * cache_len * c.head_dim
         copied = [shape for shape in re.findall(r"= f32\[([\d,]+)\]\S* copy\(", text)
                   if np.prod([int(d) for d in shape.split(",")]) == cache and str(cache_len) in shape.split(",")]
@@ -175,19 +183,11 @@ def test_the_decode_loop_reads_no_argument_but_weights_and_policy_and_writes_no_
     buffers on CPU and GPU; this CPU's program stands for both.)"""
     import re
 
-    import greencode_jax.generate as generate_module
-
-    programs = []
-
-    def observed(*args, **kwargs):
-        programs.append(generate_jit.lower(*args, **kwargs).compile().as_text())
-        return generate_jit(*args, **kwargs)
-
-    monkeypatch.setattr(generate_module, "generate_jit", observed)
+    programs = record_compiled_programs(monkeypatch)
     ids = np.stack(rows_of(llama, [20]))
     for policy in (P.Full(), P.FixedExit(1), learned_policy(HIDDEN, 0.5)):
         run(llama.ours, ids, policy=policy, max_new_tokens=N_NEW, stop_tokens=(5, 7))
-    for text in programs:
+    for text, _ in programs:
         entry = text[text.index("\nENTRY"):]
         entry = entry[:entry.index("\n}")]
         instructions = dict(re.findall(r"^\s*(?:ROOT )?%(\S+) = (.*)$", entry, re.M))
