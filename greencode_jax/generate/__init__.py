@@ -76,6 +76,9 @@ def _check_policy(policy, config):
                                  f"{list(config.exit_layers)} (0-based)")
     if isinstance(policy, Learned):
         _check_learned(policy, config.hidden_size)
+        if policy.exit_layers is not None and tuple(policy.exit_layers) != tuple(config.exit_layers):
+            raise GreencodeError(f"Learned policy: trained on exit layers {list(policy.exit_layers)}, but this model "
+                                 f"exits at {list(config.exit_layers)}; train a policy on this model's rollouts")
     if not 0 <= policy.min_layer < config.num_layers:
         raise GreencodeError(f"policy min_layer={policy.min_layer}: expected 0..{config.num_layers - 1}")
 

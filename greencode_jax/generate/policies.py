@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
@@ -102,6 +104,9 @@ class Learned:
     threshold: Any = 0.9
     min_layer: int = _static(0)
     kernel: str = _static("xla")
+    # The exit layers the actor was trained on (None: unknown). generate refuses a model
+    # with other exits: the observation at an exit it never saw is out of distribution.
+    exit_layers: tuple | None = _static(None)
     kind: ClassVar[str] = "learned"
     needs_logits: ClassVar[bool] = False
 
@@ -136,6 +141,73 @@ class Learned:
 
     def decide(self, layer: int, hidden, logits):
         return self.exit_probability(hidden) > self.threshold
+
+    def save(self, out_dir, metadata: dict | None = None, overwrite: bool = False) -> Path:
+        """Writes `out_dir/actor.safetensors` (the normalisation and MLP layers) and
+        `out_dir/policy.json` (`metadata`, e.g. what it was trained on, plus the layout),
+        atomically. `Learned.load` reads it back."""
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        from greencode_jax.atomic import atomic_directory
+
+        tensors = {"obs_mean": self.params["obs_mean"], "obs_std": self.params["obs_std"]}
+        for i, layer in enumerate(self.params["layers"]):
+            tensors[f"layers.{i}.w"], tensors[f"layers.{i}.b"] = layer["w"], layer["b"]
+        tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
+        info = {"format": POLICY_FORMAT, "version": 1, "num_layers": len(self.params["layers"]),
+                "hidden_size": int(tensors["obs_mean"].shape[0]),
+                "exit_layers": None if self.exit_layers is None else list(self.exit_layers), **(metadata or {})}
+        Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp / POLICY_WEIGHTS), metadata={"format": "np"})
+            (tmp / POLICY_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        return Path(out_dir)
+
+    @classmethod
+    def load(cls, policy_dir, threshold=0.9, *, min_layer: int = 0, kernel: str = "xla") -> "Learned":
+        """The policy `train-policy` wrote to `policy_dir`. Generation refuses it for a model
+        whose hidden size or exit layers differ from those it was trained on."""
+        info = read_policy_info(policy_dir)
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = Path(policy_dir) / POLICY_WEIGHTS
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise GreencodeError(f"{path}: unreadable policy weights ({e}); train the policy again") from None
+        try:
+            layers = [{"w": jnp.asarray(tensors[f"layers.{i}.w"]), "b": jnp.asarray(tensors[f"layers.{i}.b"])}
+                      for i in range(info["num_layers"])]
+            params = {"obs_mean": jnp.asarray(tensors["obs_mean"]), "obs_std": jnp.asarray(tensors["obs_std"]),
+                      "layers": layers}
+        except KeyError as e:
+            raise GreencodeError(f"{path}: tensor {e.args[0]!r} is missing (policy.json says "
+                                 f"{info['num_layers']} layers)") from None
+        exits = info.get("exit_layers")
+        return cls(params, threshold, min_layer=min_layer, kernel=kernel,
+                   exit_layers=None if exits is None else tuple(int(e) for e in exits))
+
+
+POLICY_FORMAT = "greencode-learned-policy"
+POLICY_WEIGHTS, POLICY_INFO = "actor.safetensors", "policy.json"
+
+
+def read_policy_info(policy_dir) -> dict:
+    """policy.json of a policy directory, checked to be one."""
+    path = Path(policy_dir) / POLICY_INFO
+    if not Path(policy_dir).is_dir():
+        raise GreencodeError(f"{policy_dir}: no such policy directory (train-policy writes one)")
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GreencodeError(f"{policy_dir}: not a policy directory ({POLICY_INFO} is missing)") from None
+    except (OSError, ValueError) as e:
+        raise GreencodeError(f"{path}: unreadable ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != POLICY_FORMAT or not isinstance(info.get("num_layers"), int):
+        raise GreencodeError(f"{path}: not a greencode policy (expected format {POLICY_FORMAT!r} and num_layers)")
+    return info
 
 
 POLICY_TYPES = (Full, FixedExit, Confidence, Learned)
