@@ -43,21 +43,27 @@ class DecodeState(NamedTuple):
     rng: jax.Array
 
 
-def prefill(model, ids, valid, cache_len: int):
-    """Full-depth forward over the prompt, filling every layer's cache. Returns the last hidden state."""
+def prefill(model, ids, valid, cache_len: int, record=()):
+    """Full-depth forward over the prompt, filling every layer's cache. Returns the last hidden
+    state and the caches; with `record` (layer indices), also the last position's hidden state
+    after each of those layers, [B, len(record), E] (the recording mode of generate.record)."""
     positions = model.positions(valid)
     h = model.embed(ids, positions)
     cos, sin = model.rope(positions)
     mask = attention_mask(valid, valid)
-    keys, values = [], []
+    keys, values, recorded = [], [], []
     grow = cache_len - ids.shape[1]
     for i in range(model.config.num_layers):
         block = model.block(i)
         x = block.attention_input(h)
         k, v = block.attn.key_value(x, cos, sin)
         h = block.finish(h, x, k, v, mask, cos, sin)
+        if i in record:
+            recorded.append(h[:, -1])
         keys.append(jnp.pad(k, ((0, 0), (0, 0), (0, grow), (0, 0))))
         values.append(jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, grow))))
+    if record:
+        return h[:, -1], tuple(keys), tuple(values), jnp.stack(recorded, axis=1)
     return h[:, -1], tuple(keys), tuple(values)
 
 

@@ -1,0 +1,221 @@
+"""`greencode collect-rollouts`: the model at full depth, once, recording what the exit
+policy will be trained on (GREEN-CODE's episodes, REFERENCE §1: a document of the split, a
+context of a U(0.2, 0.5) fraction of its tokens, 15 greedy tokens).
+
+Episodes are planned up front from the seed, so the store does not depend on the batch
+size or the device count. They are grouped in chunks; process p of a multi-host run
+records chunks p, p + P, ...; inside a process the batch is split over its devices. Each
+chunk is written atomically, so an interrupted collection resumes at its first missing
+chunk. The store is assembled under DIR.partial and renamed to DIR at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from greencode_jax.atomic import atomic_write_text
+from greencode_jax.errors import GreencodeError
+from greencode_jax.rl import store as st
+
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
+CHUNK_BYTES = 64 << 20
+
+
+def model_identity(model, checkpoint) -> dict:
+    """What a store, and a policy trained on it, must agree with; the fingerprint hashes the
+    config and the first values of every parameter (a fine-tune changes all of them)."""
+    import jax
+
+    c = model.config
+    digest = hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True, default=str).encode())
+    for leaf in jax.tree.leaves(model):
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            digest.update(np.asarray(leaf).reshape(-1)[:256].astype(np.float32).tobytes())
+    return {"checkpoint": str(Path(checkpoint).resolve()), "family": c.family, "num_layers": c.num_layers,
+            "hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "exit_layers": list(c.exit_layers),
+            "fingerprint": digest.hexdigest()[:16]}
+
+
+def plan_episodes(store, eos_id, episodes: int, seed: int, new_tokens: int, max_context: int,
+                  fractions=(0.2, 0.5)) -> np.ndarray:
+    """[episodes, 2] (document, context length): documents drawn without replacement while
+    there are enough (then with), each context a U(lo, hi) fraction of its tokens, at least
+    one token, at most `max_context`."""
+    lengths = np.diff(np.asarray(store.offsets))
+    if eos_id is not None:  # the separator added for training is not part of the file
+        lengths = lengths - 1
+    eligible = np.flatnonzero(lengths >= 2)
+    if not len(eligible):
+        raise GreencodeError(f"split '{store.split}' has no document of two or more tokens to draw episodes from")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
+    docs = rng.choice(eligible, size=episodes, replace=episodes > len(eligible))
+    frac = rng.uniform(*fractions, size=episodes)
+    context = np.clip((lengths[docs] * frac).astype(np.int64), 1, max_context)
+    return np.stack([docs, context], axis=1)
+
+
+def _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_tokens, max_context, chunk) -> dict:
+    return {"model": identity, "data": str(Path(data_dir).resolve()), "split": split, "episodes": episodes,
+            "seed": seed, "hidden_dtype": hidden_dtype, "new_tokens": new_tokens, "max_context": max_context,
+            "chunk_episodes": chunk}
+
+
+def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", episodes: int = 512,
+                     batch_size: int = 16, seed: int = 0, hidden_dtype: str = "float32", new_tokens: int = 15,
+                     max_context: int | None = None, chunk_episodes: int | None = None, overwrite: bool = False,
+                     progress: bool = True, log=print) -> Path:
+    import jax
+
+    import greencode_jax as gc
+    from greencode_jax.data.prepared import PreparedData
+
+    out = Path(out_dir)
+    if hidden_dtype not in st.HIDDEN_DTYPES:
+        raise GreencodeError(f"hidden dtype {hidden_dtype!r}: expected one of {st.HIDDEN_DTYPES}")
+    for name, value in (("episodes", episodes), ("batch size", batch_size), ("new tokens", new_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise GreencodeError(f"{name} {value!r}: expected a positive integer")
+    if out.exists() and not overwrite:
+        raise GreencodeError(f"{out}: already exists; choose another output path or pass --overwrite")
+    data = PreparedData(data_dir)
+    tokens = data.tokens(split)
+    if len(tokens) == 0:
+        raise GreencodeError(f"{data_dir}: split '{split}' is empty; nothing to record")
+    model = gc.load_pretrained(checkpoint, scan_layers=False)
+    config = model.config
+    decisions = tuple(e for e in config.exit_layers if e < config.num_layers - 1)
+    if not decisions:
+        raise GreencodeError(f"{checkpoint}: the model has no exit before its last layer {config.num_layers - 1}; "
+                             "an exit policy needs at least one (set exit_layers)")
+    limit = config.max_position_embeddings - new_tokens
+    max_context = limit if max_context is None else min(max_context, limit)
+    if max_context < 1:
+        raise GreencodeError(f"max context {max_context}: the model's {config.max_position_embeddings} positions "
+                             f"leave no room for a prompt before {new_tokens} new tokens")
+    identity = model_identity(model, checkpoint)
+    per_episode = new_tokens * len(decisions) * config.hidden_size * (4 if hidden_dtype == "float32" else 2)
+    chunk = chunk_episodes or max(batch_size, CHUNK_BYTES // per_episode // batch_size * batch_size)
+    settings = _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_tokens, max_context, chunk)
+
+    work = st.partial_dir(out)
+    settings_path = work / "settings.json"
+    if work.exists():
+        try:
+            previous = json.loads(settings_path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != settings:
+            raise GreencodeError(f"{work}: an interrupted collection with other settings (or another model); "
+                                 "delete it, or rerun with the same arguments to resume it")
+    else:
+        (work / st.CHUNKS).mkdir(parents=True)
+        atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+
+    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
+    plan = plan_episodes(tokens, eos, episodes, seed, new_tokens, max_context)
+    num_chunks = -(-episodes // chunk)
+    pid, pcount = jax.process_index(), jax.process_count()
+    mine = [k for k in range(pid, num_chunks, pcount) if not (work / st.CHUNKS / f"{k:05d}").is_dir()]
+    done = num_chunks - len(range(pid, num_chunks, pcount)) + (len(range(pid, num_chunks, pcount)) - len(mine))
+    recorder = _Recorder(model, new_tokens, hidden_dtype)
+    log(f"collect-rollouts: {episodes} episodes of {new_tokens} tokens from '{split}' of {data_dir}, "
+        f"{len(decisions)} decision exits {list(decisions)}, batch {batch_size} over {recorder.devices} device(s), "
+        f"{num_chunks} chunk(s) of {chunk}" + (f"; resuming, {done} chunk(s) done" if done else ""))
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(min(chunk, episodes - k * chunk) for k in mine), unit="ep", disable=not progress,
+               dynamic_ncols=True, desc="recording")
+    start, recorded_tokens = time.perf_counter(), 0
+    for k in mine:
+        rows = np.arange(k * chunk, min((k + 1) * chunk, episodes))
+        parts = []
+        for b in range(0, len(rows), batch_size):
+            batch = rows[b:b + batch_size]
+            prompts = [_doc(tokens, int(plan[i, 0]))[:int(plan[i, 1])] for i in batch]
+            parts.append(recorder(prompts, batch_size))
+            recorded_tokens += len(batch) * new_tokens
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{recorded_tokens / (time.perf_counter() - start):.0f} tok/s")
+        arrays = {name: np.concatenate([p[name] for p in parts]) for name in ("hidden", "agree", "confidence", "tokens")}
+        arrays["episodes"] = np.stack([plan[rows, 0], plan[rows, 1], rows], axis=1).astype(np.int64)
+        st.write_chunk(work, k, arrays, hidden_dtype)
+    bar.close()
+    if pcount > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("greencode collect-rollouts: every chunk written")
+    if pid == 0:
+        _finish(work, out, settings, decisions, num_chunks, overwrite)
+    seconds = time.perf_counter() - start
+    log(f"collect-rollouts: {recorded_tokens} tokens recorded in {seconds:.1f} s "
+        f"({recorded_tokens / max(seconds, 1e-9):.0f} tok/s) -> {out}")
+    return out
+
+
+def _doc(tokens, index: int) -> np.ndarray:
+    return np.asarray(tokens.doc(index), np.int32)
+
+
+def _finish(work: Path, out: Path, settings: dict, decisions, num_chunks: int, overwrite: bool):
+    missing = [k for k in range(num_chunks) if not (work / st.CHUNKS / f"{k:05d}").is_dir()]
+    if missing:
+        raise GreencodeError(f"{work}: chunks {missing[:5]} missing after collection")
+    mean, std = st.obs_stats(work, num_chunks)
+    np.savez(work / st.STATS, mean=mean, std=std)
+    meta = {"format": st.FORMAT, "version": st.VERSION, **settings, "decision_layers": list(decisions),
+            "chunks": num_chunks, "arrays": {"hidden": "[n, tokens, exits, hidden]", "agree": "[n, tokens, exits]",
+                                             "confidence": "[n, tokens, exits]", "tokens": "[n, tokens]",
+                                             "episodes": "[n, (document, context length, episode)]"}}
+    os.remove(work / "settings.json")
+    atomic_write_text(work / st.META, json.dumps(meta, indent=2) + "\n")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    os.replace(work, out)
+
+
+class _Recorder:
+    """Batches of prompts through generate.record, left-padded, split over the local devices."""
+
+    def __init__(self, model, new_tokens: int, hidden_dtype: str):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        self.devices = jax.local_device_count()
+        self.new_tokens = new_tokens
+        self.hidden_dtype = jnp.float32 if hidden_dtype == "float32" else jnp.bfloat16
+        if self.devices > 1:
+            mesh = jax.make_mesh((self.devices,), ("data",), devices=jax.local_devices())
+            self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+            model = jax.device_put(model, NamedSharding(mesh, PartitionSpec()))
+        else:
+            self.batch_sharding = None
+        self.model = model
+
+    def __call__(self, prompts, batch_size: int) -> dict:
+        import jax
+        import jax.numpy as jnp
+
+        from greencode_jax.generate.record import record_jit
+
+        rows = -(-batch_size // self.devices) * self.devices  # a fixed batch shape: one compile per bucket
+        width = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+        ids = np.zeros((rows, width), np.int32)
+        valid = np.zeros((rows, width), bool)
+        for r in range(rows):
+            p = prompts[min(r, len(prompts) - 1)]  # spare rows repeat the last prompt; dropped below
+            ids[r, width - len(p):], valid[r, width - len(p):] = p, True
+        ids, valid = jnp.asarray(ids), jnp.asarray(valid)
+        if self.batch_sharding is not None:
+            ids, valid = jax.device_put(ids, self.batch_sharding), jax.device_put(valid, self.batch_sharding)
+        rec = record_jit(self.model, ids, valid, new_tokens=self.new_tokens, hidden_dtype=self.hidden_dtype)
+        n = len(prompts)
+        return {"hidden": np.asarray(rec.hidden.astype(jnp.float32))[:n], "agree": np.asarray(rec.agree)[:n],
+                "confidence": np.asarray(rec.confidence)[:n], "tokens": np.asarray(rec.tokens)[:n]}

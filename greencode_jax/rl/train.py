@@ -1,0 +1,217 @@
+"""`greencode train-policy`: PPO on a rollout store, written as a `Learned` policy directory.
+
+    DIR/actor.safetensors, DIR/policy.json   what `gc.policies.Learned.load(DIR, threshold)` reads
+    DIR/metrics.jsonl                        one line per update (reward, exit accuracy, ...)
+    DIR/validation.json                      the validation table (learned vs Confidence)
+While training, everything lives in DIR.partial/ with an Orbax checkpoint of the whole
+training state after every block of `rl.checkpoint_every` updates; an interrupted run
+(Ctrl-C, SIGTERM) resumes from the last block, bit for bit, when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from greencode_jax.atomic import atomic_write_text
+from greencode_jax.errors import GreencodeError
+from greencode_jax.rl.config import RLSection
+from greencode_jax.rl.store import RolloutStore
+
+
+def load_cost_model(path) -> dict:
+    """The fit `greencode energy calibrate --out` wrote: J/token = a_j + b_j_per_layer x layers."""
+    try:
+        fit = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GreencodeError(f"{path}: no such cost model (write one with `greencode energy calibrate MODEL "
+                             "--out FILE`)") from None
+    except (OSError, ValueError) as e:
+        raise GreencodeError(f"{path}: unreadable cost model ({e})") from None
+    if not isinstance(fit, dict) or not all(isinstance(fit.get(k), (int, float)) for k in ("a_j", "b_j_per_layer")):
+        raise GreencodeError(f"{path}: not a cost model (expected a_j and b_j_per_layer, as energy calibrate writes)")
+    return fit
+
+
+def reward_parameters(cfg: RLSection, num_layers: int) -> tuple[dict, dict]:
+    """(keyword arguments of env.reward_table, what policy.json records about the reward)."""
+    kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, gamma_r=cfg.gamma_r, epsilon=cfg.epsilon)
+    record = {"reward": cfg.reward, **kwargs}
+    if cfg.reward == "energy":
+        if not cfg.cost_model:
+            raise GreencodeError("rl.reward=energy needs a cost model: set rl.cost_model to the JSON of "
+                                 "`greencode energy calibrate MODEL --out FILE`")
+        fit = load_cost_model(cfg.cost_model)
+        a, b = float(fit["a_j"]), float(fit["b_j_per_layer"])
+        if b <= 0:
+            raise GreencodeError(f"{cfg.cost_model}: {b:g} J per layer; an energy reward needs a cost that grows "
+                                 "with depth (calibrate again, with longer windows)")
+        weight = cfg.energy_weight or 1.0 / b
+        joules = a + b * (np.arange(num_layers) + 1)  # exiting after layer l computes l + 1 layers
+        kwargs["cost"] = weight * joules
+        record.update(cost_model=str(Path(cfg.cost_model).resolve()), cost_method=fit.get("method", "unknown"),
+                      joules_per_token=[float(j) for j in joules], energy_weight=weight)
+    return kwargs, record
+
+
+def _settings(store: RolloutStore, cfg: RLSection, validation: RolloutStore | None, devices: int) -> dict:
+    return {"rollouts": str(store.root.resolve()), "model": store.model,
+            "validation": None if validation is None else str(validation.root.resolve()),
+            "rl": dataclasses.asdict(cfg), "devices": devices}
+
+
+class _Checkpoints:
+    def __init__(self, directory: Path):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False))
+
+    def latest(self):
+        return self.manager.latest_step()
+
+    def save(self, step, state):
+        self.manager.save(step, args=self.ocp.args.StandardSave(state), force=True)
+
+    def restore(self, step, abstract):
+        return self.manager.restore(step, args=self.ocp.args.StandardRestore(abstract))
+
+    def close(self):
+        self.manager.close()
+
+
+def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, overwrite: bool = False,
+                 progress: bool = True, log=print) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import greencode_jax as gc
+    from greencode_jax.rl import env as E
+    from greencode_jax.rl import validate as V
+    from greencode_jax.rl.networks import learned_params
+    from greencode_jax.rl.ppo import Trainer
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise GreencodeError(f"{out}: already exists; choose another output path or pass --overwrite")
+    store = RolloutStore(rollouts_dir)
+    validation = None if validation_dir is None else RolloutStore(validation_dir)
+    if validation is not None:
+        validation.check_model(store.model, f"the training store {store.root}")
+        if validation.model.get("fingerprint") != store.model.get("fingerprint"):
+            raise GreencodeError(f"{validation.root}: recorded from another checkpoint (fingerprint "
+                                 f"{validation.model.get('fingerprint')}) than {store.root} "
+                                 f"({store.model.get('fingerprint')})")
+    layers = list(store.decision_layers) + [store.model["num_layers"] - 1]
+    reward_kwargs, reward_record = reward_parameters(cfg, store.model["num_layers"])
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    settings = _settings(store, cfg, validation, jax.device_count())
+
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        try:
+            previous = json.loads((work / "settings.json").read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != settings:
+            raise GreencodeError(f"{work}: an interrupted training with other settings; delete it, or rerun with the "
+                                 "same arguments to resume it")
+    else:
+        work.mkdir(parents=True)
+        atomic_write_text(work / "settings.json", json.dumps(settings, indent=2) + "\n")
+
+    hidden, agree = store.array("hidden"), store.array("agree")
+    env = E.make_env(hidden, agree, layers, reward_kwargs)
+    trainer = Trainer(cfg, store.model["hidden_size"], store.obs_mean, store.obs_std, mesh)
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    state = trainer.init(env, seeds)
+    checkpoints = _Checkpoints(work / "checkpoints")
+    done = checkpoints.latest() or 0
+    metrics_path = work / "metrics.jsonl"
+    if done:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                                trainer.state_shardings(state))
+        state = checkpoints.restore(done, abstract)
+        kept = metrics_path.read_text().splitlines()[:done * cfg.seeds] if metrics_path.exists() else []
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+    total = cfg.num_updates
+    log(f"train-policy: {store.episodes} episodes x {agree.shape[1]} tokens, decisions at layers "
+        f"{list(store.decision_layers)}, reward {cfg.reward}; {total} updates of {cfg.steps_per_update} steps "
+        f"({total * cfg.steps_per_update} timesteps), {cfg.seeds} seed(s), {jax.device_count()} device(s)"
+        + (f"; resuming after update {done}" if done else ""))
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=done, unit="upd", disable=not progress, dynamic_ncols=True, desc="PPO")
+    start, compile_s = time.perf_counter(), None
+    try:
+        while done < total:
+            n = min(cfg.checkpoint_every, total - done)
+            t0 = time.perf_counter()
+            state, metrics = trainer.block(state, env, n)
+            metrics = jax.tree.map(np.asarray, metrics)  # blocks until the block is done
+            seconds = time.perf_counter() - t0
+            if compile_s is None:
+                compile_s = seconds  # includes compiling; reported apart from the throughput
+            rate = n * cfg.steps_per_update * cfg.seeds / seconds
+            with open(metrics_path, "a") as f:
+                for u in range(n):
+                    for k, seed in enumerate(seeds):
+                        row = {"update": done + u + 1, "seed": seed, "timesteps": (done + u + 1) * cfg.steps_per_update,
+                               **{name: float(v[k, u]) for name, v in metrics.items()}, "timesteps_per_s": rate}
+                        f.write(json.dumps(row) + "\n")
+            done += n
+            checkpoints.save(done, state)
+            bar.update(n)
+            last = {name: float(np.mean(v[:, -1])) for name, v in metrics.items()}
+            bar.set_postfix_str(f"reward {last['episode_reward']:.2f} exit acc {last['exit_accuracy']:.3f} "
+                                f"layer {last['mean_exit_layer']:.2f} {rate:,.0f} ts/s")
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoints.close()
+        raise GreencodeError(f"train-policy interrupted after update {done} of {total}; the same command resumes "
+                             f"from {work}") from None
+    bar.close()
+    checkpoints.close()
+    seconds = time.perf_counter() - start
+
+    obs_mean, obs_std = store.obs_mean, store.obs_std
+    actors = [jax.tree.map(lambda a: a[k], state.params["actor"]) for k in range(cfg.seeds)]
+    judge = validation if validation is not None else store
+    v_hidden = judge.array("hidden") if judge is not store else hidden
+    v_agree = judge.array("agree") if judge is not store else agree
+    v_conf = judge.array("confidence")
+    v_rewards = E.reward_table(v_agree, layers, **reward_kwargs)
+    probs = [V.exit_probabilities(a, obs_mean, obs_std, v_hidden) for a in actors]
+    returns = [V.deterministic_return(p, v_rewards) for p in probs]
+    best = int(np.argmax(returns))
+    table = V.validation_table(probs[best], v_agree, v_conf, layers, cfg.thresholds)
+    final = {name: float(np.asarray(v)[best, -1]) for name, v in metrics.items()} if total else {}
+    result = {"seed": seeds[best], "validation_return": returns[best], "seed_returns": returns,
+              "judged_on": "validation" if validation is not None else "training", "updates": total,
+              "timesteps": total * cfg.steps_per_update, "seconds": seconds, "first_block_seconds": compile_s,
+              "final_metrics": final}
+    policy = gc.policies.Learned(learned_params(actors[best], obs_mean, obs_std), exit_layers=tuple(store.exit_layers))
+    metadata = {"trained_on": {"rollouts": str(store.root.resolve()), "model": store.model,
+                               "validation": None if validation is None else str(validation.root.resolve())},
+                "decision_layers": list(store.decision_layers), **reward_record, "rl": dataclasses.asdict(cfg),
+                "result": result}
+    staged = work / "policy"
+    shutil.rmtree(staged, ignore_errors=True)
+    policy.save(staged, metadata)
+    shutil.copy(metrics_path, staged / "metrics.jsonl")
+    atomic_write_text(staged / "validation.json", json.dumps(table, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staged, out)
+    shutil.rmtree(work, ignore_errors=True)
+    log(V.format_table(table))
+    log(f"train-policy: seed {seeds[best]} kept (validation return {returns[best]:.3f} on the "
+        f"{result['judged_on']} store); {total} updates in {seconds:.1f} s -> {out}")
+    return {"policy": str(out), "validation": table, **result}
