@@ -1,138 +1,267 @@
-"""`greencode run CONFIG`: the main job, stage by stage, under `runs/<name>/`.
+"""`greencode run [CONFIG] [section.field=value ...]`: the main job, stage by stage.
 
-A stage is skipped when its output exists for the same inputs (a hash of the
-resolved config is stored beside each output). Until the data, training, RL and
-evaluation stages land, the job is the model-layer demonstration: random early-exit
-model -> our checkpoint -> Hugging Face export -> re-import -> parity report.
+    data (prepared by finetune if absent) -> finetune -> calibrate -> collect (train +
+    validation rollouts) -> train policy -> evaluate -> report
+Everything goes under runs/<name>/ as each stage's own command writes it. A stage is
+skipped when its output exists for the same inputs: pipeline.json keeps, per stage, a hash
+of the config fields it reads and of the stages before it. An interrupted run (Ctrl-C,
+SIGTERM) stops inside a stage that resumes (finetune, collect, train-policy, evaluate)
+or between stages; the same command continues.
+
+One YAML file holds every stage's section: finetune's (run, model, data, train, parallel,
+checkpoint, eval) plus `energy` (calibration), `rollouts` (collection), `rl` (PPO) and
+`evaluate` (the evaluation; finetune's own `eval` section is its held-out loss).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
 import yaml
 
 from greencode_jax.atomic import atomic_write_text
-from greencode_jax.cli.config import DEMO_CONFIG, RunSection, apply_overrides, read_yaml, typed_section
+from greencode_jax.cli.config import _hint, read_yaml, typed_section
 from greencode_jax.errors import GreencodeError
 
-KNOWN_SECTIONS = ("run", "model")
+QUICKSTART = Path(__file__).with_name("quickstart.yaml")
+FINETUNE_SECTIONS = ("run", "model", "data", "train", "parallel", "checkpoint", "eval")
+PIPELINE_SECTIONS = ("energy", "rollouts", "rl", "evaluate")
 
 
-def load_run_config(path, overrides):
-    source = str(path or DEMO_CONFIG)
-    data = apply_overrides(read_yaml(path or DEMO_CONFIG), overrides or [], source)
-    unknown = [s for s in data if s not in KNOWN_SECTIONS]
+@dataclasses.dataclass(frozen=True)
+class EnergySection:
+    """`greencode energy calibrate` on the fine-tuned checkpoint (decode workload)."""
+    repeats: int = 2
+    min_seconds: float = 1.0
+    tokens: int = 16
+    new_tokens: int = 32
+    batch: int = 1
+    set: tuple = ()  # EnergyConfig overrides, e.g. [cpu_backend=estimate]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutsSection:
+    """`greencode collect-rollouts`: a training and a validation store."""
+    episodes: int = 512
+    validation_episodes: int = 128
+    validation_split: str = "validation"
+    batch_size: int = 16
+    hidden_dtype: str = "float32"
+    max_context: int = 0  # 0: what the model's positions allow
+    seed: int = 0
+
+
+def split_config(data: dict, source: str) -> tuple[dict, dict]:
+    unknown = [s for s in data if s not in FINETUNE_SECTIONS + PIPELINE_SECTIONS]
     if unknown:
-        raise GreencodeError(f"{source}: unknown section '{unknown[0]}'; expected {list(KNOWN_SECTIONS)}")
-    for section in KNOWN_SECTIONS:
-        if not isinstance(data.get(section), dict):
-            raise GreencodeError(f"{source}: section '{section}' is missing or not a mapping")
-    run = typed_section(RunSection, data["run"], "run", source)
-    from greencode_jax.models import ModelConfig
-
-    hf_fields = dict(data["model"])
-    exit_layers = hf_fields.pop("exit_layers", None)
-    model_config = ModelConfig.from_hf(hf_fields, exit_layers=exit_layers, source=f"{source} (section 'model')")
-    if run.prompt_tokens > model_config.max_position_embeddings:
-        raise GreencodeError(f"{source}: run.prompt_tokens={run.prompt_tokens} exceeds "
-                             f"model.max_position_embeddings={model_config.max_position_embeddings}")
-    return data, run, model_config
+        raise GreencodeError(f"{source}: unknown section '{unknown[0]}'"
+                             f"{_hint(unknown[0], FINETUNE_SECTIONS + PIPELINE_SECTIONS)}; expected "
+                             f"{list(FINETUNE_SECTIONS + PIPELINE_SECTIONS)}")
+    return ({k: v for k, v in data.items() if k in FINETUNE_SECTIONS},
+            {k: (data.get(k) or {}) for k in PIPELINE_SECTIONS})
 
 
-def _stage(out: Path, name: str, key: str, build) -> bool:
-    """Runs `build(path)` unless `out/name` exists for the same `key`. Returns True if it ran."""
-    stamp = out / f".{name}.key"
-    if (out / name).exists() and stamp.exists() and stamp.read_text() == key:
-        print(f"[{name}] up to date, skipped")
-        return False
-    start = time.perf_counter()
-    build(out / name)
-    atomic_write_text(stamp, key)
-    print(f"[{name}] done in {time.perf_counter() - start:.1f} s")
-    return True
+def _section(cls, values, name, source):
+    if not isinstance(values, dict):
+        raise GreencodeError(f"{source}: section '{name}' must be a mapping of fields")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return typed_section(cls, values, name, source)
+
+
+def load_pipeline_config(path, overrides):
+    from greencode_jax.cli.config import apply_overrides
+    from greencode_jax.cli.rl_cmd import rl_config
+    from greencode_jax.cli.train_cmd import load_finetune_config
+
+    source = str(path or QUICKSTART)
+    data = read_yaml(path or QUICKSTART)
+    for name in FINETUNE_SECTIONS + PIPELINE_SECTIONS:
+        data.setdefault(name, {})
+    data = apply_overrides(data, list(overrides), source)
+    finetune_part, stage_part = split_config(data, source)
+    tmp = Path(atomic_tmp_yaml(finetune_part))
+    try:
+        finetune, _ = load_finetune_config(tmp, [])
+    except GreencodeError as e:
+        raise GreencodeError(str(e).replace(str(tmp), source)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    energy = _section(EnergySection, stage_part["energy"], "energy", source)
+    rollouts = _section(RolloutsSection, stage_part["rollouts"], "rollouts", source)
+    rl = _rl(stage_part["rl"], source, rl_config)
+    try:  # TEMP until eval lands
+        from greencode_jax.eval.config import evaluate_section
+        evaluate = evaluate_section(stage_part["evaluate"], source)
+    except ImportError:
+        evaluate = stage_part["evaluate"]
+    return data, finetune, energy, rollouts, rl, evaluate
+
+
+def _rl(values, source, rl_config):
+    tmp = Path(atomic_tmp_yaml({"rl": values}))
+    try:
+        return rl_config(tmp, [])
+    except GreencodeError as e:
+        raise GreencodeError(str(e).replace(str(tmp), source)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_tmp_yaml(data) -> str:
+    import tempfile
+
+    fd, name = tempfile.mkstemp(suffix=".yaml", prefix="greencode-config-")
+    with open(fd, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return name
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """pipeline.json: per stage, the key of the inputs its outputs were made from."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "pipeline.json"
+        self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.seconds = {}
+
+    def run(self, name: str, key: str, outputs, build, what: str):
+        outputs = [Path(p) for p in outputs]
+        if self.done.get(name, {}).get("key") == key and all(p.exists() for p in outputs):
+            print(f"[{name}] up to date ({what}), skipped", flush=True)
+            self.seconds[name] = 0.0
+            return
+        print(f"[{name}] {what}", flush=True)
+        start = time.perf_counter()
+        build()
+        seconds = time.perf_counter() - start
+        self.seconds[name] = seconds
+        self.done[name] = {"key": key, "seconds": round(seconds, 1)}
+        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
+        print(f"[{name}] done in {seconds:.1f} s", flush=True)
 
 
 def run_pipeline(config_path, overrides):
-    data, run, model_config = load_run_config(config_path, overrides)
-    out = Path("runs") / run.name
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = yaml.safe_dump(data, sort_keys=False)
-    atomic_write_text(out / "config.yaml", resolved)
-    key = hashlib.sha256(resolved.encode()).hexdigest()
-    print(f"greencode run: {run.name} -> {out}/ ({model_config.family}, {model_config.num_layers} layers, "
-          f"exits {list(model_config.exit_layers)}, {run.dtype})")
-
     import greencode_jax as gc
-    from greencode_jax.models import init_model
+    from greencode_jax.cli.train_cmd import print_evaluation
+    from greencode_jax.train import train
 
-    _stage(out, "checkpoint", key, lambda path: gc.save_checkpoint(
-        init_model(model_config, run.dtype, seed=run.seed), path, overwrite=True))
-    _stage(out, "hf_export", key, lambda path: gc.export_pretrained(
-        gc.load_pretrained(out / "checkpoint"), path, overwrite=True))
-    report = parity_report(out, run, model_config)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out / 'report.json'}")
+    data, finetune, energy, rollouts, rl, evaluate_cfg = load_pipeline_config(config_path, overrides)
+    run_dir = Path(finetune.run.out_dir) / finetune.run.name
+    data_dir = Path(finetune.data.path)
+    source = str(config_path or QUICKSTART)
+    print(f"greencode run: {source} -> {run_dir}/", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(data, sort_keys=False))
+    stages = Stages(run_dir)
+    final = run_dir / "final"
+
+    ft_key = _digest(finetune.to_dict())
+    result = {}
+
+    def do_finetune():
+        from greencode_jax.cli.train_cmd import load_finetune_config
+
+        tmp = Path(atomic_tmp_yaml({k: data[k] for k in FINETUNE_SECTIONS}))
+        try:
+            config, resolved = load_finetune_config(tmp, [])
+        finally:
+            tmp.unlink(missing_ok=True)
+        r = train(config, source=source, resolved_yaml=resolved, progress=None)
+        if r.stopped_by is not None:
+            raise KeyboardInterrupt
+        result["finetune"] = r
+
+    stages.run("finetune", ft_key, [final, run_dir / "eval.json"], do_finetune,
+               f"data + exit fine-tune ({finetune.train.steps or 'epochs'} steps) -> {final}")
+    ev = json.loads((run_dir / "eval.json").read_text())
+    print_evaluation(ev)
+
+    cost = run_dir / "cost_model.json"
+    cal_key = _digest(ft_key, dataclasses.asdict(energy))
+
+    def do_calibrate():
+        from greencode_jax.cli.energy_cmd import cmd_energy_calibrate
+
+        for attempt in range(3):  # a noisy machine can fit a non-positive slope: measure again, longer
+            args = argparse.Namespace(model=str(final), depths=None, workload="decode", tokens=energy.tokens,
+                                      new_tokens=energy.new_tokens, batch=energy.batch, repeats=energy.repeats,
+                                      min_seconds=energy.min_seconds * (attempt + 1), idle_seconds=0.0,
+                                      dtype="float32", seed=0, out=str(cost), set=list(energy.set))
+            fit = cmd_energy_calibrate(args)
+            if fit.b_j_per_layer > 0:
+                return
+            print(f"  the fit's J per layer is {fit.b_j_per_layer:.3g}: calibrating again with longer windows")
+        raise GreencodeError(f"{cost}: the cost per layer did not come out positive in 3 calibrations; the machine "
+                             "is too noisy (raise energy.min_seconds)")
+
+    stages.run("calibrate", cal_key, [cost], do_calibrate, "joules per token = a + b x layers (energy calibrate)")
+
+    from greencode_jax.rl.collect import collect_rollouts
+
+    stores = {"train": run_dir / "rollouts" / "train", "validation": run_dir / "rollouts" / "validation"}
+    col_key = _digest(ft_key, dataclasses.asdict(rollouts))
+    max_context = rollouts.max_context or None
+
+    def do_collect():
+        for split, path, n in (("train", stores["train"], rollouts.episodes),
+                               (rollouts.validation_split, stores["validation"], rollouts.validation_episodes)):
+            if path.exists():
+                shutil.rmtree(path)  # the stage's key changed: recollect
+            collect_rollouts(final, data_dir, path, split=split, episodes=n, batch_size=rollouts.batch_size,
+                             seed=rollouts.seed + (split != "train"), hidden_dtype=rollouts.hidden_dtype,
+                             max_context=max_context)
+
+    stages.run("rollouts", col_key, list(stores.values()), do_collect,
+               f"{rollouts.episodes} training + {rollouts.validation_episodes} validation episodes")
+
+    policy_dir = run_dir / "policy"
+    rl_cfg = dataclasses.replace(rl, cost_model=str(cost)) if rl.reward == "energy" and not rl.cost_model else rl
+    pol_key = _digest(col_key, cal_key, dataclasses.asdict(rl_cfg))
+
+    def do_policy():
+        from greencode_jax.rl.train import train_policy
+
+        train_policy(stores["train"], policy_dir, rl_cfg, validation_dir=stores["validation"], overwrite=True)
+
+    stages.run("policy", pol_key, [policy_dir], do_policy,
+               f"PPO, {rl_cfg.total_timesteps:,} timesteps, reward {rl_cfg.reward}")
+
+    eval_dir = run_dir / "evaluate"
+    base = None if finetune.model.init == "scratch" else finetune.model.init
+    ev_key = _digest(pol_key, str(evaluate_cfg), str(base))
+
+    def do_evaluate():
+        from greencode_jax.eval.run import evaluate_from_config
+
+        evaluate_from_config(final, data_dir, eval_dir, evaluate_cfg, policy_dir=policy_dir, base=base,
+                             cost_model=cost)
+
+    stages.run("evaluate", ev_key, [eval_dir / "summary.json", eval_dir / "report.md"], do_evaluate,
+               "every policy family on the test split")
+    print_outcome(run_dir, eval_dir, policy_dir, stages)
 
 
-def parity_report(out: Path, run: RunSection, model_config) -> dict:
-    """How closely every exit of the re-imported model matches the original (and PyTorch)."""
-    import jax
-    import numpy as np
+def print_outcome(run_dir: Path, eval_dir: Path, policy_dir: Path, stages: Stages):
+    from greencode_jax.eval.report import format_table, main_table
 
-    import greencode_jax as gc
-
-    ours = gc.load_pretrained(out / "checkpoint")
-    reimported = gc.load_pretrained(out / "hf_export")
-    ids = np.random.default_rng(run.seed).integers(0, model_config.vocab_size, (1, run.prompt_tokens))
-    report = {"prompt_tokens": run.prompt_tokens, "dtype": run.dtype, "exits": {}}
-    reference = _torch_reference(out / "hf_export", ids)
-    print(f"{'exit layer':>10}  {'JAX round trip':>15}  {'vs PyTorch':>12}   (max |logit difference|)")
-    with jax.default_matmul_precision("highest"):
-        for layer in model_config.exit_layers:
-            mine = np.asarray(ours.logits(ids, layer=layer))
-            row = {"jax_round_trip": float(np.abs(mine - np.asarray(reimported.logits(ids, layer=layer))).max())}
-            if reference is not None:
-                row["vs_pytorch"] = float(np.abs(mine - reference[layer]).max())
-            report["exits"][str(layer)] = row
-            torch_text = f"{row['vs_pytorch']:12.2e}" if "vs_pytorch" in row else f"{'skipped':>12}"
-            print(f"{layer:>10}  {row['jax_round_trip']:15.2e}  {torch_text}")
-    if reference is None:
-        print("PyTorch comparison skipped: torch is not installed (scripts/setup --dev installs it)")
-    report["pytorch_checked"] = reference is not None
-    return report
-
-
-def _torch_reference(hf_dir: Path, ids) -> dict | None:
-    """transformers' logits at every layer through the model's own exit head, or None without torch."""
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        return None
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        out = model(torch.tensor(ids), output_hidden_states=True)
-        head = _torch_exit_head(model)
-        layers = {i: head(out.hidden_states[i + 1]).float().numpy() for i in range(len(out.hidden_states) - 2)}
-        layers[len(out.hidden_states) - 2] = out.logits.float().numpy()  # hidden_states[-1] is already normed
-    return layers
-
-
-def _torch_exit_head(model):
-    """HF's own modules in exit-head order: final norm, OPT's project_out, LM head."""
-    base = model.model.decoder if model.config.model_type == "opt" else model.model
-    norm = getattr(base, "final_layer_norm", None) if model.config.model_type == "opt" else base.norm
-    project_out = getattr(base, "project_out", None)
-
-    def head(h):
-        if norm is not None:
-            h = norm(h)
-        if project_out is not None:
-            h = project_out(h)
-        return model.lm_head(h)
-
-    return head
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    for protocol in summary["protocols"]:
+        print(f"\n{protocol} protocol:")
+        print(format_table(main_table(summary, protocol)))
+    method = summary.get("energy_method") or summary.get("header", {}).get("energy_method")
+    if method:
+        print(f"\nenergy: {method}")
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in stages.seconds.items())
+    print(f"stages: {timing}")
+    print(f"report: {eval_dir / 'report.md'}\nplots:  {eval_dir / 'pareto.png'}, {eval_dir / 'exits.png'}\n"
+          f"policy: {policy_dir}")

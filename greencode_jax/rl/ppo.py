@@ -135,11 +135,16 @@ class Trainer:
         return jax.jit(lambda s: jax.vmap(one)(s), out_shardings=shardings)(jnp.asarray(seeds, jnp.uint32))
 
     def block(self, state: TrainState, env: E.EnvArrays, updates: int):
-        """`updates` PPO updates (one compiled program per block length). Returns (state, metrics
-        [K, updates] per name)."""
-        if updates not in self._blocks:
-            self._blocks[updates] = self._compile_block(state, updates)
-        return self._blocks[updates](state, env)
+        """`updates` (<= rl.checkpoint_every) PPO updates. One compiled program for every block:
+        it scans `checkpoint_every` slots and skips those past `updates` (a scalar `lax.cond`),
+        so a short last block does not compile again. Returns (state, metrics [K, updates])."""
+        length = self.cfg.checkpoint_every
+        if not 1 <= updates <= length:
+            raise ValueError(f"block of {updates} updates: expected 1..{length}")
+        if "block" not in self._blocks:
+            self._blocks["block"] = self._compile_block(state, length)
+        state, metrics = self._blocks["block"](state, env, jnp.int32(updates))
+        return state, jax.tree.map(lambda m: m[:, :updates], metrics)
 
     def _compile_block(self, state, updates: int):
         cfg, axis = self.cfg, "data"
@@ -203,13 +208,18 @@ class Trainer:
             }
             return TrainState(params, opt_state, env_state, obs, rng, ts.update + 1), metrics
 
-        def run(state, env):
+        def run(state, env, active):
             def per_seed(ts):
-                return jax.lax.scan(lambda ts, _: update(env, ts), ts, None, updates)
+                shapes = jax.eval_shape(lambda ts: update(env, ts)[1], ts)
+                idle = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+                def slot(ts, i):
+                    return jax.lax.cond(i < active, lambda ts: update(env, ts), lambda ts: (ts, idle), ts)
+                return jax.lax.scan(slot, ts, jnp.arange(updates))
             return jax.vmap(per_seed)(state)
 
         specs = self._spec_tree(state)
         env_specs = jax.tree.map(lambda _: P(), E.EnvArrays(*[0] * 4))
-        mapped = jax.shard_map(run, mesh=self.mesh, in_specs=(specs, env_specs), out_specs=(specs, P()),
+        mapped = jax.shard_map(run, mesh=self.mesh, in_specs=(specs, env_specs, P()), out_specs=(specs, P()),
                                check_vma=False)
         return jax.jit(mapped, donate_argnums=0)
