@@ -18,7 +18,8 @@ from greencode_jax.eval import metrics
 from greencode_jax.eval.metrics import METRICS, codebleu_status, corpus_scores, score
 
 PAIRS = [  # (prediction, target): CodeXGLUE-tokenised snippets, as decoded
-    ("self . assertEqual ( response . status_code , <NUM_LIT> ) <EOL> data", "self . assertEqual ( resp . status_code , <NUM_LIT:200> ) <EOL> self"),
+    ("self . assertEqual ( response . status_code , <NUM_LIT> ) <EOL> data",
+     "self . assertEqual ( resp . status_code , <NUM_LIT:200> ) <EOL> self"),
     ("def f ( x ) : <EOL> return x + <NUM_LIT>", "def f ( x ) : <EOL> return x + <NUM_LIT:1>"),
     ("import os", "from os import path"),
     ("print ( \"<STR_LIT>\" )", "print ( \"<STR_LIT:hello>\" )"),

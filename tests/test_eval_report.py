@@ -142,3 +142,11 @@ def test_main_table_when_nothing_saves_energy_says_so():
     records += [record(s, "fixed:7", "fixed", 7, rouge_l=0.6, modelled=9.0) for s in range(3)]
     rows = main_table(summarize(records), "completion")
     assert rows[1]["policy"] == "fixed:7" and rows[1]["note"] == "saves nothing"
+
+
+def test_an_empty_summary_still_gives_a_report(tmp_path):
+    paths = write_report(tmp_path, summarize([]), [], header={"device": "cpu", "energy_method": "estimated"})
+    assert "No records were summarised." in paths["report"].read_text()
+    assert image.imread(paths["pareto"]).ndim == 3
+    with pytest.raises(ValueError, match="protocol 'line' is not in the summary"):
+        main_table(summarize([]), "line")

@@ -234,3 +234,10 @@ def test_records_that_disagree_on_a_policy_are_refused():
     records = [record(0, "full", "full", None, rouge_l=0.5), record(1, "full", "fixed", 3, rouge_l=0.5)]
     with pytest.raises(ValueError, match="disagree on family"):
         summarize(records)
+
+
+def test_a_record_without_a_modelled_figure_reads_as_missing_not_zero():
+    r = record(0, "full", "full", None, rouge_l=0.5)
+    del r["energy"]["modelled"]
+    modelled = by_key(summarize([r]))["full"]["energy"]["modelled"]
+    assert modelled == {"mean": None, "reason": "no modelled figure recorded"}

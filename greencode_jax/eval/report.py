@@ -105,6 +105,8 @@ def render_markdown(summary: dict, header: dict) -> str:
     for name, reason in summary.get("unavailable", {}).items():
         lines.append("")
         lines.append(f"{name} unavailable: {reason}")
+    if not summary["protocols"]:
+        lines += ["", "No records were summarised."]
     for protocol, proto in summary["protocols"].items():
         lines += ["", *_protocol_section(protocol, proto)]
     lines.append("")
@@ -188,6 +190,9 @@ def main_table(summary: dict, protocol: str) -> list[dict]:
     Each row: {"policy", "family", "setting", "batch_size", "modelled_j", "measured_j",
     "seconds", "rouge_l", "saved_modelled", "saved_measured", "quality_change", "pareto", "note"}.
     """
+    if protocol not in summary["protocols"]:
+        have = ", ".join(summary["protocols"]) or "none"
+        raise ValueError(f"protocol {protocol!r} is not in the summary (it has {have})")
     proto = summary["protocols"][protocol]
     policies = proto["policies"]
     cost = proto.get("pareto_cost")

@@ -60,7 +60,8 @@ def policy_keys(records: list[dict]) -> list[str]:
 
 def _energy(rows: list[dict], figure: str) -> dict:
     """One figure's summary over one policy's records: never mixed with the other figure."""
-    entries = [r["energy"][figure] for r in rows]
+    entries = [(r.get("energy") or {}).get(figure) or {"joules": None, "reason": f"no {figure} figure recorded"}
+               for r in rows]
     values = [e.get("joules") for e in entries]
     present = [v for v in values if v is not None]
     methods = sorted({e.get("method") or "unknown" for e, v in zip(entries, values) if v is not None})
