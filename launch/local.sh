@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a greencode command on this machine, inside the project's virtualenv.
 #   launch/local.sh [--dry-run] [--processes N] [--cpu-devices K] COMMAND [ARGS...]
-#     e.g. launch/local.sh run configs/demo.yaml
+#     e.g. launch/local.sh run configs/quickstart.yaml
 #          launch/local.sh finetune configs/stdlib-scratch.yaml train.steps=100
 #          launch/local.sh --processes 2 finetune configs/stdlib-scratch.yaml   # jax.distributed on localhost
 #   --processes N     start N coordinated processes (GREENCODE_COORDINATOR=localhost:$GREENCODE_PORT,

@@ -77,23 +77,6 @@ def test_bad_input_is_one_line_and_leaves_nothing(hf_dir, tmp_path, case):
     assert leftovers(tmp_path, "out") == (["out"] if case == "exists" else [])
 
 
-def test_run_demo_pipeline_reports_parity_and_skips_done_stages(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    tiny = ["run.name=t", "run.prompt_tokens=40", "model.num_hidden_layers=3", "model.hidden_size=32",
-            "model.intermediate_size=64", "model.num_attention_heads=4", "model.vocab_size=96",
-            "model.max_position_embeddings=64", "model.rope_parameters.original_max_position_embeddings=16",
-            "model.exit_layers=[0]"]
-    assert main(["run", *tiny]) == 0
-    report = json.loads((tmp_path / "runs/t/report.json").read_text())
-    assert report["pytorch_checked"] and set(report["exits"]) == {"0", "2"}
-    for row in report["exits"].values():
-        assert row["jax_round_trip"] == 0.0 and row["vs_pytorch"] < 1e-4
-    assert main(["run", *tiny]) == 0
-    assert "[checkpoint] up to date, skipped" in capsys.readouterr().out
-    assert main(["run", *tiny, "run.nmae=x"]) == 2
-    assert "did you mean 'name'" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("bench", ["forward", "decode", "train"])
 def test_bench_refuses_cuda_where_torch_has_none(bench, capsys):
     assert main(["bench", bench, "--shape", "tiny-llama", "--torch-device", "cuda"]) == 2

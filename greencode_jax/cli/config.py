@@ -5,22 +5,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-from pathlib import Path
 
 import yaml
 
 from greencode_jax.errors import GreencodeError
 from greencode_jax.yamlfile import as_float, read_yaml  # noqa: F401  (read_yaml re-exported for the CLI)
-
-DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
-
-@dataclasses.dataclass(frozen=True)
-class RunSection:
-    name: str = "demo"
-    seed: int = 0
-    dtype: str = "float32"
-    prompt_tokens: int = 512
-
 
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
     """`section.field=value` (value parsed as YAML) replaces or adds a field of a known section.

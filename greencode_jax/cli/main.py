@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         "per token. Run `greencode COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the main job on a config (default: the embedded demo)")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/demo.yaml, embedded)")
+    p = sub.add_parser("run", help="the main job: prepare, fine-tune, calibrate, collect rollouts, train the exit "
+                       "policy, evaluate, report (default config: the embedded quickstart)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/quickstart.yaml, embedded)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.set_defaults(func=cmd_run)
 
