@@ -50,7 +50,7 @@ class RolloutsSection:
     """`greencode collect-rollouts`: a training and a validation store."""
     episodes: int = 512
     validation_episodes: int = 128
-    validation_split: str = "validation"
+    validation_split: str = "dev"
     batch_size: int = 16
     hidden_dtype: str = "float32"
     max_context: int = 0  # 0: what the model's positions allow

@@ -52,7 +52,7 @@ def register(sub):
     p.add_argument("checkpoint", help="greencode checkpoint or Hugging Face model directory (its exit layers)")
     p.add_argument("--data", required=True, help="a corpus written by prepare-data (or finetune)")
     p.add_argument("--out", required=True, help="the rollout store to write (DIR.partial while recording)")
-    p.add_argument("--split", default="train", help="split of the corpus; a validation store: --split validation")
+    p.add_argument("--split", default="train", help="split of the corpus; a validation store: --split dev")
     p.add_argument("--episodes", type=int, default=512, help="episodes (a document, a U(0.2, 0.5) context, "
                    "--new-tokens greedy tokens)")
     p.add_argument("--batch-size", type=int, default=16, help="episodes per compiled batch (split over devices)")
