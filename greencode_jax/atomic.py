@@ -56,3 +56,24 @@ def atomic_write_text(path: str | Path, text: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def resumable_directory(out: str | Path, settings: dict, what: str) -> tuple[Path, bool]:
+    """The work directory OUT.partial of a long job that renames it to OUT when done: created
+    with `settings.json`, or reused when an interrupted run left it with the same settings
+    (refused otherwise). Returns (path, resumed)."""
+    import json
+
+    work = Path(out).with_name(Path(out).name + ".partial")
+    if work.exists():
+        try:
+            previous = json.loads((work / "settings.json").read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != settings:
+            raise GreencodeError(f"{work}: an interrupted {what} with other settings (or another model); delete it, "
+                                 "or rerun with the same arguments to resume it")
+        return work, True
+    work.mkdir(parents=True)
+    atomic_write_text(work / "settings.json", json.dumps(settings, indent=2) + "\n")
+    return work, False

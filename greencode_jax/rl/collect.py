@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from greencode_jax.atomic import atomic_write_text
+from greencode_jax.atomic import atomic_write_text, resumable_directory
 from greencode_jax.errors import GreencodeError
 from greencode_jax.rl import store as st
 
@@ -104,19 +104,8 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     chunk = chunk_episodes or max(batch_size, CHUNK_BYTES // per_episode // batch_size * batch_size)
     settings = _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_tokens, max_context, chunk)
 
-    work = st.partial_dir(out)
-    settings_path = work / "settings.json"
-    if work.exists():
-        try:
-            previous = json.loads(settings_path.read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous != settings:
-            raise GreencodeError(f"{work}: an interrupted collection with other settings (or another model); "
-                                 "delete it, or rerun with the same arguments to resume it")
-    else:
-        (work / st.CHUNKS).mkdir(parents=True)
-        atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    work, _ = resumable_directory(out, settings, "collection")
+    (work / st.CHUNKS).mkdir(exist_ok=True)
 
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
     plan = plan_episodes(tokens, eos, episodes, seed, new_tokens, max_context)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from greencode_jax.atomic import atomic_write_text
+from greencode_jax.atomic import atomic_write_text, resumable_directory
 from greencode_jax.errors import GreencodeError
 from greencode_jax.rl.config import RLSection
 from greencode_jax.rl.store import RolloutStore
@@ -114,18 +114,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     settings = _settings(store, cfg, validation, jax.device_count())
 
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        try:
-            previous = json.loads((work / "settings.json").read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous != settings:
-            raise GreencodeError(f"{work}: an interrupted training with other settings; delete it, or rerun with the "
-                                 "same arguments to resume it")
-    else:
-        work.mkdir(parents=True)
-        atomic_write_text(work / "settings.json", json.dumps(settings, indent=2) + "\n")
+    work, _ = resumable_directory(out, settings, "training")
 
     hidden, agree = store.array("hidden"), store.array("agree")
     env = E.make_env(hidden, agree, layers, reward_kwargs)
