@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from greencode_jax.cli import data_cmd, train_cmd
+from greencode_jax.cli import data_cmd, eval_cmd, train_cmd
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
 
 
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register(sub)
     train_cmd.register(sub)
     register_energy(sub)
+    eval_cmd.register(sub)
 
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
