@@ -321,3 +321,14 @@ def test_the_command_refuses_bad_input_in_one_line(env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unknown policy family 'warp'" in err
     assert_no_output(out)
+
+
+def test_bench_eval_times_the_loop_and_bare_generate_on_the_same_samples(env):
+    from greencode_jax.eval.bench import format_bench_eval, run_bench_eval
+
+    result = run_bench_eval(env["checkpoint"], env["data"], samples=3, policy="learned@0.5", policy_dir=env["policy"],
+                            repeats=1, config=CONFIG)
+    assert result["policies"] == ["full", "learned@0.5"] and result["records"] == 6
+    assert len(result["times_s"]["bare"]) == len(result["times_s"]["loop"]) == 1
+    assert result["ratio"] == pytest.approx(result["loop_s_per_sample"] / result["bare_s_per_sample"])
+    assert "ratio" in format_bench_eval(result)

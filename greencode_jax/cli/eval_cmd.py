@@ -1,6 +1,6 @@
 """`greencode evaluate CHECKPOINT --data DIR --out DIR [...]`: parses, runs eval.run.evaluate, prints.
 
-Wiring (in main.py's build_parser): `eval_cmd.register(sub)`. Heavy imports happen inside
+Wiring (in main.py's build_parser): `eval_cmd.register(sub)` and `eval_cmd.register_bench(bench_sub)`. Heavy imports happen inside
 the handler, so `--help` answers at once.
 """
 
@@ -88,3 +88,35 @@ def register(subparsers):
                    help="EnergyConfig field override for the measured joules, repeatable: e.g. cpu_backend=off")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_bench_eval(args):
+    from greencode_jax.eval.bench import format_bench_eval, run_bench_eval
+
+    if args.samples < 1 or args.repeats < 1:
+        raise GreencodeError("--samples and --repeats must be positive")
+    result = run_bench_eval(args.checkpoint, args.data, samples=args.samples, policy=args.policies,
+                            policy_dir=args.policy, repeats=args.repeats)
+    print(format_bench_eval(result))
+    if args.json:
+        import json
+
+        from greencode_jax.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+
+
+def register_bench(bench_subparsers):
+    p = bench_subparsers.add_parser(
+        "eval", help="evaluation-loop overhead per sample vs bare generate (target <= 1.2x)",
+        description="Times the evaluation loop (energy window, decoding, every metric, the record written) against "
+                    "bare generate on the same completion samples at batch 1, interleaved, medians reported.")
+    p.add_argument("checkpoint", help="greencode checkpoint (or Hugging Face model directory)")
+    p.add_argument("--data", required=True, help="directory written by `greencode prepare-data`")
+    p.add_argument("--samples", type=int, default=20, help="completion samples (default 20)")
+    p.add_argument("--policies", default="full", metavar="SPEC", help="policy SPEC item (default full; Full() is "
+                   "also run for another, as the loop's agreement needs it)")
+    p.add_argument("--policy", default=None, metavar="DIR", help="learned policy directory, for learned@T")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_eval)

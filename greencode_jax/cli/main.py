@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register_bench(bench_sub)
     train_cmd.register_bench(bench_sub)
     register_bench_energy(bench_sub)
+    eval_cmd.register_bench(bench_sub)
     return parser
 
 
