@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from greencode_jax.cli import data_cmd, rl_cmd, train_cmd
+from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, train_cmd
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
 
 
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.register(sub)
     register_energy(sub)
     rl_cmd.register(sub)
+    eval_cmd.register(sub)
 
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register_bench(bench_sub)
     train_cmd.register_bench(bench_sub)
     register_bench_energy(bench_sub)
+    eval_cmd.register_bench(bench_sub)
     return parser
 
 

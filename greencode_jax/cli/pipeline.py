@@ -9,8 +9,9 @@ SIGTERM) stops inside a stage that resumes (finetune, collect, train-policy, eva
 or between stages; the same command continues.
 
 One YAML file holds every stage's section: finetune's (run, model, data, train, parallel,
-checkpoint, eval) plus `energy` (calibration), `rollouts` (collection), `rl` (PPO) and
-`evaluate` (the evaluation; finetune's own `eval` section is its held-out loss).
+checkpoint, eval) plus `energy` (calibration), `rollouts` (collection) and `rl` (PPO). The
+`eval` section serves both finetune (its held-out loss: split, batches, every) and the
+evaluation (eval.config.EvalConfig: samples, policies, protocols, ...).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from greencode_jax.errors import GreencodeError
 
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")
 FINETUNE_SECTIONS = ("run", "model", "data", "train", "parallel", "checkpoint", "eval")
-PIPELINE_SECTIONS = ("energy", "rollouts", "rl", "evaluate")
+PIPELINE_SECTIONS = ("energy", "rollouts", "rl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,10 @@ def load_pipeline_config(path, overrides):
         data.setdefault(name, {})
     data = apply_overrides(data, list(overrides), source)
     finetune_part, stage_part = split_config(data, source)
+    from greencode_jax.eval.config import EvalConfig, finetune_fields
+
+    evaluate = EvalConfig.from_dict(finetune_part.get("eval") or {}, source)
+    finetune_part = {**finetune_part, "eval": finetune_fields(finetune_part.get("eval") or {})}
     tmp = Path(atomic_tmp_yaml(finetune_part))
     try:
         finetune, _ = load_finetune_config(tmp, [])
@@ -95,11 +100,6 @@ def load_pipeline_config(path, overrides):
     energy = _section(EnergySection, stage_part["energy"], "energy", source)
     rollouts = _section(RolloutsSection, stage_part["rollouts"], "rollouts", source)
     rl = _rl(stage_part["rl"], source, rl_config)
-    try:  # TEMP until eval lands
-        from greencode_jax.eval.config import evaluate_section
-        evaluate = evaluate_section(stage_part["evaluate"], source)
-    except ImportError:
-        evaluate = stage_part["evaluate"]
     return data, finetune, energy, rollouts, rl, evaluate
 
 
@@ -134,18 +134,29 @@ class Stages:
         self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.seconds = {}
 
-    def run(self, name: str, key: str, outputs, build, what: str):
+    def run(self, name: str, key: str, outputs, build, what: str, stale=()):
+        """Runs `build` unless `outputs` exist for `key`. `stale`: paths (an interrupted run's
+        DIR.partial among them) removed first when they were started for other inputs; kept,
+        so that the stage resumes, when an interrupted run had the same inputs."""
         outputs = [Path(p) for p in outputs]
-        if self.done.get(name, {}).get("key") == key and all(p.exists() for p in outputs):
+        entry = self.done.get(name, {})
+        if entry.get("key") == key and all(p.exists() for p in outputs):
             print(f"[{name}] up to date ({what}), skipped", flush=True)
             self.seconds[name] = 0.0
             return
+        if entry.get("started") != key:
+            for path in map(Path, stale):
+                for p in (path, path.with_name(path.name + ".partial")):
+                    if p.is_dir():
+                        shutil.rmtree(p)
+        self.done[name] = {"started": key}
+        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
         print(f"[{name}] {what}", flush=True)
         start = time.perf_counter()
         build()
         seconds = time.perf_counter() - start
         self.seconds[name] = seconds
-        self.done[name] = {"key": key, "seconds": round(seconds, 1)}
+        self.done[name] = {"key": key, "started": key, "seconds": round(seconds, 1)}
         atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
         print(f"[{name}] done in {seconds:.1f} s", flush=True)
 
@@ -171,7 +182,10 @@ def run_pipeline(config_path, overrides):
     def do_finetune():
         from greencode_jax.cli.train_cmd import load_finetune_config
 
-        tmp = Path(atomic_tmp_yaml({k: data[k] for k in FINETUNE_SECTIONS}))
+        from greencode_jax.eval.config import finetune_fields
+
+        sections = {k: data[k] for k in FINETUNE_SECTIONS}
+        tmp = Path(atomic_tmp_yaml({**sections, "eval": finetune_fields(sections["eval"] or {})}))
         try:
             config, resolved = load_finetune_config(tmp, [])
         finally:
@@ -216,13 +230,14 @@ def run_pipeline(config_path, overrides):
         for split, path, n in (("train", stores["train"], rollouts.episodes),
                                (rollouts.validation_split, stores["validation"], rollouts.validation_episodes)):
             if path.exists():
-                shutil.rmtree(path)  # the stage's key changed: recollect
+                continue  # collected before an interruption of the other store
             collect_rollouts(final, data_dir, path, split=split, episodes=n, batch_size=rollouts.batch_size,
                              seed=rollouts.seed + (split != "train"), hidden_dtype=rollouts.hidden_dtype,
                              max_context=max_context)
 
     stages.run("rollouts", col_key, list(stores.values()), do_collect,
-               f"{rollouts.episodes} training + {rollouts.validation_episodes} validation episodes")
+               f"{rollouts.episodes} training + {rollouts.validation_episodes} validation episodes",
+               stale=list(stores.values()))
 
     policy_dir = run_dir / "policy"
     rl_cfg = dataclasses.replace(rl, cost_model=str(cost)) if rl.reward == "energy" and not rl.cost_model else rl
@@ -234,20 +249,20 @@ def run_pipeline(config_path, overrides):
         train_policy(stores["train"], policy_dir, rl_cfg, validation_dir=stores["validation"], overwrite=True)
 
     stages.run("policy", pol_key, [policy_dir], do_policy,
-               f"PPO, {rl_cfg.total_timesteps:,} timesteps, reward {rl_cfg.reward}")
+               f"PPO, {rl_cfg.total_timesteps:,} timesteps, reward {rl_cfg.reward}", stale=[policy_dir])
 
     eval_dir = run_dir / "evaluate"
     base = None if finetune.model.init == "scratch" else finetune.model.init
-    ev_key = _digest(pol_key, str(evaluate_cfg), str(base))
+    ev_key = _digest(pol_key, evaluate_cfg.to_dict(), str(base))
 
     def do_evaluate():
-        from greencode_jax.eval.run import evaluate_from_config
+        from greencode_jax.eval.run import evaluate
 
-        evaluate_from_config(final, data_dir, eval_dir, evaluate_cfg, policy_dir=policy_dir, base=base,
-                             cost_model=cost)
+        evaluate(final, data_dir, eval_dir, policy_dir=policy_dir, base=base, cost_model=str(cost),
+                 config=evaluate_cfg)
 
     stages.run("evaluate", ev_key, [eval_dir / "summary.json", eval_dir / "report.md"], do_evaluate,
-               "every policy family on the test split")
+               "every policy family on the test split", stale=[eval_dir])
     print_outcome(run_dir, eval_dir, policy_dir, stages)
 
 

@@ -1,0 +1,122 @@
+"""`greencode evaluate CHECKPOINT --data DIR --out DIR [...]`: parses, runs eval.run.evaluate, prints.
+
+Wiring (in main.py's build_parser): `eval_cmd.register(sub)` and `eval_cmd.register_bench(bench_sub)`. Heavy imports happen inside
+the handler, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from greencode_jax.errors import GreencodeError
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected a batch size or a comma-separated list such as 1,8, got {text!r}")
+    return sizes
+
+
+def _protocols(text: str) -> list[str]:
+    from greencode_jax.eval.config import PROTOCOLS
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or not set(names) <= set(PROTOCOLS):
+        raise argparse.ArgumentTypeError(f"expected completion, line or completion,line, got {text!r}")
+    return names
+
+
+def cmd_evaluate(args):
+    from greencode_jax.cli.energy_cmd import _energy_config
+    from greencode_jax.eval.config import EvalConfig
+    from greencode_jax.eval.report import format_table, main_table
+    from greencode_jax.eval.run import evaluate
+
+    config = EvalConfig()
+    if args.config is not None:
+        from greencode_jax.yamlfile import read_yaml
+
+        data = read_yaml(args.config)
+        config = EvalConfig.from_dict(data.get("eval") or {}, source=f"{args.config} (section 'eval')")
+    if args.samples is not None and args.samples < 0:
+        raise GreencodeError(f"--samples {args.samples}: expected 0 (all) or more")
+    summary = evaluate(args.checkpoint, args.data, args.out, policy_dir=args.policy, base=args.base,
+                       policies=args.policies, samples=args.samples, batch_size=args.batch_size,
+                       protocols=args.protocols, cost_model=args.cost_model, energy_config=_energy_config(args.set),
+                       config=config, progress=not args.no_progress)
+    for protocol, proto in summary["protocols"].items():
+        n = max((p["n"] for p in proto["policies"].values()), default=0)
+        print(f"\n{protocol} ({n} samples; Pareto cost: {proto['pareto_cost'] or 'none'})")
+        print(format_table(main_table(summary, protocol)))
+    for name, reason in summary.get("unavailable", {}).items():
+        print(f"{name} unavailable: {reason}")
+    print()
+    for name in ("samples.jsonl", "summary.json", "report.md", "pareto.png", "exits.png"):
+        print(f"wrote {args.out}/{name}")
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "evaluate", help="every exit policy against Full() and the base model: code metrics, joules, report",
+        description="Evaluates CHECKPOINT on a prepared corpus with GREEN-CODE's completion protocol and CodeXGLUE "
+                    "line-level completion: Full(), the base model, fixed exits, confidence exits and the learned "
+                    "policy over their thresholds. Writes OUT/samples.jsonl (one record per sample and policy, as "
+                    "finished), summary.json, report.md, pareto.png and exits.png. Rerunning the same command "
+                    "resumes. See docs/evaluate.md.")
+    p.add_argument("checkpoint", help="greencode checkpoint (or Hugging Face model directory) to evaluate")
+    p.add_argument("--data", required=True, help="directory written by `greencode prepare-data`")
+    p.add_argument("--out", required=True, help="output directory (an earlier run's with the same settings resumes)")
+    p.add_argument("--policy", default=None, metavar="DIR", help="learned policy directory (what train-policy wrote)")
+    p.add_argument("--base", default=None, metavar="CHECKPOINT", help="the base model, evaluated at full depth")
+    p.add_argument("--samples", type=int, default=None, help="samples per protocol (default 1000; 0: all)")
+    p.add_argument("--batch-size", type=_sizes, default=None, metavar="B[,B]",
+                   help="batch size(s), e.g. 8 or 1,8 to report both (default 1)")
+    p.add_argument("--policies", default=None, metavar="SPEC",
+                   help="e.g. 'full; fixed:3,7; confidence:softmax_max@0.8,0.9; learned@0.6,0.9' (default: base, "
+                        "full, every fixed exit, both confidence measures and learned over their grids)")
+    p.add_argument("--protocols", type=_protocols, default=None, metavar="P[,P]",
+                   help="completion and/or line (default: both where the corpus has line-level samples)")
+    p.add_argument("--cost-model", default=None, metavar="FILE",
+                   help="`greencode energy calibrate --out` JSON for the modelled joules (without it: unavailable)")
+    p.add_argument("--config", default=None, metavar="YAML", help="a config whose `eval` section gives the settings; "
+                   "the options above override it")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="EnergyConfig field override for the measured joules, repeatable: e.g. cpu_backend=off")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_bench_eval(args):
+    from greencode_jax.eval.bench import format_bench_eval, run_bench_eval
+
+    if args.samples < 1 or args.repeats < 1:
+        raise GreencodeError("--samples and --repeats must be positive")
+    result = run_bench_eval(args.checkpoint, args.data, samples=args.samples, policy=args.policies,
+                            policy_dir=args.policy, repeats=args.repeats)
+    print(format_bench_eval(result))
+    if args.json:
+        import json
+
+        from greencode_jax.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+
+
+def register_bench(bench_subparsers):
+    p = bench_subparsers.add_parser(
+        "eval", help="evaluation-loop overhead per sample vs bare generate (target <= 1.2x)",
+        description="Times the evaluation loop (energy window, decoding, every metric, the record written) against "
+                    "bare generate on the same completion samples at batch 1, interleaved, medians reported.")
+    p.add_argument("checkpoint", help="greencode checkpoint (or Hugging Face model directory)")
+    p.add_argument("--data", required=True, help="directory written by `greencode prepare-data`")
+    p.add_argument("--samples", type=int, default=20, help="completion samples (default 20)")
+    p.add_argument("--policies", default="full", metavar="SPEC", help="policy SPEC item (default full; Full() is "
+                   "also run for another, as the loop's agreement needs it)")
+    p.add_argument("--policy", default=None, metavar="DIR", help="learned policy directory, for learned@T")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_eval)

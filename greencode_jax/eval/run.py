@@ -1,0 +1,382 @@
+"""`evaluate`: every policy over the evaluation samples, one record per (sample, policy), then
+summary.json and the report (`greencode evaluate`).
+
+Order of work: for each protocol, for each batch size, `Full()` of the checkpoint first (its
+tokens are what every other policy's agreement is measured against), then the other
+policies in SPEC order, each over the samples in batches of B in sample order (the last
+batch is filled up to B with copies of its first prompt, so it needs no program of its own;
+the copies' outputs are dropped). Prompts of a batch are left-padded to the longest.
+
+Each compiled program (model, policy kind, batch shape) runs once untimed before it is
+timed. The timed window is `EnergyMeter`'s, synchronised on the outputs; a record's seconds
+and measured joules are the window's divided by the real samples in the batch.
+
+Everything a user can get wrong is checked before the output directory is created, so a
+refused evaluation writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from greencode_jax.errors import GreencodeError
+from greencode_jax.eval.config import EvalConfig
+from greencode_jax.eval.records import RecordFile, check_resumable, record_key
+
+LINE_BREAKS = ("<EOL>", "</s>")  # CodeXGLUE markers a decoded line is cut at; spaced so split() sees them
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    sample: int  # the document index (completion) or line-level sample id
+    ids: np.ndarray  # int32 model ids, BOS included
+    target: str
+
+
+@dataclasses.dataclass
+class Protocol:
+    name: str
+    prompts: list
+    new_tokens: int
+    stops: tuple  # always two ids, so both protocols share one program per policy kind
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything loaded and checked, before anything is written."""
+
+    config: EvalConfig
+    data: object
+    tokenizer: object
+    model: object
+    base_model: object | None
+    learned: object | None
+    choices: list
+    policies: dict  # label -> policy object
+    protocols: list
+    cost: dict | None
+    settings: dict
+    header: dict
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _stops(tokenizer, model, extra: int | None) -> tuple:
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
+    if isinstance(eos, tuple):
+        eos = eos[0] if eos else None
+    if eos is None:
+        return () if extra is None else (extra, extra)
+    return (int(eos), int(eos) if extra is None else int(extra))
+
+
+def _single_id(tokenizer, text: str) -> int | None:
+    """The id of `text` if the tokenizer keeps it as one token (the BPE's `<EOL>`), else None."""
+    ids = tokenizer.encode(text)
+    if ids and tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id:
+        ids = ids[1:]
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def cut_line(text: str, lang: str) -> str:
+    """A decoded continuation cut where CodeXGLUE's line-level ground truth ends."""
+    from greencode_jax.data.samples import ground_truth
+
+    for mark in LINE_BREAKS:
+        text = text.replace(mark, f" {mark} ")
+    return " ".join(ground_truth(text.split(), lang))
+
+
+def _completion_protocol(data, tokenizer, model, cfg: EvalConfig, max_context: int) -> Protocol:
+    if not data.manifest.get("documents", {}).get(cfg.split):
+        raise GreencodeError(f"{data.root}: the {cfg.split} split is empty (prepared splits: "
+                             f"{data.manifest.get('documents')}); the completion protocol evaluates on it")
+    samples = data.completion_samples(cfg.split, cfg.context_fraction, max_context, cfg.new_tokens,
+                                      cfg.samples or None)
+    if not samples:
+        raise GreencodeError(f"{data.root}: the {cfg.split} split gives no completion samples (no documents, or "
+                             f"all too short for a {cfg.context_fraction:g} context and a target)")
+    prompts = [Prompt(s.doc, np.asarray(s.context, np.int32), tokenizer.decode(s.target)) for s in samples]
+    return Protocol("completion", prompts, cfg.new_tokens, _stops(tokenizer, model, None))
+
+
+def _line_protocol(data, tokenizer, model, cfg: EvalConfig, max_context: int) -> Protocol:
+    if data.view != "codexglue":
+        raise GreencodeError(f"{data.root}: prepared with --view {data.view}; the line protocol's samples are "
+                             "CodeXGLUE token text, which the model only reads with --view codexglue")
+    limit = max_context - cfg.line_new_tokens
+    prompts = []
+    for sample in data.line_samples()[: cfg.samples or None]:
+        tokens = sample["input"].split()
+        if tokens and tokens[0] == "<s>":  # the model sees a document's text without <s> (prepare.shown_text)
+            tokens = tokens[1:]
+        ids = tokenizer.encode(" ".join(tokens))
+        if len(ids) > limit:  # keep BOS and the tokens nearest the cut
+            head = ids[:1] if tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id else []
+            ids = head + ids[len(ids) - (limit - len(head)):]
+        if ids:
+            prompts.append(Prompt(int(sample["id"]), np.asarray(ids, np.int32), sample["gt"]))
+    if not prompts:
+        raise GreencodeError(f"{data.root}: no line-level samples")
+    eol = _single_id(tokenizer, "<EOL>") if data.lang == "python" else None
+    return Protocol("line", prompts, cfg.line_new_tokens, _stops(tokenizer, model, eol))
+
+
+def _protocol_names(data, cfg: EvalConfig) -> tuple:
+    if cfg.protocols:
+        return cfg.protocols
+    has_line = data.manifest.get("datasets", {}).get("line") is not None and data.view == "codexglue"
+    return ("completion", "line") if has_line else ("completion",)
+
+
+def _device_description() -> str:
+    import jax
+
+    from greencode_jax.energy.devices import host_cpu
+
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    text = f"{len(devices)} x {', '.join(kinds)} ({jax.default_backend()})"
+    return text if jax.default_backend() != "cpu" else f"{text}: {host_cpu().kind}"
+
+
+def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config: EvalConfig,
+                    energy_config=None) -> Plan:
+    """Loads and checks everything; raises a GreencodeError for any bad input, writing nothing."""
+    import greencode_jax as gc
+    from greencode_jax.data import PreparedData
+    from greencode_jax.eval.joules import load_cost_model
+    from greencode_jax.eval.spec import policy_choices
+    from greencode_jax.generate import _check_policy
+    from greencode_jax.generate.policies import Learned
+
+    cfg = config
+    data = PreparedData(data_dir)
+    tokenizer = data.tokenizer()
+    if data.lang not in ("python", "java"):
+        raise GreencodeError(f"{data_dir}: corpus language {data.lang!r}; the metrics know python and java")
+    model = gc.load_pretrained(checkpoint, scan_layers=False)
+    base_model = gc.load_pretrained(base, scan_layers=False) if base is not None else None
+    for name, m in (("checkpoint", model), ("--base", base_model)):
+        if m is not None and tokenizer.vocab_size > m.config.vocab_size:
+            raise GreencodeError(f"{name}: vocabulary of {m.config.vocab_size} tokens, but the corpus tokenizer of "
+                                 f"{data_dir} has {tokenizer.vocab_size}; evaluate on data prepared for this model")
+    learned = Learned.load(policy_dir) if policy_dir is not None else None
+    choices = policy_choices(cfg.policies or None, model.config.exit_layers, have_base=base_model is not None,
+                             have_policy=learned is not None, confidence_grid=cfg.confidence_thresholds,
+                             learned_grid=cfg.thresholds)
+    policies = {}
+    for choice in choices:
+        policy = choice.build(learned)
+        try:
+            _check_policy(policy, (base_model if choice.model == "base" else model).config)
+        except GreencodeError as error:
+            where = f"--policy {policy_dir}" if choice.family == "learned" else f"policy {choice.label}"
+            raise GreencodeError(f"{where}: {error}") from None
+        policies[choice.label] = policy
+    cost = load_cost_model(cfg.cost_model, model.config.num_layers) if cfg.cost_model else None
+    positions = min(m.config.max_position_embeddings for m in (model, base_model) if m is not None)
+    max_context = min(cfg.max_context, positions)
+    if max_context <= max(cfg.new_tokens, cfg.line_new_tokens):
+        raise GreencodeError(f"the model has {positions} positions: too few for the new tokens asked")
+    builders = {"completion": _completion_protocol, "line": _line_protocol}
+    protocols = [builders[name](data, tokenizer, model, cfg, max_context) for name in _protocol_names(data, cfg)]
+
+    from greencode_jax.energy import EnergyConfig
+
+    energy = energy_config or EnergyConfig()
+    settings = {
+        "checkpoint": str(Path(checkpoint).resolve()), "data": str(Path(data_dir).resolve()),
+        "policy_dir": None if policy_dir is None else str(Path(policy_dir).resolve()),
+        "base": None if base is None else str(Path(base).resolve()),
+        "config": cfg.to_dict(), "policies": [c.label for c in choices],
+        "protocols": {p.name: [pr.sample for pr in p.prompts] for p in protocols},
+        "cost_model": None if cost is None else {k: cost[k] for k in ("a_j", "b_j_per_layer", "method")},
+        "energy_config": dataclasses.asdict(energy),
+    }
+    settings = json.loads(json.dumps(settings))  # as read back from settings.json (lists, not tuples)
+    header = {"model": str(checkpoint), "device": _device_description(), "data": f"{data_dir} ({data.lang})"}
+    if base is not None:
+        header["base"] = str(base)
+    if policy_dir is not None:
+        header["learned policy"] = str(policy_dir)
+    header["modelled energy"] = (
+        f"{cost['path']}: J/token = {cost['a_j']:.6g} + {cost['b_j_per_layer']:.6g} x layers computed, "
+        f"labelled {cost['method']}" if cost is not None else
+        "unavailable: no cost model given (--cost-model FILE from `greencode energy calibrate --out FILE`)")
+    header["per-sample figures"] = ("seconds and measured joules of a batch's window divided by its samples "
+                                    "(at batch B: window / B); modelled joules per sample")
+    return Plan(cfg, data, tokenizer, model, base_model, learned, choices, policies, protocols, cost, settings,
+                header)
+
+
+def _batch(prompts: list, size: int, multiple: int, pad_id: int):
+    """Left-padded ids and mask [size, width] of `prompts`, filled up to `size` with copies of the first."""
+    rows = list(prompts) + [prompts[0]] * (size - len(prompts))
+    width = max(len(p.ids) for p in rows)
+    if multiple:
+        width = _round_up(width, multiple)
+    ids = np.full((size, width), pad_id, np.int32)
+    mask = np.zeros((size, width), bool)
+    for i, p in enumerate(rows):
+        ids[i, width - len(p.ids):] = p.ids
+        mask[i, width - len(p.ids):] = True
+    return ids, mask
+
+
+def _agreement(tokens: list, full: list) -> float:
+    """Fraction of positions where both generated the same token (a position only one reached counts as unequal)."""
+    n = max(len(tokens), len(full))
+    return sum(a == b for a, b in zip(tokens, full)) / n if n else 1.0
+
+
+class _Runner:
+    def __init__(self, plan: Plan, meter, store: RecordFile, bar):
+        from greencode_jax.eval.joules import metered_devices
+
+        self.plan, self.meter, self.store, self.bar = plan, meter, store, bar
+        self.devices, self.no_device = metered_devices(meter)
+        self.warmed = set()
+        pad = plan.tokenizer.pad_id
+        self.pad_id = int(pad) if pad is not None else 0
+
+    def run(self) -> list[dict]:
+        """Every planned record, in plan order (so the summary does not depend on file order)."""
+        ordered = []
+        for protocol in self.plan.protocols:
+            for size in self.plan.config.batch_size:
+                full_tokens = {}
+                for choice in self.plan.choices:  # full is first
+                    for start in range(0, len(protocol.prompts), size):
+                        batch = protocol.prompts[start:start + size]
+                        records = self._batch_records(protocol, size, choice, batch, full_tokens)
+                        if choice.family == "full":
+                            full_tokens.update((r["sample"], r["token_ids"]) for r in records)
+                        ordered += records
+        return ordered
+
+    def _batch_records(self, protocol, size, choice, batch, full_tokens) -> list[dict]:
+        keys = [(protocol.name, size, choice.label, p.sample) for p in batch]
+        if all(k in self.store.done for k in keys):
+            return [self.store.done[k] for k in keys]
+        records = self._generate(protocol, size, choice, batch, full_tokens)
+        missing = [r for r in records if record_key(r) not in self.store.done]
+        self.store.append(missing)
+        self.bar.update(len(missing))
+        return [self.store.done[k] for k in keys]
+
+    def _generate(self, protocol, size, choice, batch, full_tokens) -> list[dict]:
+        import jax
+
+        from greencode_jax.eval.joules import measured_entry, modelled_entry
+        from greencode_jax.eval.metrics import score
+        from greencode_jax.generate import NEW_TOKENS_BUCKET, PROMPT_BUCKET, generate
+
+        plan = self.plan
+        model = plan.base_model if choice.model == "base" else plan.model
+        policy = plan.policies[choice.label]
+        ids, mask = _batch(batch, size, plan.config.pad_prompts, self.pad_id)
+
+        def run():
+            return generate(model, ids, mask, max_new_tokens=protocol.new_tokens, policy=policy,
+                            stop_tokens=protocol.stops)
+
+        program = (id(model), type(policy).__name__, getattr(policy, "measure", None), size,
+                   _round_up(ids.shape[1], PROMPT_BUCKET), _round_up(protocol.new_tokens, NEW_TOKENS_BUCKET),
+                   len(protocol.stops))
+        if program not in self.warmed:  # compile (and first-run costs) outside the timed window
+            jax.block_until_ready(run())
+            self.warmed.add(program)
+        name = f"evaluate:{protocol.name}:{choice.label}"
+        self.meter.begin(name)
+        out = run()
+        window = self.meter.end(name, out)
+        tokens, exits, lengths = (np.asarray(x) for x in jax.device_get(tuple(out)))
+        share = len(batch)
+        measured = measured_entry(window, self.devices, share, self.no_device)
+        records = []
+        for i, prompt in enumerate(batch):
+            n = int(lengths[i])
+            generated = [int(t) for t in tokens[i, :n]]
+            exit_layers = [int(e) for e in exits[i, :n]]
+            text_ids = generated[:-1] if generated and generated[-1] in protocol.stops else generated
+            prediction = plan.tokenizer.decode(text_ids)
+            if protocol.name == "line":
+                prediction = cut_line(prediction, plan.data.lang)
+            agreement = None
+            if choice.family != "base":
+                agreement = 1.0 if choice.family == "full" else _agreement(generated, full_tokens[prompt.sample])
+            records.append({
+                "sample": prompt.sample, "protocol": protocol.name, "policy": choice.label, "family": choice.family,
+                "setting": choice.setting, "batch_size": size, "prediction": prediction, "target": prompt.target,
+                "metrics": score(prediction, prompt.target, plan.data.lang), "exit_layers": exit_layers,
+                "mean_exit_layer": float(np.mean(exit_layers)) if n else None,
+                "layers_computed": float(np.mean(exit_layers) + 1) if n else None,
+                "tokens": n, "seconds": window.duration_s / share,
+                "energy": {"measured": dict(measured),
+                           "modelled": modelled_entry(exit_layers, plan.cost, model.config.num_layers)},
+                "agreement_with_full": agreement,
+                "token_ids": generated,
+            })
+        return records
+
+
+def _header(plan: Plan, meter, runner: _Runner) -> dict:
+    header = dict(plan.header)
+    methods = "; ".join(f"{s.spec.key}: {s.backend.method} via {s.backend.name}" for s in meter.selections)
+    counted = ", ".join(runner.devices) if runner.devices else "none"
+    header["energy_method"] = f"measured joules from an EnergyMeter window per batch ({methods}); counted: {counted}"
+    return header
+
+
+def evaluate(checkpoint, data_dir, out_dir, *, policy_dir=None, base=None, policies=None, samples=None,
+             batch_size=None, protocols=None, cost_model=None, energy_config=None, config: EvalConfig | None = None,
+             progress: bool = True) -> dict:
+    """Evaluates `checkpoint` on the prepared corpus `data_dir` into `out_dir`; returns the summary.
+
+    Keyword arguments other than None replace the fields of `config` (default `EvalConfig()`):
+    `policies` (a SPEC, see eval/spec.py), `samples` per protocol, `batch_size` (an int or a
+    list of sizes), `protocols` ("completion", "line" or both), `cost_model` (a JSON from
+    `greencode energy calibrate --out`). `energy_config` chooses the meter's backends.
+
+    Writes `out_dir/settings.json`, `samples.jsonl` (one record per (sample, policy), as
+    finished), `summary.json` and the report (report.md, pareto.png, exits.png). A rerun
+    with the same settings resumes, skipping finished records; other settings are refused.
+    """
+    from greencode_jax.atomic import atomic_write_text
+    from greencode_jax.energy import EnergyMeter
+    from greencode_jax.eval.report import write_report
+    from greencode_jax.eval.summary import summarize
+
+    given = {"policies": policies, "samples": samples, "batch_size": batch_size, "protocols": protocols,
+             "cost_model": None if cost_model is None else str(cost_model)}
+    cfg = dataclasses.replace(config or EvalConfig(), **{k: v for k, v in given.items() if v is not None})
+    plan = plan_evaluation(checkpoint, data_dir, policy_dir=policy_dir, base=base, config=cfg,
+                           energy_config=energy_config)
+    out = Path(out_dir)
+    check_resumable(out, plan.settings)
+    from tqdm import tqdm
+
+    meter = EnergyMeter(energy_config)
+    store = RecordFile(out, plan.settings)
+    total = sum(len(p.prompts) for p in plan.protocols) * len(cfg.batch_size) * len(plan.choices)
+    done = sum(1 for k in store.done if k[0] in plan.settings["protocols"])
+    bar = tqdm(total=total, initial=min(done, total), unit="sample", desc="evaluate", disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
+    try:
+        runner = _Runner(plan, meter, store, bar)
+        records = runner.run()
+    finally:
+        bar.close()
+        store.close()
+        meter.close()
+    summary = summarize(records, lang=plan.data.lang)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_report(out, summary, records, header=_header(plan, meter, runner))
+    return summary
