@@ -65,6 +65,7 @@ def resumable_directory(out: str | Path, settings: dict, what: str) -> tuple[Pat
     import json
 
     work = Path(out).with_name(Path(out).name + ".partial")
+    settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
     if work.exists():
         try:
             previous = json.loads((work / "settings.json").read_text())
