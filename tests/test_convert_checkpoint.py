@@ -58,17 +58,23 @@ def test_checkpoint_saved_sharded_over_8_devices_loads_on_one(tmp_path, compile_
 
     # ...and this one-device process loads it, through both entry points, onto its own device
     assert jax.device_count() == 1
-    original = init_model(CONFIG, "float32", seed=SEED)
     ids = np.array([[1, 5, 9, 2, 33, 7, 12, 60], [4, 4, 8, 15, 16, 23, 42, 0]], dtype=np.int32)
-    expected = np.asarray(original.logits(ids))
+    stacked = init_model(CONFIG, "float32", seed=SEED)
+    per_layer = init_model(CONFIG, "float32", seed=SEED).set_scan_layers(False)
     for loaded in (gc.load_pretrained(out), load_checkpoint(out, scan_layers=False)):
         assert loaded.config == CONFIG.replace(scan_layers=loaded.config.scan_layers)
         for array in jax.tree.leaves(nnx.state(loaded, nnx.Param)):
             assert array.sharding.is_fully_replicated and len(array.sharding.device_set) == 1
-        for layer in CONFIG.exit_layers:
-            np.testing.assert_array_equal(np.asarray(loaded.logits(ids, layer=layer)),
-                                          np.asarray(original.logits(ids, layer=layer)))
-        np.testing.assert_array_equal(np.asarray(loaded.logits(ids)), expected)
+        same, other = (stacked, per_layer) if loaded.config.scan_layers else (per_layer, stacked)
+        for layer in (*CONFIG.exit_layers, None):
+            got = np.asarray(loaded.logits(ids, layer=layer))
+            # the same layout is the same compiled program on the same weights: bit for bit
+            np.testing.assert_array_equal(got, np.asarray(same.logits(ids, layer=layer)), err_msg=f"layer {layer}")
+            # the other layout is another program (a scan vs unrolled layers) that XLA may fuse and order
+            # differently: float32 sums then differ by a rounding step or two (3e-8 seen, on logits up to
+            # 0.35). The tolerance allows ~30 such steps; loading the two layers swapped moves them by 0.16.
+            np.testing.assert_allclose(got, np.asarray(other.logits(ids, layer=layer)), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"layer {layer}")
 
 
 def _write_checkpoint(out, params, version):
