@@ -12,6 +12,7 @@ import signal
 import sys
 
 from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, train_cmd
+from greencode_jax.cli.bench_rl import register_bench as register_bench_rl
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
 
 
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register_bench(bench_sub)
     train_cmd.register_bench(bench_sub)
     register_bench_energy(bench_sub)
+    register_bench_rl(bench_sub)
     eval_cmd.register_bench(bench_sub)
     return parser
 
