@@ -44,6 +44,7 @@ class EnergySection:
     new_tokens: int = 32
     batch: int = 1
     set: tuple = ()  # EnergyConfig overrides, e.g. [cpu_backend=estimate]
+    cost_model: str = ""  # use this fit (`energy calibrate --out` JSON, e.g. from the target GPU) instead of calibrating
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +207,18 @@ def run_pipeline(config_path, overrides):
     def do_calibrate():
         from greencode_jax.cli.energy_cmd import cmd_energy_calibrate
 
+        if energy.cost_model:
+            from greencode_jax.rl.train import load_cost_model
+
+            fit = load_cost_model(energy.cost_model)
+            if fit["b_j_per_layer"] <= 0:
+                raise GreencodeError(f"{energy.cost_model}: {fit['b_j_per_layer']:g} J per layer; expected a cost "
+                                     "that grows with depth")
+            atomic_write_text(cost, json.dumps(fit, indent=2) + "\n")
+            print(f"  {energy.cost_model}: J/token = {fit['a_j']:.6g} + {fit['b_j_per_layer']:.6g} x layers "
+                  f"({fit.get('method', 'unknown')}), used as given")
+            return
+
         for attempt in range(3):  # a noisy machine can fit a non-positive slope: measure again, longer
             args = argparse.Namespace(model=str(final), depths=None, workload="decode", tokens=energy.tokens,
                                       new_tokens=energy.new_tokens, batch=energy.batch, repeats=energy.repeats,
@@ -218,7 +231,8 @@ def run_pipeline(config_path, overrides):
         raise GreencodeError(f"{cost}: the cost per layer did not come out positive in 3 calibrations; the machine "
                              "is too noisy (raise energy.min_seconds)")
 
-    stages.run("calibrate", cal_key, [cost], do_calibrate, "joules per token = a + b x layers (energy calibrate)")
+    stages.run("calibrate", cal_key, [cost], do_calibrate, "joules per token = a + b x layers (energy calibrate)"
+               if not energy.cost_model else f"the cost model {energy.cost_model}")
 
     from greencode_jax.rl.collect import collect_rollouts
 
@@ -273,9 +287,9 @@ def print_outcome(run_dir: Path, eval_dir: Path, policy_dir: Path, stages: Stage
     for protocol in summary["protocols"]:
         print(f"\n{protocol} protocol:")
         print(format_table(main_table(summary, protocol)))
-    method = summary.get("energy_method") or summary.get("header", {}).get("energy_method")
-    if method:
-        print(f"\nenergy: {method}")
+    report = (eval_dir / "report.md").read_text().splitlines()
+    energy = [line[2:] for line in report if line.startswith(("- Energy method", "- **Only estimates", "- modelled"))]
+    print("\n" + "\n".join(energy).replace("**", ""))
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in stages.seconds.items())
     print(f"stages: {timing}")
     print(f"report: {eval_dir / 'report.md'}\nplots:  {eval_dir / 'pareto.png'}, {eval_dir / 'exits.png'}\n"
