@@ -19,3 +19,25 @@ def test_a_bad_field_of_any_stage_is_one_clear_error_before_anything_runs(overri
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []  # nothing written: not even runs/
+
+
+def test_finetune_reads_its_own_sections_of_a_whole_pipeline_config():
+    from greencode_jax.cli.train_cmd import load_finetune_config
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    config, _ = load_finetune_config(repo / "configs/quickstart.yaml", [])
+    assert config.model.exit_layers == (1, 3, 5) and config.eval.batches == 8
+    with pytest.raises(Exception, match=r"unknown field 'eval.sampels' \(did you mean 'samples'\?\)"):
+        load_finetune_config(repo / "configs/quickstart.yaml", ["eval.sampels=3"])
+
+
+@pytest.mark.slow
+def test_the_quickstart_end_to_end(tmp_path, monkeypatch):
+    """The embedded default as a newcomer runs it (about ten minutes on a 2-core CPU)."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run"]) == 0
+    summary = json.loads((tmp_path / "runs/quickstart/evaluate/summary.json").read_text())
+    rows = summary["protocols"]["completion"]["policies"]
+    assert any(r["family"] == "learned" and r["pareto"] for r in rows.values())

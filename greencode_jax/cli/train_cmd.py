@@ -12,6 +12,7 @@ import sys
 from greencode_jax.errors import GreencodeError
 
 # fields whose YAML value is not of their default's type (typed_section checks that), checked here instead
+PIPELINE_ONLY_SECTIONS = ("energy", "rollouts", "rl")  # read by `greencode run`'s later stages
 _SPECIAL_FIELDS = {("model", "exit_layers"), ("model", "config"), ("train", "exit_weights")}
 
 
@@ -28,6 +29,15 @@ def load_finetune_config(path, overrides):
         if data.get(name) is None:
             data[name] = {}
     data = apply_overrides(data, list(overrides), source)
+    # A whole-pipeline config (greencode run) also holds the later stages' sections, and the
+    # evaluation's fields in `eval`: finetune reads only its own.
+    from greencode_jax.eval.config import EvalConfig, finetune_fields
+
+    for name in PIPELINE_ONLY_SECTIONS:
+        data.pop(name, None)
+    if isinstance(data.get("eval"), dict):
+        EvalConfig.from_dict(data["eval"], source)  # a misspelt field is still named
+        data["eval"] = finetune_fields(data["eval"])
     sections = {}
     for name, values in data.items():
         if name not in SECTION_CLASSES:
