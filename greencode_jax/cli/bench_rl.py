@@ -8,13 +8,6 @@ from __future__ import annotations
 
 from greencode_jax.errors import GreencodeError
 
-def rl_section(overrides, source: str = "bench rl"):
-    """RLSection from `rl.field=value` overrides (misspelt fields named)."""
-    from greencode_jax.cli.rl_cmd import rl_config
-
-    return rl_config(None, list(overrides), source)
-
-
 def cmd_bench_rl(args):
     import json
 
@@ -30,7 +23,9 @@ def cmd_bench_rl(args):
     else:
         overrides = list(args.overrides) + ([] if args.timesteps is None else [f"rl.total_timesteps={args.timesteps}"])
         overrides += [f"rl.seed={args.seed}"]
-        cfg = rl_section(overrides)
+        from greencode_jax.cli.rl_cmd import rl_config
+
+        cfg = rl_config(None, overrides, "bench rl")
         results = bench.run_bench_rl(cfg, hidden_size=args.hidden, episodes=args.episodes, held_out=args.held_out,
                                      sb3_timesteps=args.sb3_timesteps, seed=args.seed)
         bench.print_bench_rl(results)

@@ -77,9 +77,12 @@ def _section(cls, values, name, source):
 
 
 def load_pipeline_config(path, overrides):
+    """(resolved mapping, FinetuneConfig, its resolved YAML, EnergySection, RolloutsSection,
+    RLSection, EvalConfig): every section checked before anything runs."""
     from greencode_jax.cli.config import apply_overrides
-    from greencode_jax.cli.rl_cmd import rl_config
-    from greencode_jax.cli.train_cmd import load_finetune_config
+    from greencode_jax.cli.rl_cmd import rl_section_from_dict
+    from greencode_jax.cli.train_cmd import finetune_config_from_dict
+    from greencode_jax.eval.config import EvalConfig
 
     source = str(path or QUICKSTART)
     data = read_yaml(path or QUICKSTART)
@@ -87,40 +90,12 @@ def load_pipeline_config(path, overrides):
         data.setdefault(name, {})
     data = apply_overrides(data, list(overrides), source)
     finetune_part, stage_part = split_config(data, source)
-    from greencode_jax.eval.config import EvalConfig, finetune_fields
-
     evaluate = EvalConfig.from_dict(finetune_part.get("eval") or {}, source)
-    finetune_part = {**finetune_part, "eval": finetune_fields(finetune_part.get("eval") or {})}
-    tmp = Path(atomic_tmp_yaml(finetune_part))
-    try:
-        finetune, _ = load_finetune_config(tmp, [])
-    except GreencodeError as e:
-        raise GreencodeError(str(e).replace(str(tmp), source)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    finetune, resolved = finetune_config_from_dict(finetune_part, source)  # reads its own part of `eval`
     energy = _section(EnergySection, stage_part["energy"], "energy", source)
     rollouts = _section(RolloutsSection, stage_part["rollouts"], "rollouts", source)
-    rl = _rl(stage_part["rl"], source, rl_config)
-    return data, finetune, energy, rollouts, rl, evaluate
-
-
-def _rl(values, source, rl_config):
-    tmp = Path(atomic_tmp_yaml({"rl": values}))
-    try:
-        return rl_config(tmp, [])
-    except GreencodeError as e:
-        raise GreencodeError(str(e).replace(str(tmp), source)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_tmp_yaml(data) -> str:
-    import tempfile
-
-    fd, name = tempfile.mkstemp(suffix=".yaml", prefix="greencode-config-")
-    with open(fd, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    return name
+    rl = rl_section_from_dict(stage_part["rl"], source)
+    return data, finetune, resolved, energy, rollouts, rl, evaluate
 
 
 def _digest(*parts) -> str:
@@ -163,11 +138,10 @@ class Stages:
 
 
 def run_pipeline(config_path, overrides):
-    import greencode_jax as gc
     from greencode_jax.cli.train_cmd import print_evaluation
     from greencode_jax.train import train
 
-    data, finetune, energy, rollouts, rl, evaluate_cfg = load_pipeline_config(config_path, overrides)
+    data, finetune, resolved, energy, rollouts, rl, evaluate_cfg = load_pipeline_config(config_path, overrides)
     run_dir = Path(finetune.run.out_dir) / finetune.run.name
     data_dir = Path(finetune.data.path)
     source = str(config_path or QUICKSTART)
@@ -178,23 +152,11 @@ def run_pipeline(config_path, overrides):
     final = run_dir / "final"
 
     ft_key = _digest(finetune.to_dict())
-    result = {}
 
     def do_finetune():
-        from greencode_jax.cli.train_cmd import load_finetune_config
-
-        from greencode_jax.eval.config import finetune_fields
-
-        sections = {k: data[k] for k in FINETUNE_SECTIONS}
-        tmp = Path(atomic_tmp_yaml({**sections, "eval": finetune_fields(sections["eval"] or {})}))
-        try:
-            config, resolved = load_finetune_config(tmp, [])
-        finally:
-            tmp.unlink(missing_ok=True)
-        r = train(config, source=source, resolved_yaml=resolved, progress=None)
+        r = train(finetune, source=source, resolved_yaml=resolved, progress=None)
         if r.stopped_by is not None:
             raise KeyboardInterrupt
-        result["finetune"] = r
 
     stages.run("finetune", ft_key, [final, run_dir / "eval.json"], do_finetune,
                f"data + exit fine-tune ({finetune.train.steps or 'epochs'} steps) -> {final}")

@@ -9,8 +9,7 @@ from greencode_jax.errors import GreencodeError
 
 def rl_config(config_path, overrides, source_name="train-policy"):
     """The `rl` section of a YAML file (other sections ignored) with `rl.field=value` overrides."""
-    from greencode_jax.cli.config import apply_overrides, read_yaml, typed_section
-    from greencode_jax.rl.config import RLSection
+    from greencode_jax.cli.config import apply_overrides, read_yaml
 
     data = read_yaml(config_path) if config_path else {}
     source = str(config_path or source_name)
@@ -20,11 +19,17 @@ def rl_config(config_path, overrides, source_name="train-policy"):
     for item in overrides:
         if not item.startswith("rl."):
             raise GreencodeError(f"override {item!r}: train-policy takes rl.field=value overrides")
-    data = apply_overrides(data, overrides, source)
-    values = dict(data["rl"])
-    for key in ("hidden", "thresholds"):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
+    return rl_section_from_dict(apply_overrides(data, overrides, source)["rl"], source)
+
+
+def rl_section_from_dict(values: dict, source: str):
+    """RLSection from an `rl` mapping (YAML lists for its tuple fields; misspelt fields named)."""
+    from greencode_jax.cli.config import typed_section
+    from greencode_jax.rl.config import RLSection
+
+    if not isinstance(values, dict):
+        raise GreencodeError(f"{source}: section 'rl' is not a mapping")
+    values = {k: tuple(v) if k in ("hidden", "thresholds") and isinstance(v, list) else v for k, v in values.items()}
     return typed_section(RLSection, values, "rl", source)
 
 

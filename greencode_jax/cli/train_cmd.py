@@ -18,17 +18,25 @@ _SPECIAL_FIELDS = {("model", "exit_layers"), ("model", "config"), ("train", "exi
 
 def load_finetune_config(path, overrides):
     """YAML + overrides -> (FinetuneConfig, the resolved YAML text)."""
-    import yaml
-
-    from greencode_jax.cli.config import _hint, apply_overrides, read_yaml, typed_section
-    from greencode_jax.train.config import SECTION_CLASSES, FinetuneConfig
+    from greencode_jax.cli.config import apply_overrides, read_yaml
+    from greencode_jax.train.config import SECTION_CLASSES
 
     source = str(path)
     data = read_yaml(path)
     for name in SECTION_CLASSES:  # every section has defaults, so an override may name one the file leaves out
         if data.get(name) is None:
             data[name] = {}
-    data = apply_overrides(data, list(overrides), source)
+    return finetune_config_from_dict(apply_overrides(data, list(overrides), source), source)
+
+
+def finetune_config_from_dict(data: dict, source: str):
+    """A config mapping (overrides applied) -> (FinetuneConfig, the resolved YAML text)."""
+    import yaml
+
+    from greencode_jax.cli.config import _hint, typed_section
+    from greencode_jax.train.config import SECTION_CLASSES, FinetuneConfig
+
+    data = dict(data)
     # A whole-pipeline config (greencode run) also holds the later stages' sections, and the
     # evaluation's fields in `eval`: finetune reads only its own.
     from greencode_jax.eval.config import EvalConfig, finetune_fields
