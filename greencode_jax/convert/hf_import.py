@@ -23,12 +23,20 @@ HF_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.saf
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A local directory as is; a hub id (only when no such local path exists) is downloaded."""
+    """A local directory as is; a Llama GGUF file as the Hugging Face directory it converts to
+    (cached); a hub id (only when no such local path exists) is downloaded."""
+    from greencode_jax.convert.gguf import gguf_model_dir, is_gguf
+
     local = Path(path)
+    if is_gguf(local):
+        return gguf_model_dir(local)
     if local.exists():
         if not local.is_dir():
-            raise GreencodeError(f"{local}: expected a model directory, found a file")
+            raise GreencodeError(f"{local}: expected a model directory or a .gguf file, found another file")
         return local
+    if local.suffix.lower() == ".gguf":
+        raise GreencodeError(f"{local}: no such GGUF file (scripts/setup --real-model installs SmolLM2-135M's "
+                             "under models/)")
     if HUB_ID.match(str(path)) and not str(path).startswith((".", "/")):
         try:
             from huggingface_hub import snapshot_download
@@ -39,7 +47,7 @@ def resolve_model_dir(path: str | Path) -> Path:
                                  f"failed ({str(error).splitlines()[0][:200]})") from None
     raise GreencodeError(
         f"{path}: no such directory (expected a Hugging Face model directory, a greencode checkpoint, "
-        "or a hub id such as facebook/opt-125m)")
+        "a Llama .gguf file, or a hub id such as facebook/opt-125m)")
 
 
 def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None, scan_layers: bool = True) -> EarlyExitLM:
