@@ -91,7 +91,7 @@ def cmd_finetune(args):
 
     config, resolved = load_finetune_config(args.config, args.overrides)
     result = train(config, source=str(args.config), resolved_yaml=resolved,
-                   progress=False if args.no_progress else None)
+                   progress=False if args.no_progress else None, re_evaluate=args.re_evaluate)
     import jax
 
     primary = jax.process_index() == 0
@@ -102,11 +102,27 @@ def cmd_finetune(args):
         raise SystemExit(130 if result.stopped_by == "SIGINT" else PREEMPTED_EXIT_STATUS)
     if not primary:
         return result
-    rate = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
-    print(f"finetune: {result.step} steps in {result.seconds:.1f} s{rate}; final checkpoint {result.final_checkpoint}")
+    print(finish_line(result))
     if result.evaluation:
         print_evaluation(result.evaluation)
     return result
+
+
+def finish_line(result) -> str:
+    """What a finished `finetune` says: the steps this call trained, or that the run had already finished."""
+    progress = f"step {result.step}/{result.total_steps}"
+    if result.finished_before:
+        if not result.evaluated:
+            return (f"finetune {result.run_dir.name}: already finished ({progress}); final checkpoint "
+                    f"{result.final_checkpoint}; its evaluation, from {result.run_dir / 'eval.json'} "
+                    "(--re-evaluate evaluates again):")
+        return (f"finetune {result.run_dir.name}: already finished ({progress}); evaluated again in "
+                f"{result.seconds:.1f} s into {result.run_dir / 'eval.json'}; final checkpoint {result.final_checkpoint}")
+    trained = result.step - result.start_step
+    rate = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
+    resumed = f" (resumed at step {result.start_step}, now {progress})" if result.start_step else ""
+    return (f"finetune: {trained} steps{resumed} and the evaluation in {result.seconds:.1f} s{rate}; final checkpoint "
+            f"{result.final_checkpoint}")
 
 
 def print_evaluation(ev: dict):
@@ -123,10 +139,13 @@ def register(subparsers):
         description="Fine-tunes an early-exit model (or trains a small one from scratch) with the aggregated exit "
                     "loss. Outputs go to <run.out_dir>/<run.name>/: config.yaml, metrics.jsonl, checkpoints/, "
                     "eval.json and final/ (a greencode checkpoint). Rerunning the same command resumes from the "
-                    "latest checkpoint; SIGTERM saves one and stops with exit status 143 (Ctrl-C: 130; twice: at once).")
+                    "latest checkpoint (a finished run prints its eval.json again; --re-evaluate evaluates anew); "
+                    "SIGTERM saves one and stops with exit status 143 (Ctrl-C: 130; twice: at once).")
     p.add_argument("config", help="YAML config (see configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.learning_rate=3e-5")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--re-evaluate", action="store_true",
+                   help="a run that has already finished is evaluated again (default: its eval.json is printed)")
     p.set_defaults(func=cmd_finetune)
 
 

@@ -3,6 +3,8 @@ packed training stream of this process's shard, and the unigram baseline."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import numpy as np
 from greencode_jax.errors import GreencodeError
 from greencode_jax.train.config import DataSection
 
+PREPARE_LANGS = ("python", "java")  # data.prepare_lang: the stdlib, or a JDK's sources
 UNIGRAM_SAMPLE_TOKENS = 50_000_000  # the most frequent token is counted over at most this many train tokens
 
 
@@ -22,8 +25,27 @@ def _barrier(name: str):
         multihost_utils.sync_global_devices(name)
 
 
+@contextlib.contextmanager
+def _new_parents(path: Path):
+    """Creates `path`'s missing parent directories; removes them again if the block fails."""
+    parent = path.parent.absolute()
+    created = None
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            break
+        created = ancestor
+    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
 class TrainData:
-    def __init__(self, section: DataSection, seed: int, source: str = "config", primary: bool = True):
+    def __init__(self, section: DataSection, seed: int, source: str = "config", primary: bool = True,
+                 progress: bool = False):
         from greencode_jax.data import PreparedData, PrepareOptions, prepare_data
 
         if not section.path:
@@ -32,15 +54,30 @@ class TrainData:
             raise GreencodeError(f"{source}: data.seq_len={section.seq_len}; expected at least 2 tokens per sequence")
         self.section, self.seed = section, seed
         path = Path(section.path)
+        if section.prepare_lang and section.prepare_lang not in PREPARE_LANGS:
+            raise GreencodeError(f"{source}: data.prepare_lang={section.prepare_lang!r}; expected one of "
+                                 f"{list(PREPARE_LANGS)}, or \"\" to read a prepared data.path only")
         if not (path / "prepare.json").exists() and section.prepare_lang:
+            for field, value in (("data.prepare_vocab_size", section.prepare_vocab_size),
+                                 ("data.prepare_max_files", section.prepare_max_files)):
+                if value < 0 or (value == 0 and field.endswith("vocab_size")):
+                    raise GreencodeError(f"{source}: {field}={value}; expected a positive integer"
+                                         + (" (or 0: every file)" if field.endswith("max_files") else ""))
             if primary:
                 print(f"preparing {section.prepare_lang} corpus at {path} (data.prepare_lang)", flush=True)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                prepare_data(PrepareOptions(lang=section.prepare_lang, out=str(path),
-                                            vocab_size=section.prepare_vocab_size,
-                                            max_files=section.prepare_max_files or None, progress=False))
+                with _new_parents(path):  # a failed preparation leaves no directory it created
+                    prepare_data(PrepareOptions(lang=section.prepare_lang, out=str(path),
+                                                vocab_size=section.prepare_vocab_size,
+                                                max_files=section.prepare_max_files or None, progress=progress))
             _barrier("greencode-prepare-data")
-        self.prepared = PreparedData(path)
+        elif not path.exists():
+            raise GreencodeError(f"{source}: data.path={path}: no such directory; prepare it with `greencode "
+                                 f"prepare-data --out {path}`, or set data.prepare_lang (python | java) to prepare it "
+                                 "on first use")
+        try:
+            self.prepared = PreparedData(path)
+        except GreencodeError as error:
+            raise GreencodeError(f"{source}: data.path: {error}") from None
         self.tokenizer = self.prepared.manifest.get("tokenizer")
         if self.tokenizer is None:
             raise GreencodeError(f"{path}: prepared with --tokenizer none; training needs token files (prepare it "

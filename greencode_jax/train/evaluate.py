@@ -33,21 +33,27 @@ class Evaluator:
                                  out_shardings=replicated(mesh))
         self._unigram_token = None
 
-    def run(self, params) -> dict:
-        """Means over `eval.batches` batches of `eval.split` (0: the whole split), in order."""
-        split = self.cfg.eval.split
+    def run(self, params, progress: bool = False) -> dict:
+        """Means over `eval.batches` batches of `eval.split` (0: the whole split), in order; with
+        `progress`, a bar over the batches (the first one includes compiling the evaluation)."""
+        from tqdm import tqdm
+
+        split, batches, _ = evaluation_plan(self.data, self.cfg)
         stream = self.data.eval_stream(split, self.batch_size)
-        batches = stream.batches_per_epoch if self.cfg.eval.batches <= 0 else min(self.cfg.eval.batches,
-                                                                                    stream.batches_per_epoch)
         if self._unigram_token is None:
             self._unigram_token = self.data.most_frequent_token()
         sums = None
-        for b in range(batches):
-            local = stream.batch(b)["tokens"]
-            tokens = jax.make_array_from_process_local_data(self.tokens_sharding, local,
-                                                            (self.batch_size, self.cfg.data.seq_len))
-            out = self._evaluate(params, tokens, np.int32(self._unigram_token))
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        with tqdm(total=batches, desc=f"evaluating {split}", unit="batch", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for b in range(batches):
+                local = stream.batch(b)["tokens"]
+                tokens = jax.make_array_from_process_local_data(self.tokens_sharding, local,
+                                                                (self.batch_size, self.cfg.data.seq_len))
+                out = self._evaluate(params, tokens, np.int32(self._unigram_token))
+                sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+                if progress:
+                    jax.block_until_ready(sums)  # so the bar moves with the work, not with its dispatch
+                bar.update(1)
         loss, exit_loss, exit_acc, unigram = (np.asarray(x) / batches for x in jax.device_get(sums))
         layers = [str(layer) for layer in self.config.exit_layers]
         return {"split": split, "batches": batches,
@@ -55,3 +61,11 @@ class Evaluator:
                 "loss": float(loss), "exit_loss": dict(zip(layers, map(float, exit_loss))),
                 "exit_accuracy": dict(zip(layers, map(float, exit_acc))),
                 "unigram_accuracy": float(unigram), "unigram_token": self._unigram_token}
+
+
+def evaluation_plan(data, cfg) -> tuple[str, int, int]:
+    """(split, batches, next-token predictions) the evaluation of this config covers; cheap (no model)."""
+    split = cfg.eval.split
+    per_epoch = data.eval_stream(split, cfg.train.batch_size).batches_per_epoch
+    batches = per_epoch if cfg.eval.batches <= 0 else min(cfg.eval.batches, per_epoch)
+    return split, batches, batches * cfg.train.batch_size * (cfg.data.seq_len - 1)

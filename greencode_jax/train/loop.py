@@ -33,11 +33,11 @@ from greencode_jax.train.checkpointing import (
 )
 from greencode_jax.train.config import FinetuneConfig
 from greencode_jax.train.data import TrainData
-from greencode_jax.train.evaluate import Evaluator
+from greencode_jax.train.evaluate import Evaluator, evaluation_plan
 from greencode_jax.train.export import save_final
 from greencode_jax.train.feed import BatchFeeder
 from greencode_jax.train.metrics import MetricsLog
-from greencode_jax.train.model_source import ModelSource
+from greencode_jax.train.model_source import ModelSource, check_model_section
 from greencode_jax.train.monitor import StepMonitor
 from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from greencode_jax.train.step import init_state, make_train_step, state_shardings
@@ -58,6 +58,9 @@ class TrainResult:
     tokens_per_s: float | None  # after the first (compiling) step
     exit_layers: tuple
     weights: list
+    start_step: int = 0  # where this call started: 0, or the checkpoint it resumed from
+    finished_before: bool = False  # the run had already finished: nothing was trained
+    evaluated: bool = True  # this call evaluated; False: `evaluation` is the finished run's eval.json
 
 
 class StopSignals:
@@ -102,19 +105,49 @@ def _validate(cfg: FinetuneConfig, source: str):
         raise GreencodeError(f"{source}: checkpoint.resume={cfg.checkpoint.resume!r}; expected auto or never")
 
 
+def _finished_evaluation(run_dir: Path, data, cfg: FinetuneConfig) -> tuple[dict | None, str]:
+    """A finished run's evaluation (eval.json) if it is there, beside final/, and covers what this
+    config asks for; else None and why not."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return None, f"{path} is missing"
+    if not (run_dir / "final").is_dir():
+        return None, f"{run_dir / 'final'} is missing"
+    try:
+        evaluation = json.loads(path.read_text())
+        held = (evaluation["split"], evaluation["batches"], evaluation["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"{path} is unreadable"
+    split, batches, tokens = evaluation_plan(data, cfg)
+    if held != (split, batches, tokens):
+        return None, (f"{path} covers {held[1]} batches of the {held[0]} split ({held[2]:,} predictions), this config "
+                      f"asks for {batches} of {split} ({tokens:,})")
+    return evaluation, ""
+
+
+def _may_hold_checkpoints(directory) -> bool:
+    """False for a local directory that does not exist (opening it with Orbax would create it)."""
+    return "://" in str(directory) or Path(directory).exists()
+
+
 def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None = None,
-          progress: bool | None = None) -> TrainResult:
+          progress: bool | None = None, re_evaluate: bool = False) -> TrainResult:
+    """Trains (or resumes) the run `cfg` describes, evaluates it and writes `final/`.
+
+    Everything the config names is checked before anything is written: a run that fails before
+    training starts leaves no run directory. A run that had already finished is not evaluated
+    again: its eval.json is returned (`finished_before`, `evaluated` False), unless
+    `re_evaluate`, or unless eval.json is missing or covers another split or number of batches.
+    """
     started = time.perf_counter()
     _validate(cfg, source)
+    check_model_section(cfg.model, source)  # a bad model.init is named before any data is prepared
     info = initialize_distributed(cfg.parallel.distributed)  # before anything touches the devices
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if info.is_primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resolved_yaml is not None:
-            atomic_write_text(run_dir / "config.yaml", resolved_yaml)
+    show = (cfg.run.progress if progress is None else progress) and info.is_primary
 
     # what to train, on what, with what
-    data = TrainData(cfg.data, cfg.run.seed, source, info.is_primary)
+    data = TrainData(cfg.data, cfg.run.seed, source, info.is_primary, progress=show)
     model_source = ModelSource(cfg.model, data.tokenizer, source)
     config = model_source.config
     if cfg.data.seq_len > config.max_position_embeddings:
@@ -135,27 +168,52 @@ def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None
     abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.run.seed), abstract_params)
     shardings = state_shardings(abstract_state, config, mesh)
 
-    # start, or resume from the latest checkpoint
-    checkpoints = TrainCheckpoints(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep,
-                                   cfg.checkpoint.async_save)
-    checkpoint_dir = checkpoints.directory
-    start = checkpoints.latest_step()
-    if start is not None:
-        where = str(checkpoint_dir / str(start))
-        if cfg.checkpoint.resume == "never":
-            raise GreencodeError(f"{checkpoint_dir}: holds checkpoints (latest step {start}) and checkpoint.resume "
-                                 "is never; choose another run.name or checkpoint.dir")
-        meta = checkpoints.read_meta(start)
-        check_same_model(meta.get("model", {}), config, where)
-        check_same_state(meta.get("state"), state_signature(abstract_state, config), cfg, where)
-        state = checkpoints.restore_state(start, abstract_like(abstract_state, shardings))
-        stream.restore(meta["data"])
-    else:
-        params = place_host_tree(model_source.host_params(cfg.run.seed), shardings["params"])
-        state = jax.jit(lambda p: init_state(p, optimizer, cfg.run.seed), out_shardings=shardings)(params)
-        del params
+    # start, or resume from the latest checkpoint, or report a finished run
+    checkpoint_location = cfg.checkpoint.dir or run_dir / "checkpoints"
+    checkpoints, start, why_evaluate = None, None, ""
+    if _may_hold_checkpoints(checkpoint_location):
+        checkpoints = TrainCheckpoints(checkpoint_location, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        start = checkpoints.latest_step()
+    try:
+        if start is not None:
+            checkpoint_dir = checkpoints.directory
+            where = str(checkpoint_dir / str(start))
+            if cfg.checkpoint.resume == "never":
+                raise GreencodeError(f"{checkpoint_dir}: holds checkpoints (latest step {start}) and checkpoint.resume "
+                                     "is never; choose another run.name or checkpoint.dir")
+            meta = checkpoints.read_meta(start)
+            check_same_model(meta.get("model", {}), config, where)
+            check_same_state(meta.get("state"), state_signature(abstract_state, config), cfg, where)
+            if start >= total_steps:
+                reused, why_evaluate = _finished_evaluation(run_dir, data, cfg)
+                if reused is not None and not re_evaluate:
+                    checkpoints.close()
+                    return TrainResult(run_dir, start, total_steps, None, run_dir / "final", reused,
+                                       time.perf_counter() - started, None, config.exit_layers, weights,
+                                       start_step=start, finished_before=True, evaluated=False)
+                why_evaluate = why_evaluate or "--re-evaluate"
+            state = checkpoints.restore_state(start, abstract_like(abstract_state, shardings))
+            stream.restore(meta["data"])
+        else:
+            params = place_host_tree(model_source.host_params(cfg.run.seed), shardings["params"])
+            state = jax.jit(lambda p: init_state(p, optimizer, cfg.run.seed), out_shardings=shardings)(params)
+            del params
+    except BaseException:
+        if checkpoints is not None:
+            checkpoints.close()
+        raise
     resumed_at = start
     start = start or 0
+    finished_before = resumed_at is not None and resumed_at >= total_steps
+
+    # everything checked: the run's outputs start here
+    if info.is_primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resolved_yaml is not None:
+            atomic_write_text(run_dir / "config.yaml", resolved_yaml)
+    if checkpoints is None:
+        checkpoints = TrainCheckpoints(checkpoint_location, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    checkpoint_dir = checkpoints.directory
 
     feeder = BatchFeeder(mesh, t.grad_accum, t.batch_size, cfg.data.seq_len)
     train_step = make_train_step(config, weights, optimizer, schedule, cfg.model.compute_dtype, shardings,
@@ -164,16 +222,17 @@ def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None
     meta_base = {"model": model_signature(config), "state": state_signature(abstract_state, config),
                  "config": cfg.to_dict(), "process_count": info.process_count, "exit_weights": weights}
     if info.is_primary:
+        where = (f"finished at step {start}, evaluating again ({why_evaluate})" if finished_before
+                 else f"resumed at step {start}" if start else "from the start")
         print(f"finetune {cfg.run.name}: {config.family}, {config.num_layers} layers, exits "
               f"{list(config.exit_layers)} weights {[round(w, 4) for w in weights]}; {total_steps} steps of "
               f"{t.batch_size}x{t.grad_accum}x{cfg.data.seq_len} tokens on {mesh.size} device(s) "
               f"(data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}, {info.process_count} process(es)); "
-              + (f"resumed at step {start}" if start else "from the start"), flush=True)
+              + where, flush=True)
 
     from tqdm import tqdm
 
-    show = cfg.run.progress if progress is None else progress
-    bar = tqdm(total=total_steps, initial=start, unit="step", disable=not (show and info.is_primary),
+    bar = tqdm(total=total_steps, initial=start, unit="step", disable=not show or finished_before,
                dynamic_ncols=True, desc=cfg.run.name)
     log = MetricsLog(run_dir / "metrics.jsonl", resumed_at, enabled=info.is_primary)
     monitor = StepMonitor(config.exit_layers, log, bar, start, total_steps, cfg.run.log_every,
@@ -213,16 +272,20 @@ def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None
         bar.close()
         checkpoints.wait()
         if stopped_by is None:
-            evaluation = evaluator.run(state["params"])
+            evaluation = evaluator.run(state["params"], progress=show)
             log.write({"step": step, "eval": evaluation, "final": True})
             if info.is_primary:
                 atomic_write_text(run_dir / "eval.json", json.dumps(evaluation, indent=2) + "\n")
-            final_dir = save_final(state["params"], config, cfg.model.dtype, run_dir / "final", checkpoints, step,
-                                   model_source.tokenizer_dir or data.tokenizer_dir, info)
+            if finished_before and (run_dir / "final").is_dir():
+                final_dir = run_dir / "final"  # the weights it holds are those just evaluated
+            else:
+                final_dir = save_final(state["params"], config, cfg.model.dtype, run_dir / "final", checkpoints, step,
+                                       model_source.tokenizer_dir or data.tokenizer_dir, info)
     finally:
         bar.close()
         checkpoints.wait()  # a checkpoint being written in the background is finished, whatever happened
         checkpoints.close()
         log.close()
     return TrainResult(run_dir, step, total_steps, stopped_by, final_dir, evaluation, time.perf_counter() - started,
-                       monitor.tokens_per_s, config.exit_layers, weights)
+                       monitor.tokens_per_s, config.exit_layers, weights, start_step=start,
+                       finished_before=finished_before, evaluated=evaluation is not None)

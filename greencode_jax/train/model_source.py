@@ -18,22 +18,45 @@ from greencode_jax.train.config import ModelSection
 HOST_DTYPES = ("float32", "bfloat16")
 
 
+def check_model_section(section: ModelSection, source: str = "config") -> Path | None:
+    """Checks what can be checked before the data exists: the dtypes, and that model.init is
+    `scratch` with a model.config, or a model directory (a hub id is downloaded here) with a
+    config. Returns that directory (None from scratch)."""
+    if section.dtype not in HOST_DTYPES:
+        raise GreencodeError(f"{source}: model.dtype={section.dtype!r}; expected one of {list(HOST_DTYPES)} "
+                             "(the master weights the optimiser updates)")
+    if section.compute_dtype not in HOST_DTYPES:
+        raise GreencodeError(f"{source}: model.compute_dtype={section.compute_dtype!r}; expected one of "
+                             f"{list(HOST_DTYPES)}")
+    if section.init == "scratch":
+        if not isinstance(section.config, dict) or "model_type" not in section.config:
+            raise GreencodeError(f"{source}: model.init is 'scratch', so model.config must be a mapping of "
+                                 "Hugging Face config.json fields with at least model_type")
+        return None
+    if section.config is not None:
+        raise GreencodeError(f"{source}: model.config is only for model.init: scratch; the architecture of "
+                             f"{section.init} comes from its own config")
+    from greencode_jax.convert import resolve_model_dir
+    from greencode_jax.convert.checkpoint import is_checkpoint
+
+    try:
+        model_dir = resolve_model_dir(section.init)
+    except GreencodeError as error:
+        raise GreencodeError(f"{source}: model.init: {error}") from None
+    if not is_checkpoint(model_dir) and not (model_dir / "config.json").is_file():
+        raise GreencodeError(f"{source}: model.init={section.init}: neither a greencode checkpoint nor a Hugging "
+                             "Face model directory (no config.json); expected 'scratch', a model directory or a hub id")
+    return model_dir
+
+
 class ModelSource:
     """The training model's config (in the layer layout it trains in) and how to get its initial weights."""
 
     def __init__(self, section: ModelSection, tokenizer: dict | None, source: str = "config"):
-        if section.dtype not in HOST_DTYPES:
-            raise GreencodeError(f"{source}: model.dtype={section.dtype!r}; expected one of {list(HOST_DTYPES)} "
-                                 "(the master weights the optimiser updates)")
-        if section.compute_dtype not in HOST_DTYPES:
-            raise GreencodeError(f"{source}: model.compute_dtype={section.compute_dtype!r}; expected one of "
-                                 f"{list(HOST_DTYPES)}")
+        model_dir = check_model_section(section, source)
         self.section = section
         exits = list(section.exit_layers) or None
-        if section.init == "scratch":
-            if not isinstance(section.config, dict) or "model_type" not in section.config:
-                raise GreencodeError(f"{source}: model.init is 'scratch', so model.config must be a mapping of "
-                                     "Hugging Face config.json fields with at least model_type")
+        if model_dir is None:
             fields = dict(section.config)
             if tokenizer is not None:
                 fields.setdefault("vocab_size", tokenizer["vocab_size"])
@@ -42,13 +65,9 @@ class ModelSource:
             config = ModelConfig.from_hf(fields, exit_layers=exits, source=f"{source} (model.config)")
             self.model_dir = None
         else:
-            if section.config is not None:
-                raise GreencodeError(f"{source}: model.config is only for model.init: scratch; the architecture of "
-                                     f"{section.init} comes from its own config")
-            from greencode_jax.convert import resolve_model_dir
             from greencode_jax.convert.checkpoint import CONFIG_NAME, is_checkpoint
 
-            self.model_dir = resolve_model_dir(section.init)
+            self.model_dir = model_dir
             if is_checkpoint(self.model_dir):
                 meta = load_json(self.model_dir / CONFIG_NAME, "greencode checkpoint config")
                 config = ModelConfig.from_dict(meta.get("model", {}), source=str(self.model_dir / CONFIG_NAME))
