@@ -150,20 +150,21 @@ def run_bench_decode(args) -> dict:
     import torch
 
     import greencode_jax as gc
-    from greencode_jax.cli.bench_forward import build_reference, synchronize, torch_device
+    from greencode_jax.cli.bench_forward import bench_models, bench_source, synchronize, torch_device
 
     if args.prompt <= 0 or args.new < 2 or args.repeats <= 0:
         raise GreencodeError("--prompt and --repeats must be positive and --new at least 2")
+    shape, model_path = bench_source(args)
     device = torch_device(args.torch_device)
-    reference = build_reference(args.shape, args.dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        reference.save_pretrained(tmp)
-        model = gc.load_pretrained(tmp, dtype=args.dtype, exit_layers=args.exit_layers, scan_layers=False)
-    reference = reference.to(device)
+    with bench_models(shape, model_path, args.dtype, exit_layers=args.exit_layers, scan_layers=False) as loaded:
+        model, reference, label = loaded.model, loaded.reference.to(device), loaded.label
     config = model.config
+    if args.prompt + args.new > config.max_position_embeddings:
+        raise GreencodeError(f"--prompt {args.prompt} + --new {args.new} exceeds the model's "
+                             f"{config.max_position_embeddings} positions")
     params = sum(x.size for x in jax.tree.leaves(__import__("flax").nnx.state(model)))
     platform = jax.devices()[0].platform
-    print(f"bench decode: shape {args.shape} ({params / 1e6:.1f}M parameters), batch 1, {args.prompt}-token prompt, "
+    print(f"bench decode: {label} ({params / 1e6:.1f}M parameters), batch 1, {args.prompt}-token prompt, "
           f"{args.new} new tokens, {args.dtype}, exits {list(config.exit_layers)}, {args.repeats} interleaved rounds; "
           f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {device}"
           f"{'' if device == 'cuda' else f' with {torch.get_num_threads()} threads'}", flush=True)
@@ -215,7 +216,8 @@ def run_bench_decode(args) -> dict:
     rows = {}
     for name, (_, layer) in policies.items():
         to_full = paired_ratios(samples, name, "Full()")
-        rows[name] = dict(seconds_per_token=statistics.median(samples[name]), ratio_to_full=statistics.median(to_full),
+        rows[name] = dict(seconds_per_token=statistics.median(samples[name]), seconds_per_token_rounds=samples[name],
+                          ratio_to_full=statistics.median(to_full),
                           ratio_to_full_quartiles=quartiles(to_full), bytes=weight_bytes(model, layer),
                           call_seconds=[statistics.median(calls) for calls in zip(*whole[name])])
     for name in learned_rows.keys() & rows.keys():
@@ -226,12 +228,13 @@ def run_bench_decode(args) -> dict:
     to_floor = floor_ratios(samples["Full()"], bandwidths, full_bytes)
     bandwidth = statistics.median(bandwidths)
     hf_bound = HF_BOUND_GPU if platform == "gpu" else HF_BOUND_SMALL if params < SMALL_MODEL_PARAMS else HF_BOUND
-    results = {"shape": args.shape, "params": params, "dtype": args.dtype, "exit_layers": list(config.exit_layers),
+    results = {"shape": shape, "model": model_path, "params": params, "dtype": args.dtype, "exit_layers": list(config.exit_layers),
                "prompt": args.prompt, "new_tokens": args.new,
                "repeats": args.repeats, "read_bandwidth_gbs": bandwidth / 1e9,
                "read_bandwidth_rounds_gbs": [b / 1e9 for b in bandwidths], "memory_floor_ms": full_bytes / bandwidth * 1e3,
                "floor_ratio": statistics.median(to_floor), "floor_ratio_quartiles": quartiles(to_floor),
                "rows": rows, "hf_seconds_per_token": statistics.median(samples["transformers"]),
+               "hf_seconds_per_token_rounds": samples["transformers"],
                "hf_speedup": 1 / paired_ratio(samples, "Full()", "transformers"),
                "hf_total_s": statistics.median(t for _, t in whole["transformers"]),
                "ours_total_s": rows["Full()"]["call_seconds"][1],
@@ -349,6 +352,17 @@ def bounded_verdict(value: float, spread: tuple[float, float], bound: float) -> 
     return verdict + (", within noise: its rounds' quartiles straddle the bound" if spread[0] <= bound <= spread[1] else "")
 
 
+def _checked(ratio: float, name: str, ms: float, base_ms: float) -> str:
+    """A same-round ratio with the medians beside it: '0.964x Full() [1.37/0.87 ms = 1.575x]'. The two
+    differ when rounds disagree; the bracket lets a reader redo the division by hand."""
+    return f"{ratio:.3f}x {name} [{_ms(ms)}/{_ms(base_ms)} ms = {ms / base_ms:.3f}x]"
+
+
+def _ms(value: float) -> str:
+    """Milliseconds with enough digits to redo a division by hand: 1.37, 0.0283."""
+    return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.3g}"
+
+
 def _print(r: dict, hf_bound: float):
     verdict = lambda ok: "meets" if ok else "MISSES"  # noqa: E731
     if r["erratic_rounds"]:
@@ -358,32 +372,41 @@ def _print(r: dict, hf_bound: float):
               f"(medians): " + ", ".join(f"{name} {row['call_seconds'][0] * 1e3:.1f} / {row['call_seconds'][1] * 1e3:.1f} ms"
                                          for name, row in r["rows"].items()))
     full = r["rows"]["Full()"]
+    full_ms = full["seconds_per_token"] * 1e3
     rounds = r["read_bandwidth_rounds_gbs"]
     print(f"  read bandwidth {r['read_bandwidth_gbs']:.1f} GB/s (median of the rounds' readings, {min(rounds):.1f}-"
           f"{max(rounds):.1f}); Full() reads {full['bytes'] / 1e6:.1f} MB/token -> memory floor "
-          f"{r['memory_floor_ms']:.2f} ms/token")
+          f"{_ms(r['memory_floor_ms'])} ms/token")
+    print(f"  columns: ms/token is each row's median over the {r['repeats']} rounds; a ratio 'R x X' is the median "
+          "over rounds of the row's time / X's time in the same round, so it need not equal the ratio of the medians, "
+          "which follows it in brackets [row ms / X ms = ratio of medians]")
     ratio_floor, spread = r["floor_ratio"], r["floor_ratio_quartiles"]
     floor_bound = (f"bound <= {FLOOR_BOUND}: {bounded_verdict(ratio_floor, spread, FLOOR_BOUND)}"
                    if r["params"] >= SMALL_MODEL_PARAMS
                    else "no floor bound: a model this small is bound by overhead, not memory")
-    print(f"  {'Full()':23s} {full['seconds_per_token'] * 1e3:8.2f} ms/token = {ratio_floor:.2f}x floor, against each "
-          f"round's own reading (rounds' quartiles {spread[0]:.2f}-{spread[1]:.2f}; {floor_bound})")
+    print(f"  {'Full()':23s} {full_ms:8.2f} ms/token = {_checked(ratio_floor, 'floor', full_ms, r['memory_floor_ms'])}, "
+          f"each round against its own bandwidth reading (rounds' quartiles {spread[0]:.2f}-{spread[1]:.2f}; "
+          f"{floor_bound})")
     speedup = r["hf_speedup"]
-    print(f"  {'transformers':23s} {r['hf_seconds_per_token'] * 1e3:8.2f} ms/token -> ours {speedup:.2f}x its tokens/s "
-          f"(bound >= {hf_bound}: {verdict(speedup >= hf_bound)}); whole generate incl. prompt: ours "
-          f"{r['ours_total_s']:.3f} s, transformers {r['hf_total_s']:.3f} s")
+    hf_ms = r["hf_seconds_per_token"] * 1e3
+    print(f"  {'transformers':23s} {hf_ms:8.2f} ms/token -> ours {speedup:.2f}x its tokens/s "
+          f"[{_ms(hf_ms)}/{_ms(full_ms)} ms = {hf_ms / full_ms:.2f}x] (bound >= {hf_bound}: {verdict(speedup >= hf_bound)}); "
+          f"whole generate incl. prompt: ours {r['ours_total_s']:.3f} s, transformers {r['hf_total_s']:.3f} s")
+    skip_ms = r["rows"][SKIP_PATH]["seconds_per_token"] * 1e3 if SKIP_PATH in r["rows"] else None
     for name, row in r["rows"].items():
         if name == "Full()":
             continue
         time_ratio = row["ratio_to_full"]
         bytes_ratio = row["bytes"] / full["bytes"]
-        ms = f"{name:23s} {row['seconds_per_token'] * 1e3:8.2f} ms/token = {time_ratio:.3f}x Full()"
+        row_ms = row["seconds_per_token"] * 1e3
+        ms = f"{name:23s} {row_ms:8.2f} ms/token = {_checked(time_ratio, 'Full()', row_ms, full_ms)}"
         if name == SKIP_PATH:
             print(f"  {ms}: FixedExit(last), a lax.cond after each of {len(r['exit_layers']) - 1} exit decisions")
         elif "ratio_to_skip_path" in row:  # a Learned row
             policy_cost, spread = row["ratio_to_skip_path"], row["ratio_to_skip_path_quartiles"]
-            print(f"  {ms}, {policy_cost:.3f}x the skip path (rounds' quartiles {spread[0]:.3f}-{spread[1]:.3f}; "
-                  f"the policy's own cost, bound <= {LEARNED_BOUND}: {bounded_verdict(policy_cost, spread, LEARNED_BOUND)})")
+            print(f"  {ms}, {_checked(policy_cost, 'the skip path', row_ms, skip_ms)} (rounds' quartiles "
+                  f"{spread[0]:.3f}-{spread[1]:.3f}; the policy's own cost, bound <= {LEARNED_BOUND}: "
+                  f"{bounded_verdict(policy_cost, spread, LEARNED_BOUND)})")
         else:
             within, spread = time_ratio / bytes_ratio, [q / bytes_ratio for q in row["ratio_to_full_quartiles"]]
             print(f"  {ms}, bytes {bytes_ratio:.3f}x -> {within:.2f}x the byte ratio (rounds' quartiles "

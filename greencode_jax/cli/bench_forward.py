@@ -1,12 +1,14 @@
 """`greencode bench forward`: prefill throughput against transformers PyTorch, and import memory.
 
-Both sides run the same random weights on the same prompt in the same process;
-the import memory is measured in a fresh subprocess so earlier allocations do not
-hide the peak.
+Both sides run the same weights (a built-in random shape, or `--model DIR`) on the same
+prompt in the same process; the import memory is measured in a fresh subprocess so earlier
+allocations do not hide the peak.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -90,6 +92,71 @@ def build_reference(shape: str, dtype: str, device: str = "cpu"):
     return model.to(getattr(torch, dtype)).to(device).eval()
 
 
+DEFAULT_SHAPE = "opt-125m"
+
+
+def bench_source(args) -> tuple[str | None, str | None]:
+    """(shape, model) from `--shape` and `--model`: one of the two (the default shape when neither)."""
+    model = getattr(args, "model", None)
+    if model is not None and args.shape is not None:
+        raise GreencodeError(f"--shape {args.shape} and --model {model}: give one of the two")
+    return (None, model) if model is not None else (args.shape or DEFAULT_SHAPE, None)
+
+
+@dataclasses.dataclass
+class BenchModels:
+    label: str  # what the header names: "shape opt-125m" or "model DIR (a Hugging Face directory)"
+    model: object  # ours (EarlyExitLM)
+    reference: object  # transformers' model on the CPU, in eval mode
+    source_dir: Path  # what our model was loaded from
+    family: str
+    is_checkpoint: bool  # source_dir is a greencode checkpoint (else a Hugging Face directory)
+
+
+@contextlib.contextmanager
+def bench_models(shape: str | None, model_path: str | None, dtype: str, exit_layers=None, scan_layers=None):
+    """Our model and transformers' on the same weights: a built-in random shape, or `model_path`, a
+    Hugging Face directory (transformers loads it as is) or our checkpoint (exported for transformers
+    to a temporary directory with `export_pretrained`). Its directories live until the block ends."""
+    import torch
+    import transformers
+
+    import greencode_jax as gc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_path is None:
+            reference = build_reference(shape, dtype)
+            reference.save_pretrained(tmp)
+            model = gc.load_pretrained(tmp, dtype=dtype, exit_layers=exit_layers, scan_layers=scan_layers)
+            yield BenchModels(f"shape {shape}", model, reference, Path(tmp), model.config.family, False)
+            return
+        from greencode_jax.convert import resolve_model_dir
+        from greencode_jax.convert.checkpoint import is_checkpoint
+
+        source_dir = resolve_model_dir(model_path)
+        checkpoint = is_checkpoint(source_dir)
+        model = gc.load_pretrained(source_dir, dtype=dtype, exit_layers=exit_layers, scan_layers=scan_layers)
+        hf_dir = gc.export_pretrained(model, Path(tmp) / "hf") if checkpoint else source_dir
+        try:
+            reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+        except Exception as error:
+            raise GreencodeError(f"--model {model_path}: transformers cannot load {hf_dir} for the reference "
+                                 f"({str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__})"
+                                 ) from None
+        kind = "a greencode checkpoint" if checkpoint else "a Hugging Face directory"
+        yield BenchModels(f"model {model_path} ({kind}, {model.config.family}, {model.config.num_layers} layers)",
+                          model, reference.eval(), source_dir, model.config.family, checkpoint)
+
+
+def weight_file_bytes(model_dir: Path, is_checkpoint: bool) -> int:
+    """The weights' size on disk: the safetensors (else pytorch_model*.bin) of a Hugging Face directory,
+    every file of our checkpoint."""
+    if is_checkpoint:
+        return sum(f.stat().st_size for f in Path(model_dir).rglob("*") if f.is_file())
+    files = list(Path(model_dir).glob("*.safetensors")) or list(Path(model_dir).glob("pytorch_model*.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
 def _interleaved_seconds(candidates: dict, repeats: int) -> dict:
     """Median seconds of each candidate, run in turn so background load hits all alike."""
     times = {name: [] for name in candidates}
@@ -108,26 +175,26 @@ def run_bench_forward(args) -> dict:
 
     from flax import nnx
 
-    import greencode_jax as gc
-
     if args.tokens <= 0 or args.batch <= 0 or args.repeats <= 0:
         raise GreencodeError("--tokens, --batch and --repeats must be positive")
+    shape, model_path = bench_source(args)
     device = torch_device(args.torch_device)
-    print(f"bench forward: shape {args.shape}, batch {args.batch} x {args.tokens} tokens, {args.dtype}, "
-          f"{args.repeats} timed runs; JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch "
-          f"{torch.__version__} on {device}{'' if device == 'cuda' else f' with {torch.get_num_threads()} threads'}",
-          flush=True)
-    reference = build_reference(args.shape, args.dtype, device)
-    if args.tokens > reference.config.max_position_embeddings:
-        raise GreencodeError(f"--tokens {args.tokens} exceeds the shape's {reference.config.max_position_embeddings} positions")
-    results = {"shape": args.shape, "tokens": args.tokens, "batch": args.batch, "dtype": args.dtype,
-               "device": str(jax.devices()[0]), "torch_device": device, "torch_threads": torch.get_num_threads()}
-    with tempfile.TemporaryDirectory() as tmp:
-        reference.save_pretrained(tmp)
-        checkpoint_bytes = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
-        model = gc.load_pretrained(tmp, dtype=args.dtype)
+    with bench_models(shape, model_path, args.dtype, scan_layers=True) as loaded:
+        model, reference = loaded.model, loaded.reference.to(device)
+        print(f"bench forward: {loaded.label}, batch {args.batch} x {args.tokens} tokens, {args.dtype}, "
+              f"{args.repeats} timed runs; JAX {jax.__version__} on {jax.devices()[0].device_kind}, torch "
+              f"{torch.__version__} on {device}"
+              f"{'' if device == 'cuda' else f' with {torch.get_num_threads()} threads'}", flush=True)
+        if args.tokens > model.config.max_position_embeddings:
+            raise GreencodeError(f"--tokens {args.tokens} exceeds the model's {model.config.max_position_embeddings} "
+                                 "positions")
+        results = {"shape": shape, "model": model_path, "tokens": args.tokens, "batch": args.batch,
+                   "dtype": args.dtype, "device": str(jax.devices()[0]), "torch_device": device,
+                   "torch_threads": torch.get_num_threads()}
         if not args.skip_memory:
-            results["memory"] = _import_memory(tmp, args.dtype, checkpoint_bytes)
+            results["memory"] = _import_memory(loaded.source_dir, args.dtype,
+                                               weight_file_bytes(loaded.source_dir, loaded.is_checkpoint),
+                                               loaded.family, loaded.is_checkpoint)
 
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.tokens))
     torch_ids = torch.tensor(ids, device=device)
@@ -165,11 +232,15 @@ def run_bench_forward(args) -> dict:
     return results
 
 
-def _import_memory(model_dir: str, dtype: str, checkpoint_bytes: int) -> dict:
-    family = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+def _import_memory(model_dir, dtype: str, checkpoint_bytes: int, family: str, is_checkpoint: bool = False) -> dict:
+    import greencode_jax as gc
+
     with tempfile.TemporaryDirectory() as warmup_dir:
-        build_reference(f"tiny-{family}", dtype).save_pretrained(warmup_dir)
-        proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, model_dir, dtype, warmup_dir],
+        warmup = Path(warmup_dir) / "hf"
+        build_reference(f"tiny-{family}", dtype).save_pretrained(warmup)
+        if is_checkpoint:  # warm up the reader the measured import uses
+            warmup = gc.save_checkpoint(gc.load_pretrained(warmup, dtype=dtype), Path(warmup_dir) / "checkpoint")
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model_dir), dtype, str(warmup)],
                               capture_output=True, text=True)
     if proc.returncode != 0:
         raise GreencodeError(f"import memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = bench_sub.add_parser("forward", help="prefill tokens/s vs transformers PyTorch, and import peak memory")
-    p.add_argument("--shape", default="opt-125m", help="model shape: opt-125m, opt-350m, llama-160m, llama-1b, "
+    p.add_argument("--shape", default=None, help="model shape: opt-125m, opt-350m, llama-160m, llama-1b, "
                    "llama-10m, tiny-opt, tiny-llama (default opt-125m)")
+    p.add_argument("--model", default=None, metavar="DIR", help="instead of --shape: a Hugging Face model directory "
+                   "or a greencode checkpoint (exported for the transformers reference)")
     p.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -142,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_forward)
     p = bench_sub.add_parser("decode", help="early-exit decode tokens/s vs transformers generate and the memory floor")
-    p.add_argument("--shape", default="opt-125m", help="model shape (see bench forward; default opt-125m)")
+    p.add_argument("--shape", default=None, help="model shape (see bench forward; default opt-125m)")
+    p.add_argument("--model", default=None, metavar="DIR", help="instead of --shape: a Hugging Face model directory "
+                   "or a greencode checkpoint, with its own exits unless --exit-layers")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens (default 256)")
     p.add_argument("--new", type=int, default=15, help="new tokens (default 15)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
