@@ -4,6 +4,7 @@ greencode-jax and compared with transformers' own GGUF load and with the origina
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -233,3 +234,46 @@ def test_bad_gguf_files_get_one_line_on_the_command_line(files, tmp_path):
         assert expected in run.stderr and "Traceback" not in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_finetune_from_a_gguf_prepares_the_corpus_with_its_tokenizer(files, tmp_path):
+    """model.init: FILE.gguf with data.prepare_tokenizer: model: the corpus is tokenised by the GGUF's
+    own tokenizer (raw source view), the run trains from the GGUF's weights, final/ keeps the tokenizer."""
+    from greencode_jax.cli.train_cmd import finetune_config_from_dict
+    from greencode_jax.data.tokenizer import load_hf_tokenizer
+    from greencode_jax.train import train
+
+    _, f32, _ = files
+    data = tmp_path / "data" / "corpus"
+    sections = {
+        "run": {"name": "gguf", "out_dir": str(tmp_path / "runs"), "progress": False, "log_every": 1},
+        "model": {"init": str(f32), "exit_layers": [1], "scan_layers": True},
+        "data": {"path": str(data), "seq_len": 32, "prepare_lang": "python", "prepare_tokenizer": "model",
+                 "prepare_view": "raw", "prepare_max_files": 12},
+        "train": {"steps": 2, "batch_size": 4, "learning_rate": 1e-3},
+        "checkpoint": {"every": 2, "keep": 1},
+        "eval": {"split": "train", "batches": 1},  # 12 files may leave the test split empty
+    }
+    config, resolved = finetune_config_from_dict(sections, "gguf.yaml")
+    result = train(config, source="gguf.yaml", resolved_yaml=resolved, progress=False)
+    manifest = json.loads((data / "prepare.json").read_text())
+    assert manifest["view"] == "raw" and manifest["tokenizer"]["vocab_size"] == len(byte_level_vocab())
+    text = "import os\nprint(os.sep)\n"
+    theirs = transformers.AutoTokenizer.from_pretrained(str(f32.parent), gguf_file=f32.name)
+    assert load_hf_tokenizer(result.final_checkpoint).encode(text) == theirs(text)["input_ids"]
+    assert gc.load_pretrained(result.final_checkpoint).config.exit_layers == (1, 2)
+
+
+def test_prepare_tokenizer_model_needs_a_pretrained_model(tmp_path):
+    from greencode_jax.cli.train_cmd import finetune_config_from_dict
+    from greencode_jax.train import train
+
+    sections = {"run": {"name": "x", "out_dir": str(tmp_path / "runs")},
+                "model": {"init": "scratch", "config": {"model_type": "llama", "hidden_size": 16,
+                                                        "intermediate_size": 32, "num_hidden_layers": 2,
+                                                        "num_attention_heads": 2}},
+                "data": {"path": str(tmp_path / "corpus"), "prepare_lang": "python", "prepare_tokenizer": "model"}}
+    config, resolved = finetune_config_from_dict(sections, "x.yaml")
+    with pytest.raises(GreencodeError, match="data.prepare_tokenizer=model needs a pretrained model.init"):
+        train(config, source="x.yaml", resolved_yaml=resolved, progress=False)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "corpus").exists()

@@ -35,7 +35,10 @@ class DataSection:
     path: str = ""  # a directory written by `greencode prepare-data`
     seq_len: int = 256  # tokens per packed sequence
     prepare_lang: str = ""  # "python"/"java": prepare `path` from the stdlib / JDK first if it does not exist
+    prepare_tokenizer: str = "bpe"  # that preparation's tokenizer: "bpe" (trained on the corpus, from scratch) or
+    #                                 "model" (model.init's own: what a pretrained model needs)
     prepare_vocab_size: int = 8192  # BPE vocabulary of that automatic preparation
+    prepare_view: str = "codexglue"  # what the model reads: CodeXGLUE's space-joined tokens, or "raw" source text
     prepare_max_files: int = 0  # 0: every file
 
 

@@ -43,9 +43,24 @@ def _new_parents(path: Path):
         raise
 
 
+def _prepare_tokenizer(section: DataSection, model_init: str, source: str) -> str:
+    """prepare_data's --tokenizer for data.prepare_tokenizer: "bpe", or model.init's own directory."""
+    if section.prepare_tokenizer == "bpe":
+        return "bpe"
+    if section.prepare_tokenizer != "model":
+        raise GreencodeError(f"{source}: data.prepare_tokenizer={section.prepare_tokenizer!r}; expected bpe (trained "
+                             "on the corpus) or model (model.init's own tokenizer)")
+    if model_init == "scratch":
+        raise GreencodeError(f"{source}: data.prepare_tokenizer=model needs a pretrained model.init; a model from "
+                             "scratch has no tokenizer (use bpe)")
+    from greencode_jax.convert import resolve_model_dir
+
+    return str(resolve_model_dir(model_init))
+
+
 class TrainData:
     def __init__(self, section: DataSection, seed: int, source: str = "config", primary: bool = True,
-                 progress: bool = False):
+                 progress: bool = False, model_init: str = "scratch"):
         from greencode_jax.data import PreparedData, PrepareOptions, prepare_data
 
         if not section.path:
@@ -63,11 +78,12 @@ class TrainData:
                 if value < 0 or (value == 0 and field.endswith("vocab_size")):
                     raise GreencodeError(f"{source}: {field}={value}; expected a positive integer"
                                          + (" (or 0: every file)" if field.endswith("max_files") else ""))
+            tokenizer = _prepare_tokenizer(section, model_init, source)
             if primary:
                 print(f"preparing {section.prepare_lang} corpus at {path} (data.prepare_lang)", flush=True)
                 with _new_parents(path):  # a failed preparation leaves no directory it created
-                    prepare_data(PrepareOptions(lang=section.prepare_lang, out=str(path),
-                                                vocab_size=section.prepare_vocab_size,
+                    prepare_data(PrepareOptions(lang=section.prepare_lang, out=str(path), tokenizer=tokenizer,
+                                                vocab_size=section.prepare_vocab_size, view=section.prepare_view,
                                                 max_files=section.prepare_max_files or None, progress=progress))
             _barrier("greencode-prepare-data")
         elif not path.exists():

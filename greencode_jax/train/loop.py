@@ -147,7 +147,7 @@ def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None
     show = (cfg.run.progress if progress is None else progress) and info.is_primary
 
     # what to train, on what, with what
-    data = TrainData(cfg.data, cfg.run.seed, source, info.is_primary, progress=show)
+    data = TrainData(cfg.data, cfg.run.seed, source, info.is_primary, progress=show, model_init=cfg.model.init)
     model_source = ModelSource(cfg.model, data.tokenizer, source)
     config = model_source.config
     if cfg.data.seq_len > config.max_position_embeddings:
