@@ -1,6 +1,8 @@
 """Atomic outputs: write to a temporary sibling, then rename into place.
 
-A command that fails, or is interrupted, leaves no half-written output behind.
+A command that fails, or is interrupted, leaves no half-written output behind. An output's
+missing parent directories are created first (`runs/x/final` on a fresh clone), and removed
+again, when still empty, if the command fails.
 """
 
 from __future__ import annotations
@@ -15,53 +17,115 @@ from greencode_jax.errors import GreencodeError
 
 
 @contextlib.contextmanager
+def output_parents(out: str | Path):
+    """Creates `out`'s missing parent directories for the block; removes those it created (when
+    empty) if the block fails, so a failed command does not leave `data/` behind either."""
+    created = make_parents(out)
+    try:
+        yield
+    except BaseException:
+        remove_empty(created)
+        raise
+
+
+def make_parents(out: str | Path) -> list[Path]:
+    """Creates the missing parents of `out`; returns the directories created, outermost first."""
+    out = Path(out)
+    missing = []
+    parent = out.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GreencodeError(f"{parent}: not a directory, so {out} cannot be written under it")
+    created = []
+    try:
+        for directory in reversed(missing):
+            try:
+                directory.mkdir()
+            except FileExistsError:  # made meanwhile by another process
+                if not directory.is_dir():
+                    raise
+                continue
+            created.append(directory)
+    except OSError as error:
+        remove_empty(created)
+        raise GreencodeError(f"{error.filename or directory}: cannot create the output's parent directory "
+                             f"({error.strerror or error})") from None
+    return created
+
+
+def remove_empty(directories: list[Path]):
+    """Removes `directories` (outermost first, as `make_parents` returns them), innermost first,
+    each only if empty."""
+    for directory in reversed(directories):
+        try:
+            directory.rmdir()
+        except OSError:
+            break  # not empty (another output lives there now), or already gone: keep it and its parents
+
+
+@contextlib.contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False):
-    """Yields a temporary directory beside `out`; renames it to `out` when the block succeeds."""
+    """Yields a temporary directory beside `out`; renames it to `out` when the block succeeds.
+
+    Missing parents of `out` are created, and removed again if the block fails."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise GreencodeError(f"{out}: already exists; choose another output path or pass --overwrite")
-    if not out.parent.exists():
-        raise GreencodeError(f"{out.parent}: output's parent directory does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with output_parents(out):
+        tmp = Path(_temporary(tempfile.mkdtemp, out))
+        try:
+            yield tmp
+            usual_permissions(tmp, directory=True)  # mkdtemp makes it owner-only
+            if out.exists():  # overwrite: move the old one aside first, so a crash never loses both
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temporary(make, out: Path):
+    """mkdtemp / mkstemp beside `out`, an OSError (permission, read-only disk) as a GreencodeError."""
     try:
-        yield tmp
-        _usual_permissions(tmp, directory=True)  # mkdtemp makes it owner-only
-        if out.exists():  # overwrite: move the old one aside first, so a crash never loses both
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return make(prefix=f".{out.name}.tmp-", dir=out.parent)
+    except OSError as error:
+        raise GreencodeError(f"{out}: cannot write here ({error.strerror or error})") from None
 
 
-def _usual_permissions(path: Path, directory: bool):
-    """What a plain mkdir / open would have given under the current umask."""
+def usual_permissions(path: str | Path, directory: bool = False):
+    """Gives `path` what a plain mkdir / open would have under the current umask (mkstemp and
+    some writers, safetensors' among them, make files owner-only)."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def atomic_write_text(path: str | Path, text: str):
+    """Writes `text` to `path` through a temporary sibling; missing parents are created (and
+    removed again if the write fails)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _usual_permissions(Path(tmp), directory=False)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with output_parents(path):
+        fd, tmp = _temporary(tempfile.mkstemp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            usual_permissions(tmp)  # mkstemp makes it owner-only
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def resumable_directory(out: str | Path, settings: dict, what: str) -> tuple[Path, bool]:
     """The work directory OUT.partial of a long job that renames it to OUT when done: created
-    with `settings.json`, or reused when an interrupted run left it with the same settings
-    (refused otherwise). Returns (path, resumed)."""
+    (with its missing parents) with `settings.json`, or reused when an interrupted run left it
+    with the same settings (refused otherwise). Returns (path, resumed)."""
     import json
 
     work = Path(out).with_name(Path(out).name + ".partial")
@@ -75,6 +139,7 @@ def resumable_directory(out: str | Path, settings: dict, what: str) -> tuple[Pat
             raise GreencodeError(f"{work}: an interrupted {what} with other settings (or another model); delete it, "
                                  "or rerun with the same arguments to resume it")
         return work, True
-    work.mkdir(parents=True)
+    make_parents(work)
+    work.mkdir()
     atomic_write_text(work / "settings.json", json.dumps(settings, indent=2) + "\n")
     return work, False

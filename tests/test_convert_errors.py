@@ -219,11 +219,18 @@ def test_overwrite_replaces_output_atomically(zoo, tmp_path, writer):
     assert reloaded.config == variant.ours.config
 
 
-def test_output_parent_missing(zoo, tmp_path):
+def test_output_parent_missing_is_created(zoo, tmp_path):
     out = tmp_path / "missing_parent" / "out"
-    with pytest.raises(gc.GreencodeError, match=re.escape(str(out.parent))):
+    gc.export_pretrained(zoo["llama_mha"].ours, out)
+    assert (out / "config.json").is_file()
+
+
+def test_output_parent_not_a_directory(zoo, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "sub" / "out"
+    with pytest.raises(gc.GreencodeError, match=re.escape(str(tmp_path / "a_file")) + ": not a directory"):
         gc.export_pretrained(zoo["llama_mha"].ours, out)
-    assert not out.parent.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_failure_while_writing_leaves_nothing(zoo, tmp_path, monkeypatch):
