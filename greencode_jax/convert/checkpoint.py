@@ -11,9 +11,12 @@ and is still read, its kernels transposed on restore.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -48,11 +51,17 @@ def copy_tokenizer_files(source_dir, out_dir: Path) -> list[str]:
     return copied
 
 
+@contextlib.contextmanager
 def _checkpointer():
+    """An Orbax StandardCheckpointer, closed (its pending work finished) when the block ends."""
     import orbax.checkpoint as ocp
 
     logging.getLogger("absl").setLevel(logging.WARNING)
-    return ocp.StandardCheckpointer()
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        yield checkpointer
+    finally:
+        checkpointer.close()
 
 
 def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False) -> Path:
@@ -62,9 +71,9 @@ def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False
         meta = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(model.dtype).name,
                 "model": model.config.to_dict()}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        checkpointer = _checkpointer()
-        checkpointer.save((tmp / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-        checkpointer.wait_until_finished()
+        with _checkpointer() as checkpointer:
+            checkpointer.save((tmp / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+            checkpointer.wait_until_finished()
         copy_tokenizer_files(model.origin.path, tmp)
     return out
 
@@ -91,7 +100,44 @@ def restore_params(directory, abstract_params) -> dict:
         abstract_params = nnx.to_pure_dict(abstract_params)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
-    return _checkpointer().restore(directory, target)
+    previous_hook = _quiet_abandoned_reads()
+    with _checkpointer() as checkpointer:
+        restored = checkpointer.restore(directory, target)
+    # Succeeded: no read was abandoned. After a failure the filter stays, as abandoned reads report
+    # themselves later (when they finish, or at interpreter exit).
+    if previous_hook is not None and sys.unraisablehook is _quiet_hook:
+        sys.unraisablehook = previous_hook
+    return restored
+
+
+def _abandoned_read(unraisable) -> bool:
+    """What Orbax's restore leaves behind when one array fails to read: it closes its event loop
+    while the other arrays' reads are still in flight, so each of those later reports
+    `RuntimeError: Event loop is closed` (TensorStore completing a future on the closed loop) or,
+    when garbage-collected, an exception from its never-finished Orbax coroutine."""
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+def _quiet_hook(unraisable):
+    if not _abandoned_read(unraisable):
+        _outer_hook(unraisable)
+
+
+_outer_hook = sys.__unraisablehook__
+
+
+def _quiet_abandoned_reads():
+    """Installs `_quiet_hook` as sys.unraisablehook (unless already installed); returns the hook it
+    replaced, or None."""
+    global _outer_hook
+    if sys.unraisablehook is _quiet_hook:
+        return None
+    _outer_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_hook
+    return _outer_hook
 
 
 def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers: bool | None = None) -> EarlyExitLM:
@@ -121,7 +167,8 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers:
     try:
         restored = restore_params((path / "params").absolute(), target)
     except Exception as error:
-        raise GreencodeError(f"{path / 'params'}: cannot restore parameters ({_first_line(error)})") from None
+        raise GreencodeError(f"{path}: checkpoint is corrupt or incomplete: its params/ cannot be restored "
+                             f"({_root_cause(error)})") from None
     if version == 1:
         restored = _swap_kernels(restored, lambda x: jax.numpy.swapaxes(x, -1, -2))
     nnx.replace_by_pure_dict(abstract_state, restored)
@@ -132,6 +179,18 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers:
     return model
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+def _root_cause(error: BaseException) -> str:
+    """The innermost error's first sentence: Orbax wraps TensorStore's message ("Requested byte
+    range [0, 1944) is not valid for value of size 50") in one that prints a whole TensorStore
+    spec, bound-method repr included."""
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    sentence = re.split(r"(?<=[\w)\]])\. (?=[A-Z])", lines[0])[0]  # "... shape: (2, 16). Truncating/padding ..."
+    sentence = re.sub(r"\s*\[tensorstore_spec.*$", "", sentence)  # a JSON dump of the spec
+    sentence = re.sub(r'Error opening "\w+" driver: ', "", sentence)  # the layers of the spec, outermost first
+    return sentence[:400]
