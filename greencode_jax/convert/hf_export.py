@@ -7,19 +7,38 @@ The same mapping table as the import drives the names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
-from greencode_jax.atomic import atomic_directory
+from greencode_jax.atomic import atomic_directory, usual_permissions
 from greencode_jax.convert.checkpoint import copy_tokenizer_files
 from greencode_jax.convert.mapping import param_table, parameter_arrays
 from greencode_jax.models import EarlyExitLM
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Within the block, transformers' own progress bars ("Loading weights", "Writing model
+    shards") are not drawn: where we call transformers as a library (the benchmarks' reference,
+    GGUF conversion) our command prints its own progress. Hugging Face Hub download bars are kept
+    (transformers' `disable_progress_bar()` would turn those off too)."""
+    from transformers.utils import logging as hf_logging
+
+    def silent(factory, args, kwargs):
+        return factory(*args, **{**kwargs, "disable": True})
+
+    previous = hf_logging.set_tqdm_hook(silent)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
 
 
 def _hf_arrays(model: EarlyExitLM):
@@ -53,11 +72,16 @@ def _shards(model: EarlyExitLM, max_shard_bytes: int):
     return shards
 
 
+def _save_shard(tensors: dict, path: Path):
+    from safetensors.numpy import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    usual_permissions(path)  # safetensors writes through an owner-only (0600) temporary file
+
+
 def export_pretrained(model: EarlyExitLM, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                       overwrite: bool = False, tokenizer_dir=None) -> Path:
     """Writes config.json + safetensors (+ tokenizer files of the source) to `out_dir`, atomically."""
-    from safetensors.numpy import save_file
-
     out_dir = Path(out_dir)
     shards = _shards(model, max_shard_bytes)
     shard_of = {name: i for i, names in enumerate(shards) for name in names}
@@ -72,12 +96,12 @@ def export_pretrained(model: EarlyExitLM, out_dir: str | Path, max_shard_bytes: 
         for name, tensor in _hf_tensors(model):
             shard = shard_of[name]
             if shard != current_shard:
-                save_file(pending, tmp / file_names[current_shard], metadata={"format": "pt"})
+                _save_shard(pending, tmp / file_names[current_shard])
                 pending, current_shard = {}, shard
             pending[name] = tensor
             weight_map[name] = file_names[shard]
             total += tensor.nbytes
-        save_file(pending, tmp / file_names[current_shard], metadata={"format": "pt"})
+        _save_shard(pending, tmp / file_names[current_shard])
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
