@@ -475,6 +475,17 @@ def _validate(options: PrepareOptions):
         raise GreencodeError("--workers must be 0 (one per core) or more")
 
 
+def _keep_first_files(source, count: int):
+    """Cuts a file source to its first `count` files (path order), its description saying so:
+    "...: 200 of 1790 .py files under ..." rather than the count found."""
+    import re
+
+    total = len(source.refs)
+    source.refs = source.refs[:count]
+    described, found = re.subn(rf"\b{total} (\.\w+ files)", rf"{count} of {total} \1", source.description, count=1)
+    source.description = described if found else f"{source.description} (the first {count} of {total} files)"
+
+
 def prepare_data(options: PrepareOptions) -> dict:
     """Prepares the corpus; returns the summary written to prepare.json (with the stats under 'stats')."""
     from greencode_jax.atomic import atomic_directory
@@ -485,6 +496,8 @@ def prepare_data(options: PrepareOptions) -> dict:
     started = time.perf_counter()
     _validate(options)
     source = resolve_source(options.source, options.lang, options.tfds_data_dir)
+    if source.kind == "files" and options.max_files and options.max_files < len(source.refs):
+        _keep_first_files(source, options.max_files)
     if options.view == "raw" and source.kind != "files":
         raise GreencodeError(f"--view raw needs source files, but {source.description} holds CodeXGLUE tokens "
                              "only; use --view codexglue")
