@@ -36,7 +36,8 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
 def typed_section(cls, values: dict, section: str, source: str):
     """Builds dataclass `cls` from a section, naming any misspelt field and its closest valid one.
 
-    A float field also takes an int and a numeric string such as `1e-5` (see `as_float`).
+    A float field also takes an int and a numeric string such as `1e-5` (see `as_float`). A str
+    field reads an empty value as "": YAML reads `data.prepare_lang=` (and `prepare_lang:`) as null.
     """
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
@@ -47,6 +48,8 @@ def typed_section(cls, values: dict, section: str, source: str):
         expected = type(names[key].default)
         if expected is float:
             value = as_float(value)
+        elif expected is str and value is None:
+            value = ""
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise GreencodeError(f"{source}: field '{section}.{key}' is {value!r}, expected {expected.__name__}")
         typed[key] = value
