@@ -47,7 +47,8 @@ def test_bad_inputs_are_named_and_leave_no_run_directory(tmp_path, stdlib_corpus
                     "directory (no config.json)")
     elif case == "missing-data":
         sections["data"] = {"path": str(tmp_path / "data" / "nowhere")}
-        expected = f"data.path={tmp_path / 'data' / 'nowhere'}: no such directory; prepare it with `greencode prepare-data"
+        expected = (f"data.path={tmp_path / 'data' / 'nowhere'}: no such directory; prepare it with `greencode "
+                    "prepare-data")
     elif case == "unprepared-data":
         (tmp_path / "empty").mkdir()
         sections["data"] = {"path": str(tmp_path / "empty")}
@@ -121,8 +122,9 @@ def test_a_finished_run_reuses_its_evaluation_unless_asked(tmp_path, stdlib_corp
     # rerun: nothing trained, nothing evaluated, nothing rewritten; the same table again
     assert greencode_main(["finetune", str(path)]) == 0
     again = capsys.readouterr()
-    assert again.out.startswith(f"finetune done: already finished (step 3/3); final checkpoint {tmp_path / 'done' / 'final'}; "
-                                f"its evaluation, from {eval_file} (--re-evaluate evaluates again):\n")
+    assert again.out.startswith(f"finetune done: already finished (step 3/3); final checkpoint "
+                                f"{tmp_path / 'done' / 'final'}; its evaluation, from {eval_file} "
+                                "(--re-evaluate evaluates again):\n")
     assert again.out.endswith(table)
     assert "steps and the evaluation" not in again.out and "evaluating" not in again.err
     assert eval_file.read_text() == written and eval_file.stat().st_mtime_ns == stat.st_mtime_ns

@@ -384,13 +384,15 @@ def _print(r: dict, hf_bound: float):
     floor_bound = (f"bound <= {FLOOR_BOUND}: {bounded_verdict(ratio_floor, spread, FLOOR_BOUND)}"
                    if r["params"] >= SMALL_MODEL_PARAMS
                    else "no floor bound: a model this small is bound by overhead, not memory")
-    print(f"  {'Full()':23s} {full_ms:8.2f} ms/token = {_checked(ratio_floor, 'floor', full_ms, r['memory_floor_ms'])}, "
+    floor_ratio = _checked(ratio_floor, "floor", full_ms, r["memory_floor_ms"])
+    print(f"  {'Full()':23s} {full_ms:8.2f} ms/token = {floor_ratio}, "
           f"each round against its own bandwidth reading (rounds' quartiles {spread[0]:.2f}-{spread[1]:.2f}; "
           f"{floor_bound})")
     speedup = r["hf_speedup"]
     hf_ms = r["hf_seconds_per_token"] * 1e3
     print(f"  {'transformers':23s} {hf_ms:8.2f} ms/token -> ours {speedup:.2f}x its tokens/s "
-          f"[{_ms(hf_ms)}/{_ms(full_ms)} ms = {hf_ms / full_ms:.2f}x] (bound >= {hf_bound}: {verdict(speedup >= hf_bound)}); "
+          f"[{_ms(hf_ms)}/{_ms(full_ms)} ms = {hf_ms / full_ms:.2f}x] "
+          f"(bound >= {hf_bound}: {verdict(speedup >= hf_bound)}); "
           f"whole generate incl. prompt: ours {r['ours_total_s']:.3f} s, transformers {r['hf_total_s']:.3f} s")
     skip_ms = r["rows"][SKIP_PATH]["seconds_per_token"] * 1e3 if SKIP_PATH in r["rows"] else None
     for name, row in r["rows"].items():

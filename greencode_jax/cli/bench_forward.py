@@ -140,8 +140,8 @@ def bench_models(shape: str | None, model_path: str | None, dtype: str, exit_lay
         try:
             reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
         except Exception as error:
-            raise GreencodeError(f"--model {model_path}: transformers cannot load {hf_dir} for the reference "
-                                 f"({str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__})"
+            why = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise GreencodeError(f"--model {model_path}: transformers cannot load {hf_dir} for the reference ({why})"
                                  ) from None
         kind = "a greencode checkpoint" if checkpoint else "a Hugging Face directory"
         yield BenchModels(f"model {model_path} ({kind}, {model.config.family}, {model.config.num_layers} layers)",

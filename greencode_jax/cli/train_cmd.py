@@ -117,7 +117,8 @@ def finish_line(result) -> str:
                     f"{result.final_checkpoint}; its evaluation, from {result.run_dir / 'eval.json'} "
                     "(--re-evaluate evaluates again):")
         return (f"finetune {result.run_dir.name}: already finished ({progress}); evaluated again in "
-                f"{result.seconds:.1f} s into {result.run_dir / 'eval.json'}; final checkpoint {result.final_checkpoint}")
+                f"{result.seconds:.1f} s into {result.run_dir / 'eval.json'}; final checkpoint "
+                f"{result.final_checkpoint}")
     trained = result.step - result.start_step
     rate = f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""
     resumed = f" (resumed at step {result.start_step}, now {progress})" if result.start_step else ""
