@@ -21,6 +21,20 @@ def test_a_bad_field_of_any_stage_is_one_clear_error_before_anything_runs(overri
     assert list(tmp_path.iterdir()) == []  # nothing written: not even runs/
 
 
+@pytest.mark.parametrize("init, expected", [
+    ("no/such/model", "[finetune] "),
+    ("no/such/model.gguf", "no/such/model.gguf: no such GGUF file"),
+])
+def test_a_model_init_that_is_no_model_names_the_stage_and_leaves_nothing(init, expected, tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", f"model.init={init}", "model.config=null", "run.out_dir=out/runs"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "no/such/model" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # neither out/ nor out/runs/quickstart/
+
+
 def test_finetune_reads_its_own_sections_of_a_whole_pipeline_config():
     from greencode_jax.cli.train_cmd import load_finetune_config
 

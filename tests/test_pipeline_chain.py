@@ -50,3 +50,9 @@ def test_every_stage_runs_then_a_rerun_skips_them(stdlib_corpus, tmp_path, monke
     assert main(["run", str(path), "rl.beta=2"]) == 0
     out = capsys.readouterr().out
     assert "[rollouts] up to date" in out and "[policy] done in" in out and "[evaluate] done in" in out, out
+    # A corrupt output of an earlier stage is named with its stage; the others stay for the rerun.
+    (run / "eval.json").write_text('{"split": "te')
+    assert main(["run", str(path), "rl.beta=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"[finetune] {Path('runs/chain/eval.json')}: unreadable" in err and "Traceback" not in err, err
+    assert (run / "policy").is_dir() and (run / "evaluate" / "summary.json").is_file()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import os
 import json
 import shutil
 import time
@@ -98,6 +99,16 @@ def load_pipeline_config(path, overrides):
     return data, finetune, resolved, energy, rollouts, rl, evaluate
 
 
+def read_stage_json(path: Path, stage: str) -> dict:
+    """A stage's JSON output; a corrupt one (an interrupted write by another tool, a hand edit) is
+    named with the stage that makes it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise GreencodeError(f"[{stage}] {path}: unreadable ({error}); delete it and rerun to make the {stage} "
+                             "stage again") from None
+
+
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -129,7 +140,10 @@ class Stages:
         atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
         print(f"[{name}] {what}", flush=True)
         start = time.perf_counter()
-        build()
+        try:
+            build()
+        except GreencodeError as error:  # the earlier stages' outputs stay as they are, for the rerun
+            raise GreencodeError(f"[{name}] {error}") from None
         seconds = time.perf_counter() - start
         self.seconds[name] = seconds
         self.done[name] = {"key": key, "started": key, "seconds": round(seconds, 1)}
@@ -138,15 +152,26 @@ class Stages:
 
 
 def run_pipeline(config_path, overrides):
+    data, finetune, resolved, energy, rollouts, rl, evaluate_cfg = load_pipeline_config(config_path, overrides)
+    run_dir = Path(finetune.run.out_dir) / finetune.run.name
+    source = str(config_path or QUICKSTART)
+    print(f"greencode run: {source} -> {run_dir}/", flush=True)
+    new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _run_stages(run_dir, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, source)
+    except BaseException:
+        if set(os.listdir(run_dir)) <= {"pipeline.yaml", "pipeline.json"}:  # failed before any stage made anything
+            for directory in new_dirs:
+                shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, source: str):
     from greencode_jax.cli.train_cmd import print_evaluation
     from greencode_jax.train import train
 
-    data, finetune, resolved, energy, rollouts, rl, evaluate_cfg = load_pipeline_config(config_path, overrides)
-    run_dir = Path(finetune.run.out_dir) / finetune.run.name
     data_dir = Path(finetune.data.path)
-    source = str(config_path or QUICKSTART)
-    print(f"greencode run: {source} -> {run_dir}/", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(data, sort_keys=False))
     stages = Stages(run_dir)
     final = run_dir / "final"
@@ -160,8 +185,7 @@ def run_pipeline(config_path, overrides):
 
     stages.run("finetune", ft_key, [final, run_dir / "eval.json"], do_finetune,
                f"data + exit fine-tune ({finetune.train.steps or 'epochs'} steps) -> {final}")
-    ev = json.loads((run_dir / "eval.json").read_text())
-    print_evaluation(ev)
+    print_evaluation(read_stage_json(run_dir / "eval.json", "finetune"))
 
     cost = run_dir / "cost_model.json"
     cal_key = _digest(ft_key, dataclasses.asdict(energy))
@@ -245,7 +269,7 @@ def run_pipeline(config_path, overrides):
 def print_outcome(run_dir: Path, eval_dir: Path, policy_dir: Path, stages: Stages):
     from greencode_jax.eval.report import format_table, main_table
 
-    summary = json.loads((eval_dir / "summary.json").read_text())
+    summary = read_stage_json(eval_dir / "summary.json", "evaluate")
     for protocol in summary["protocols"]:
         print(f"\n{protocol} protocol:")
         print(format_table(main_table(summary, protocol)))
