@@ -160,7 +160,7 @@ def test_path_does_not_exist(tmp_path):
 
 
 def test_path_is_a_file(llama_source, tmp_path):
-    expect_error(llama_source / "config.json", tmp_path / "out", "expected a model directory, found a file")
+    expect_error(llama_source / "config.json", tmp_path / "out", "expected a model directory or a .gguf file, found another file")
 
 
 def test_config_not_json(source, tmp_path):

@@ -122,11 +122,13 @@ def bench_models(shape: str | None, model_path: str | None, dtype: str, exit_lay
     import transformers
 
     import greencode_jax as gc
+    from greencode_jax.convert.hf_export import quiet_transformers
 
     with tempfile.TemporaryDirectory() as tmp:
         if model_path is None:
             reference = build_reference(shape, dtype)
-            reference.save_pretrained(tmp)
+            with quiet_transformers():
+                reference.save_pretrained(tmp)
             model = gc.load_pretrained(tmp, dtype=dtype, exit_layers=exit_layers, scan_layers=scan_layers)
             yield BenchModels(f"shape {shape}", model, reference, Path(tmp), model.config.family, False)
             return
@@ -138,7 +140,8 @@ def bench_models(shape: str | None, model_path: str | None, dtype: str, exit_lay
         model = gc.load_pretrained(source_dir, dtype=dtype, exit_layers=exit_layers, scan_layers=scan_layers)
         hf_dir = gc.export_pretrained(model, Path(tmp) / "hf") if checkpoint else source_dir
         try:
-            reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+            with quiet_transformers():
+                reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
         except Exception as error:
             why = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise GreencodeError(f"--model {model_path}: transformers cannot load {hf_dir} for the reference ({why})"
@@ -234,10 +237,12 @@ def run_bench_forward(args) -> dict:
 
 def _import_memory(model_dir, dtype: str, checkpoint_bytes: int, family: str, is_checkpoint: bool = False) -> dict:
     import greencode_jax as gc
+    from greencode_jax.convert.hf_export import quiet_transformers
 
     with tempfile.TemporaryDirectory() as warmup_dir:
         warmup = Path(warmup_dir) / "hf"
-        build_reference(f"tiny-{family}", dtype).save_pretrained(warmup)
+        with quiet_transformers():
+            build_reference(f"tiny-{family}", dtype).save_pretrained(warmup)
         if is_checkpoint:  # warm up the reader the measured import uses
             warmup = gc.save_checkpoint(gc.load_pretrained(warmup, dtype=dtype), Path(warmup_dir) / "checkpoint")
         proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model_dir), dtype, str(warmup)],

@@ -98,20 +98,35 @@ def check_gguf(path: Path):
 
 def _convert(path: Path, out: Path):
     try:
-        import torch
-        from safetensors.torch import save_file
+        import torch  # noqa: F401 (transformers' GGUF loader needs it)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError as error:
         raise GreencodeError(f"{path}: reading a GGUF file needs torch and transformers ({error}): {EXTRA_HINT}") from None
+    from greencode_jax.convert.hf_export import quiet_transformers
+
     folder, name = str(path.parent), path.name
-    try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except ImportError as error:
-        raise GreencodeError(f"{path}: {error}: {EXTRA_HINT}") from None
-    except Exception as error:
-        raise GreencodeError(f"{path}: transformers could not load this GGUF file "
-                             f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    with quiet_transformers():  # our own line says what is happening; the dequantising bar stays
+        try:
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except ImportError as error:
+            raise GreencodeError(f"{path}: {error}: {EXTRA_HINT}") from None
+        except Exception as error:
+            raise GreencodeError(f"{path}: transformers could not load this GGUF file "
+                                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+        _write_weights(model, config, out)
+        del model
+        try:
+            AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(str(out))
+        except Exception as error:
+            raise GreencodeError(f"{path}: transformers could not read the GGUF file's tokenizer "
+                                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+
+
+def _write_weights(model, config, out: Path):
+    """config.json without the quantisation record, and the float32 state dict as safetensors."""
+    from safetensors.torch import save_file
+
     fields = config.to_dict()
     fields.pop("quantization_config", None)  # float32 weights: nothing quantised is left
     fields["architectures"] = [type(model).__name__]
@@ -121,9 +136,3 @@ def _convert(path: Path, out: Path):
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the tied head is the embedding
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    del model, state
-    try:
-        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(str(out))
-    except Exception as error:
-        raise GreencodeError(f"{path}: transformers could not read the GGUF file's tokenizer "
-                             f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None

@@ -162,7 +162,9 @@ def run_bench_train(family: str, fields: dict, shape: str, batch: int = 8, seq_l
     device = choose_torch_device(torch_device) if reference else None
     torch.manual_seed(0)
     torch_model = transformers.AutoModelForCausalLM.from_config(config_class(**fields)).to(torch.float32).train()
-    with tempfile.TemporaryDirectory() as tmp:
+    from greencode_jax.convert.hf_export import quiet_transformers
+
+    with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
         torch_model.save_pretrained(tmp)
         model = gc.load_pretrained(tmp, "float32", exit_layers=exits, scan_layers=True)
     config = model.config
