@@ -1,6 +1,6 @@
 """CodeXGLUE token-level preprocessing of hand-written Python and Java snippets.
 
-Every expected line below was written by hand from the rules in REFERENCE.md §3 (and
+Every expected line below was written by hand from CodeXGLUE's preprocessing rules (and
 CodeXGLUE's preprocess.py, which they summarise), token by token, not by running the code.
 """
 

@@ -1,4 +1,4 @@
-"""Exit-loss weighting schemes against REFERENCE.md's figures and their definitions."""
+"""Exit-loss weighting schemes against the GREEN-CODE paper's figures and their definitions."""
 
 from __future__ import annotations
 

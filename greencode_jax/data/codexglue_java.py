@@ -1,6 +1,6 @@
 """CodeXGLUE javaCorpus token-level preprocessing of one Java file.
 
-The rules (REFERENCE.md §3, CodeXGLUE `dataset/javaCorpus/preprocess.py`): tokens from
+The rules (docs/data.md, CodeXGLUE `dataset/javaCorpus/preprocess.py`): tokens from
 `javalang`'s tokenizer (comments and whitespace are not tokens); string and character
 literals go through the same prefix / quote / body split as Python's, and a body of one
 character in single quotes becomes `<CHAR_LIT>` / `<CHAR_LIT:c>` (so `'\\n'`, two source

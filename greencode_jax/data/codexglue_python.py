@@ -1,6 +1,6 @@
 """CodeXGLUE py150 token-level preprocessing of one Python file.
 
-The rules (REFERENCE.md §3, CodeXGLUE `dataset/py150/preprocess.py`): tokens from the
+The rules (docs/data.md, CodeXGLUE `dataset/py150/preprocess.py`): tokens from the
 standard `tokenize` module, each token's whitespace collapsed; strings and numbers become
 literal placeholders; NEWLINE / NL become `<EOL>` with runs collapsed and none at either
 end; comments, INDENT / DEDENT, ENCODING and ENDMARKER (and any empty token) dropped; the

@@ -31,7 +31,7 @@ from greencode_jax.errors import GreencodeError
 SPECIAL_CHARS = {" ": "U+0020", ",": "U+002C"}
 QUOTES = ("'''", '"""', "'", '"')
 # CodeXGLUE's process_string matches the prefix with ^[a-z]+, so an upper-case prefix (R"..",
-# B"..", F"..") loses its quotes there. REFERENCE.md §3 describes the output as
+# B"..", F"..") loses its quotes there. docs/data.md describes the output as
 # prefix + quote + <STR_LIT> + quote, which we follow for prefixes of either case.
 _PREFIX = re.compile(r"[A-Za-z]+")
 

@@ -1,7 +1,7 @@
 """Building blocks shared by OPT and Llama: norms, rotary embeddings, attention, MLPs.
 
 Norms, softmax and rotary angles are computed in float32 whatever the parameter
-dtype, as DESIGN.md's precision convention asks.
+dtype, as the precision convention of docs/architecture.md asks.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Schemes:
   normalised within the group.
   The split is by layer, not by count: exit layer l (0-based) is in the first half when
   2*l < num_layers, i.e. it lies in decoder layers 0 .. num_layers/2 - 1. This is the only
-  rule that gives REFERENCE.md's two lists: Llama-3.2-3B (28 layers) puts 3..13 | 17,21,25 and
+  rule that gives the GREEN-CODE paper's two lists: Llama-3.2-3B (28 layers) puts 3..13 | 17,21,25 and
   OPT-2.7B (32 layers) 3..15 | 19,23,27, so the groups have 6|3 and 7|3 exits (a split by
   count would give 5|4 and 5|5). When a group is empty its share is dropped and the weights
   are rescaled to sum to 1 (so a final-only model gets weight 1).
