@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jax
 import pytest
-import torch
 import transformers
 from flax import nnx
 
@@ -37,13 +36,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                    num_attention_heads=4, max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("fresh_hf") / "hf"
-    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(path)
-    return path
+def hf_dir(zoo) -> Path:
+    return zoo["opt_pre_tied"].path
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +70,10 @@ def corrupt_copy(checkpoint: Path, tmp_path: Path) -> Path:
 
 # ---- outputs under parents that do not exist yet ------------------------------------------------------------------
 
-def test_commands_create_their_outputs_missing_parents(checkpoint, hf_dir, py_source, tmp_path, capsys):
+def test_commands_create_their_outputs_missing_parents(checkpoint, hf_dir, zoo, py_source, tmp_path, capsys):
     nested = tmp_path / "a" / "b"
     assert main(["convert-from-hf", str(hf_dir), str(nested / "ckpt" / "x")]) == 0
-    assert gc.load_pretrained(nested / "ckpt" / "x").config.num_layers == 2
+    assert gc.load_pretrained(nested / "ckpt" / "x").config.num_layers == zoo["opt_pre_tied"].num_layers
     assert main(["export-hf", str(checkpoint), str(nested / "hf" / "x")]) == 0
     assert (nested / "hf" / "x" / "model.safetensors").is_file()
     assert main(["prepare-data", "--source", str(py_source), "--out", str(nested / "data" / "py"),
