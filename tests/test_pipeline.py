@@ -1,5 +1,7 @@
 """`greencode run`: one config for every stage, with finetune's did-you-mean errors."""
 
+from pathlib import Path
+
 import pytest
 
 from greencode_jax.cli.main import main
@@ -43,6 +45,22 @@ def test_finetune_reads_its_own_sections_of_a_whole_pipeline_config():
     assert config.model.exit_layers == (1, 3, 5) and config.eval.batches == 8
     with pytest.raises(Exception, match=r"unknown field 'eval.sampels' \(did you mean 'samples'\?\)"):
         load_finetune_config(repo / "configs/quickstart.yaml", ["eval.sampels=3"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads_as_a_whole_pipeline(name):
+    """A shipped config that a field rename broke would only fail after its corpus and fine-tune:
+    each one loads through the pipeline's loader and its policy list expands on its own exits."""
+    from greencode_jax.cli.pipeline import load_pipeline_config
+    from greencode_jax.eval.spec import policy_choices
+
+    _, finetune, _, energy, rollouts, rl, evaluate = load_pipeline_config(
+        Path(__file__).resolve().parents[1] / "configs" / name, [])
+    exits = tuple(finetune.model.exit_layers)
+    choices = policy_choices(evaluate.policies, exits, have_base=True, have_policy=True)
+    assert any(c.family == "full" for c in choices) and any(c.family == "learned" for c in choices)
+    assert all(c.layer in exits for c in choices if c.family == "fixed"), (name, exits)
+    assert energy.repeats >= 1 and rollouts.episodes > 0 and rl.total_timesteps > 0
 
 
 @pytest.mark.slow
