@@ -36,11 +36,6 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hf_dir(zoo) -> Path:
-    return zoo["opt_pre_tied"].path
-
-
-@pytest.fixture(scope="module")
 def py_source(tmp_path_factory) -> Path:
     """Five small, distinct Python files."""
     src = tmp_path_factory.mktemp("fresh_src") / "src"
@@ -70,10 +65,10 @@ def corrupt_copy(checkpoint: Path, tmp_path: Path) -> Path:
 
 # ---- outputs under parents that do not exist yet ------------------------------------------------------------------
 
-def test_commands_create_their_outputs_missing_parents(checkpoint, hf_dir, zoo, py_source, tmp_path, capsys):
-    nested = tmp_path / "a" / "b"
-    assert main(["convert-from-hf", str(hf_dir), str(nested / "ckpt" / "x")]) == 0
-    assert gc.load_pretrained(nested / "ckpt" / "x").config.num_layers == zoo["opt_pre_tied"].num_layers
+def test_commands_create_their_outputs_missing_parents(checkpoint, zoo, py_source, tmp_path, capsys):
+    nested, hf = tmp_path / "a" / "b", zoo["opt_pre_tied"]
+    assert main(["convert-from-hf", str(hf.path), str(nested / "ckpt" / "x")]) == 0
+    assert gc.load_pretrained(nested / "ckpt" / "x").config.num_layers == hf.num_layers
     assert main(["export-hf", str(checkpoint), str(nested / "hf" / "x")]) == 0
     assert (nested / "hf" / "x" / "model.safetensors").is_file()
     assert main(["prepare-data", "--source", str(py_source), "--out", str(nested / "data" / "py"),

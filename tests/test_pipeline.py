@@ -6,6 +6,8 @@ import pytest
 
 from greencode_jax.cli.main import main
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 @pytest.mark.parametrize("override, expected", [
     ("rl.bta=2", "unknown field 'rl.bta' (did you mean 'beta'?)"),
@@ -40,22 +42,20 @@ def test_a_model_init_that_is_no_model_names_the_stage_and_leaves_nothing(init, 
 def test_finetune_reads_its_own_sections_of_a_whole_pipeline_config():
     from greencode_jax.cli.train_cmd import load_finetune_config
 
-    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
-    config, _ = load_finetune_config(repo / "configs/quickstart.yaml", [])
+    config, _ = load_finetune_config(CONFIGS / "quickstart.yaml", [])
     assert config.model.exit_layers == (1, 3, 5) and config.eval.batches == 8
     with pytest.raises(Exception, match=r"unknown field 'eval.sampels' \(did you mean 'samples'\?\)"):
-        load_finetune_config(repo / "configs/quickstart.yaml", ["eval.sampels=3"])
+        load_finetune_config(CONFIGS / "quickstart.yaml", ["eval.sampels=3"])
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_shipped_config_loads_as_a_whole_pipeline(name):
     """A shipped config that a field rename broke would only fail after its corpus and fine-tune:
     each one loads through the pipeline's loader and its policy list expands on its own exits."""
     from greencode_jax.cli.pipeline import load_pipeline_config
     from greencode_jax.eval.spec import policy_choices
 
-    _, finetune, _, energy, rollouts, rl, evaluate = load_pipeline_config(
-        Path(__file__).resolve().parents[1] / "configs" / name, [])
+    _, finetune, _, energy, rollouts, rl, evaluate = load_pipeline_config(CONFIGS / name, [])
     exits = tuple(finetune.model.exit_layers)
     choices = policy_choices(evaluate.policies, exits, have_base=True, have_policy=True)
     assert any(c.family == "full" for c in choices) and any(c.family == "learned" for c in choices)
