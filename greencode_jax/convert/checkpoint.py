@@ -107,6 +107,7 @@ def restore_params(directory, abstract_params) -> dict:
     # themselves later (when they finish, or at interpreter exit).
     if previous_hook is not None and sys.unraisablehook is _quiet_hook:
         sys.unraisablehook = previous_hook
+        _ASYNCIO_LOG.removeFilter(_quiet_asyncio_log)
     return restored
 
 
@@ -126,17 +127,26 @@ def _quiet_hook(unraisable):
         _outer_hook(unraisable)
 
 
+def _quiet_asyncio_log(record: logging.LogRecord) -> bool:
+    """The third way an abandoned read reports itself: a failed Orbax task garbage-collected with
+    its exception unread, which asyncio logs ("Task exception was never retrieved")."""
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
 _outer_hook = sys.__unraisablehook__
+_ASYNCIO_LOG = logging.getLogger("asyncio")
 
 
 def _quiet_abandoned_reads():
-    """Installs `_quiet_hook` as sys.unraisablehook (unless already installed); returns the hook it
-    replaced, or None."""
+    """Installs `_quiet_hook` as sys.unraisablehook and `_quiet_asyncio_log` on asyncio's logger
+    (unless already installed); returns the hook it replaced, or None."""
     global _outer_hook
     if sys.unraisablehook is _quiet_hook:
         return None
     _outer_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_hook
+    _ASYNCIO_LOG.addFilter(_quiet_asyncio_log)
     return _outer_hook
 
 
