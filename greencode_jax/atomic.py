@@ -8,12 +8,16 @@ again, when still empty, if the command fails.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from greencode_jax.errors import GreencodeError
+from greencode_jax.ownership import (
+    check_output_dir, check_output_file, check_replaceable_dir, with_record, write_manifest,
+)
 
 
 @contextlib.contextmanager
@@ -66,17 +70,25 @@ def remove_empty(directories: list[Path]):
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False):
+def atomic_directory(out: str | Path, overwrite: bool = False, *, kind: str | None = None,
+                     inputs: dict | None = None):
     """Yields a temporary directory beside `out`; renames it to `out` when the block succeeds.
 
-    Missing parents of `out` are created, and removed again if the block fails."""
+    Missing parents of `out` are created, and removed again if the block fails. With a `kind`
+    the output gets its ownership manifest (`ownership.py`), and an existing `out` is replaced
+    only when its manifest says a greencode-jax command made it as the same kind, and `out` is
+    not one of `inputs`."""
     out = Path(out)
-    if out.exists() and not overwrite:
+    if kind is not None:
+        check_output_dir(out, kind, inputs=inputs, overwrite=overwrite)
+    elif out.exists() and not overwrite:
         raise GreencodeError(f"{out}: already exists; choose another output path or pass --overwrite")
     with output_parents(out):
         tmp = Path(_temporary(tempfile.mkdtemp, out))
         try:
             yield tmp
+            if kind is not None:
+                write_manifest(tmp, kind, inputs)
             usual_permissions(tmp, directory=True)  # mkdtemp makes it owner-only
             if out.exists():  # overwrite: move the old one aside first, so a crash never loses both
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -122,24 +134,43 @@ def atomic_write_text(path: str | Path, text: str):
                 os.remove(tmp)
 
 
-def resumable_directory(out: str | Path, settings: dict, what: str) -> tuple[Path, bool]:
-    """The work directory OUT.partial of a long job that renames it to OUT when done: created
-    (with its missing parents) with `settings.json`, or reused when an interrupted run left it
-    with the same settings (refused otherwise). Returns (path, resumed)."""
-    import json
+def partial_path(out: str | Path) -> Path:
+    """The work directory of a long job that renames it to `out` when done."""
+    return Path(out).with_name(Path(out).name + ".partial")
 
-    work = Path(out).with_name(Path(out).name + ".partial")
+
+def write_json_output(path: str | Path, data: dict, kind: str, inputs: dict | None = None):
+    """A JSON output file (`--out FILE`, `--json FILE`), written atomically with its
+    `greencode_output` record; refused when it would replace a directory, an input, or a file
+    that is not our output of the same kind (call `check_output_file` before the work, too)."""
+    check_output_file(path, kind, inputs=inputs)
+    atomic_write_text(path, json.dumps(with_record(data, kind, inputs), indent=2) + "\n")
+
+
+def resumable_directory(out: str | Path, settings: dict, what: str, *, kind: str, inputs: dict | None = None,
+                        overwrite: bool = False) -> tuple[Path, bool]:
+    """The work directory OUT.partial of a long job that renames it to OUT when done: created
+    (with its missing parents, its `settings.json` and its ownership manifest), or reused when
+    an interrupted run left it with the same settings. One with other settings is refused, or,
+    with `overwrite`, removed first when its manifest says it is ours. Returns (path, resumed)."""
+    work = partial_path(out)
     settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
-    if work.exists():
-        try:
-            previous = json.loads((work / "settings.json").read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous != settings:
-            raise GreencodeError(f"{work}: an interrupted {what} with other settings (or another model); delete it, "
-                                 "or rerun with the same arguments to resume it")
-        return work, True
-    make_parents(work)
-    work.mkdir()
-    atomic_write_text(work / "settings.json", json.dumps(settings, indent=2) + "\n")
+    if work.exists() or work.is_symlink():
+        if read_settings(work) == settings:
+            return work, True
+        if not overwrite:
+            raise GreencodeError(f"{work}: an interrupted {what} with other settings (or another model); rerun with "
+                                 "the same arguments to resume it, or pass --overwrite to start afresh")
+        check_replaceable_dir(work, kind)
+        shutil.rmtree(work)
+    with atomic_directory(work) as tmp:  # with its manifest and settings, or not at all
+        write_manifest(tmp, kind, inputs)
+        (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     return work, False
+
+
+def read_settings(work: Path):
+    try:
+        return json.loads((work / "settings.json").read_text())
+    except (OSError, ValueError):
+        return None

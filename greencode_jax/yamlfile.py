@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -22,13 +24,32 @@ def as_float(value):
     return value
 
 
+def check_finite(section_object, section: str):
+    """Every float of a config dataclass (and every float in its tuple fields) is finite: NaN or
+    an infinity would otherwise flow into training or evaluation and come out as a result."""
+    for field in dataclasses.fields(section_object):
+        value = getattr(section_object, field.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise GreencodeError(f"field '{section}.{field.name}' is {value!r}, expected finite numbers (not NaN "
+                                     "or infinity)")
+
+
 def read_yaml(path: str | Path, what: str = "config file") -> dict:
-    """The file's top-level mapping; a missing file, bad YAML or a non-mapping is our error."""
+    """The file's top-level mapping; a missing file, a directory, a binary or unreadable file, bad
+    YAML or a non-mapping is our error."""
     path = Path(path)
+    if path.is_dir():
+        raise GreencodeError(f"{path}: is a directory; expected a YAML {what}")
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise GreencodeError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError:
+        raise GreencodeError(f"{path}: not a text file; expected a YAML {what}") from None
+    except OSError as error:
+        raise GreencodeError(f"{path}: cannot read the {what} ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         raise GreencodeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -110,3 +110,25 @@ def test_version_1_checkpoint_with_in_out_kernels_loads_with_the_same_logits(tmp
     _write_checkpoint(tmp_path / "v3", params, version=3)
     with pytest.raises(GreencodeError, match="checkpoint format version 3; this greencode-jax reads versions 1 to 2"):
         load_checkpoint(tmp_path / "v3")
+
+
+def test_a_one_layer_stacked_model_exports_plain_tensors(tmp_path):
+    """A stacked (scan_layers) array of a 1-layer model still has its layer axis: the export must
+    drop it, as transformers expects [out, in], not [1, out, in]."""
+    import torch
+    import transformers
+
+    config = ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                         head_dim=8, intermediate_size=32, max_position_embeddings=32, norm_eps=1e-5,
+                         activation="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                         scan_layers=True)
+    model = init_model(config, seed=3)
+    out = gc.export_pretrained(model, tmp_path / "hf")
+    reference, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = np.random.default_rng(0).integers(0, 64, (1, 12))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).logits.numpy()
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(model.logits(ids))
+    np.testing.assert_allclose(ours, expected, atol=1e-4)  # two programs, fp32: rounding only

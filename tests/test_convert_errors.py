@@ -12,6 +12,7 @@ import safetensors.numpy
 import torch
 
 import greencode_jax as gc
+from greencode_jax.ownership import write_manifest
 from conftest import assert_no_output
 
 
@@ -209,7 +210,8 @@ def test_output_exists(zoo, tmp_path, writer):
 def test_overwrite_replaces_output_atomically(zoo, tmp_path, writer):
     variant = zoo["llama_mha"]
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir()  # an earlier output of the same kind (its manifest says so), holding a stale file
+    write_manifest(out, "hf-export" if writer == "export" else "checkpoint")
     (out / "stale.txt").write_text("old")
     write = gc.export_pretrained if writer == "export" else gc.save_checkpoint
     write(variant.ours, out, overwrite=True)
@@ -268,12 +270,15 @@ def test_failure_while_checkpointing_leaves_nothing(zoo, tmp_path, monkeypatch):
 
 def test_failed_overwrite_keeps_the_old_output(zoo, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir()  # an earlier export (its manifest says so)
+    write_manifest(out, "hf-export")
     (out / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
     monkeypatch.setattr(safetensors.numpy, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         gc.export_pretrained(zoo["llama_mha"].ours, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == before == [".greencode-output.json", "keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

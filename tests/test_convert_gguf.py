@@ -262,6 +262,11 @@ def test_finetune_from_a_gguf_prepares_the_corpus_with_its_tokenizer(files, tmp_
     theirs = transformers.AutoTokenizer.from_pretrained(str(f32.parent), gguf_file=f32.name)
     assert load_hf_tokenizer(result.final_checkpoint).encode(text) == theirs(text)["input_ids"]
     assert gc.load_pretrained(result.final_checkpoint).config.exit_layers == (1, 2)
+    # final/ holds the tokenizer it was trained with: the corpus passes the later stages' check.
+    from greencode_jax.convert.fingerprint import model_tokenizer_fingerprint
+    from greencode_jax.data import PreparedData
+
+    assert model_tokenizer_fingerprint(result.final_checkpoint) == PreparedData(data).tokenizer_fingerprint is not None
 
 
 def test_prepare_tokenizer_model_needs_a_pretrained_model(tmp_path):

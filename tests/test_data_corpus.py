@@ -347,6 +347,10 @@ def test_model_tokenizer_from_a_hugging_face_directory_and_raw_view(tmp_path):
     for i, rec in enumerate(records(out, "train")):
         assert data.tokens("train").doc(i).tolist() == reference(rec["source"])["input_ids"] + [2]
     assert data.manifest["tokenizer"]["kind"] == "hf" and data.manifest["view"] == "raw"
+    from greencode_jax.data.tokenizer import tokenizer_fingerprint
+
+    # The corpus records the model directory's tokenizer identity: a checkpoint of it matches.
+    assert data.manifest["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tmp_path / "model") is not None
 
 
 def test_stream_and_samples_from_a_prepared_corpus(tmp_path):

@@ -81,6 +81,11 @@ def test_calibrate_end_to_end_on_a_model_directory(tiny_model, tmp_path, capsys)
     assert "prefill of 2 x 16 random tokens" in printed and "R² =" in printed and "wrote" in printed
     record = json.loads(out.read_text())
     assert record["depths"] == [1, 3] and record["method"] == "estimated"
+    # What readers check the fit against: the layers and architecture of the tiny OPT above.
+    assert record["num_layers"] == 3 and record["architecture"] == {
+        "family": "opt", "num_layers": 3, "hidden_size": 32, "vocab_size": 64, "num_heads": 4, "num_kv_heads": 4,
+        "intermediate_size": 64, "head_dim": 8}
+    assert len(record["weights_fingerprint"]) == 16
     assert record["energy_config"]["cpu_backend"] == "estimate"
     samples = record["samples"]
     assert [s["layers"] for s in samples] == [1, 3, 1, 3]

@@ -25,7 +25,7 @@ from greencode_jax.eval.config import EvalConfig
 
 SAMPLES = 5
 EXITS = (0, 1)  # + the last layer, 2
-COST = {"a_j": 0.25, "b_j_per_layer": 0.5, "method": "estimated", "depths": [1, 2, 3]}
+COST = {"a_j": 0.25, "b_j_per_layer": 0.5, "method": "estimated", "depths": [1, 2, 3], "num_layers": 3}
 SPEC = ("full; base; fixed; confidence:softmax_max@0.04; confidence:top2_margin@0.01; learned@0.5,1.0")
 CONFIG = EvalConfig(max_context=64, line_new_tokens=15)  # every prompt in one 64-token bucket
 NAMES = ["alpha", "beta", "gamma", "delta", "value", "items", "total", "count", "result", "key"]
@@ -69,11 +69,18 @@ def env(tmp_path_factory):
         save_checkpoint(gc.load_pretrained(root / f"{name}_hf", exit_layers=list(EXITS)), root / name)
         paths[name], paths[f"{name}_torch"] = root / name, torch_model
     params = gc.policies.Learned.init_params(jax.random.key(0), 32)
-    gc.policies.Learned(params, exit_layers=(*EXITS, 2)).save(root / "policy", {"note": "random actor"})
+    from greencode_jax.convert.fingerprint import model_fingerprint
+
+    trained_on = {"model": {"checkpoint": str(root / "checkpoint"),
+                            "fingerprint": model_fingerprint(gc.load_pretrained(root / "checkpoint"))}}
+    gc.policies.Learned(params, exit_layers=(*EXITS, 2)).save(root / "policy", {"note": "random actor",
+                                                                               "trained_on": trained_on})
     gc.policies.Learned(params, exit_layers=(0, 1, 2, 3)).save(root / "policy_other_exits")
     gc.policies.Learned(gc.policies.Learned.init_params(jax.random.key(0), 48),
                         exit_layers=(*EXITS, 2)).save(root / "policy_other_width")
-    (root / "cost.json").write_text(json.dumps(COST))
+    architecture = {"family": "llama", "num_layers": 3, "hidden_size": 32, "vocab_size": vocab, "num_heads": 4,
+                    "num_kv_heads": 2, "intermediate_size": 64, "head_dim": 8}
+    (root / "cost.json").write_text(json.dumps({**COST, "architecture": architecture}))
     paths.update(policy=root / "policy", cost=root / "cost.json", root=root)
     return paths
 
@@ -309,7 +316,7 @@ def test_the_command_prints_the_main_table_and_the_paths(env, tmp_path, capsys):
     assert f"wrote {out}/summary.json" in printed and f"wrote {out}/report.md" in printed
     other = list(argv)
     other[7] = "3"  # --samples 3 into the same directory: other settings, refused
-    assert main(other) == 2 and "other settings (config, protocols differ)" in capsys.readouterr().err
+    assert main(other) == 2 and "other settings (config.samples 2 there, 3 here; " in capsys.readouterr().err
 
 
 def test_the_command_refuses_bad_input_in_one_line(env, tmp_path, capsys):

@@ -90,7 +90,7 @@ def test_shared_writers_create_parents(tmp_path):
     with atomic_directory(tmp_path / "d" / "e" / "out") as tmp:
         (tmp / "f.txt").write_text("1")
     assert (tmp_path / "d" / "e" / "out" / "f.txt").read_text() == "1"
-    work, resumed = resumable_directory(tmp_path / "r" / "s" / "policy", {"k": 1}, "training")
+    work, resumed = resumable_directory(tmp_path / "r" / "s" / "policy", {"k": 1}, "training", kind="policy")
     assert work == tmp_path / "r" / "s" / "policy.partial" and not resumed
     assert json.loads((work / "settings.json").read_text()) == {"k": 1}
 

@@ -15,7 +15,11 @@ from test_train_support import TINY_LLAMA, stdlib_corpus  # noqa: E402,F401 (fix
 def test_every_stage_runs_then_a_rerun_skips_them(stdlib_corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cost = tmp_path / "cost.json"
-    cost.write_text(json.dumps({"a_j": 0.01, "b_j_per_layer": 0.002, "method": "estimated"}))
+    vocab = json.loads((stdlib_corpus / "prepare.json").read_text())["tokenizer"]["vocab_size"]
+    architecture = {"family": "llama", "num_layers": 2, "hidden_size": 32, "vocab_size": vocab, "num_heads": 4,
+                    "num_kv_heads": 2, "intermediate_size": 64, "head_dim": 8}  # TINY_LLAMA's
+    cost.write_text(json.dumps({"a_j": 0.01, "b_j_per_layer": 0.002, "method": "estimated", "num_layers": 2,
+                                "architecture": architecture}))
     config = {
         "run": {"name": "chain", "out_dir": "runs", "seed": 0, "log_every": 1, "progress": False},
         "model": {"init": "scratch", "exit_layers": [0], "config": dict(TINY_LLAMA)},

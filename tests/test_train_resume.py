@@ -45,9 +45,11 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(finished_t
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, f"expected the preempted status 143, got {proc.returncode}: {stderr[-2000:]}"
-    assert "stopped by SIGTERM" in stderr
     saved = sorted(int(p.name) for p in (tmp_path / "tiny" / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and 10 <= saved[-1] < FINISHED_STEPS, saved  # it stopped mid-run and saved where it stopped
+    assert (f"greencode: interrupted by SIGTERM; finetune saved its checkpoint at step {saved[-1]} of "
+            f"{FINISHED_STEPS} in {tmp_path / 'tiny'}; the same command resumes at step {saved[-1] + 1}\n") in stderr, \
+        stderr
     assert not (tmp_path / "tiny" / "final").exists()
 
     resumed = run_cli(["finetune", broken], env)

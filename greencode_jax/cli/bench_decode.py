@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import statistics
 import tempfile
 import time
@@ -252,9 +251,9 @@ def run_bench_decode(args) -> dict:
 
 def _write_json(path: str | None, results: dict):
     if path:
-        from greencode_jax.atomic import atomic_write_text
+        from greencode_jax.atomic import write_json_output
 
-        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+        write_json_output(path, results, "benchmark")
 
 
 def erratic_rounds(samples: dict) -> int:

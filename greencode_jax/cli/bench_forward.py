@@ -229,9 +229,9 @@ def run_bench_forward(args) -> dict:
                    speed_ratio=theirs / ours, speed_target=TARGET_SPEED_RATIO)
     _print_results(results)
     if args.json:
-        from greencode_jax.atomic import atomic_write_text
+        from greencode_jax.atomic import write_json_output
 
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        write_json_output(args.json, results, "benchmark")
     return results
 
 

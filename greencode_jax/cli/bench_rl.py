@@ -11,7 +11,7 @@ from greencode_jax.errors import GreencodeError
 def cmd_bench_rl(args):
     import json
 
-    from greencode_jax.atomic import atomic_write_text
+    from greencode_jax.atomic import write_json_output
     from greencode_jax.rl import bench
 
     if args.collect is not None:
@@ -30,7 +30,7 @@ def cmd_bench_rl(args):
                                      sb3_timesteps=args.sb3_timesteps, seed=args.seed)
         bench.print_bench_rl(results)
     if args.json:
-        atomic_write_text(args.json, json.dumps(results, indent=2, default=str) + "\n")
+        write_json_output(args.json, json.loads(json.dumps(results, default=str)), "benchmark")
         print(f"wrote {args.json}")
     return results
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
+import math
 
 import yaml
 
 from greencode_jax.errors import GreencodeError
-from greencode_jax.yamlfile import as_float, read_yaml  # noqa: F401  (read_yaml re-exported for the CLI)
+from greencode_jax.yamlfile import as_float, check_finite, read_yaml  # noqa: F401  (read_yaml re-exported for the CLI)
 
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
     """`section.field=value` (value parsed as YAML) replaces or adds a field of a known section.
@@ -53,7 +55,23 @@ def typed_section(cls, values: dict, section: str, source: str):
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise GreencodeError(f"{source}: field '{section}.{key}' is {value!r}, expected {expected.__name__}")
         typed[key] = value
-    return cls(**typed)
+    section_object = cls(**typed)
+    try:
+        check_finite(section_object, section)
+    except GreencodeError as error:
+        raise GreencodeError(f"{source}: {error}") from None
+    return section_object
+
+
+def finite_float(text: str) -> float:
+    """argparse type of a float flag: NaN and infinities are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _hint(word, options) -> str:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 
+from greencode_jax.cli.config import finite_float
 from greencode_jax.errors import GreencodeError
 
 TARGET_SECONDS = 60.0  # issue 3: the whole Python standard library prepared in <= 60 s on 2 cores
@@ -57,7 +58,7 @@ def _add_prepare_arguments(p: argparse.ArgumentParser, bench: bool = False):
     p.add_argument("--seed", type=int, default=0, help="seed of the line-level sample cuts (default 0)")
     p.add_argument("--line-samples", type=int, default=1000,
                    help="CodeXGLUE line-level samples cut from the test split (default 1000; 0: none)")
-    p.add_argument("--bpe-sample-mb", type=float, default=8.0,
+    p.add_argument("--bpe-sample-mb", type=finite_float, default=8.0,
                    help="train the BPE on at most this many MB of train text, chosen by path hash (default 8; "
                         "bounds the training's memory)")
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir for tfds:NAME sources")
@@ -181,9 +182,9 @@ def cmd_bench_data(args) -> dict:
             results[name] = _probe(options)
     _print_bench(results)
     if args.json:
-        from greencode_jax.atomic import atomic_write_text
+        from greencode_jax.atomic import write_json_output
 
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        write_json_output(args.json, results, "benchmark")
     return results
 
 

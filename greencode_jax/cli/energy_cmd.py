@@ -8,10 +8,13 @@ answers at once; user mistakes raise `GreencodeError`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 
+from greencode_jax.cli.config import finite_float
 from greencode_jax.errors import GreencodeError
+from greencode_jax.locks import output_lock
+from greencode_jax.ownership import check_output_file
 
 MAX_DEFAULT_DEPTHS = 8
 
@@ -40,16 +43,21 @@ def cmd_energy_probe(args):
     report = probe(_energy_config(args.set), sample_s=args.sample_seconds)
     print(format_probe(report))
     if args.json:
-        from greencode_jax.atomic import atomic_write_text
+        from greencode_jax.atomic import write_json_output
 
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        write_json_output(args.json, report, "energy-probe")
         print(f"wrote {args.json}")
     return report
 
 
-def _check_depth(layers: int, num_layers: int):
-    if not 1 <= layers <= num_layers:
-        raise GreencodeError(f"depth {layers}: expected a number of layers in 1..{num_layers}")
+def check_depth(layers: int, config, decode: bool):
+    """A calibration depth (layers computed) that the workload can run on a model of `config`."""
+    if not 1 <= layers <= config.num_layers:
+        raise GreencodeError(f"depth {layers}: expected a number of layers in 1..{config.num_layers}")
+    if decode and layers < config.num_layers and layers - 1 not in config.exit_layers:
+        depths = [e + 1 for e in config.exit_layers]
+        raise GreencodeError(f"depth {layers}: decoding stops only at an exit layer; this model's exits give "
+                             f"depths {depths} (or use --workload prefill)")
 
 
 def decode_workload(model, prompt_tokens: int, new_tokens: int, batch: int, seed: int = 0):
@@ -64,11 +72,7 @@ def decode_workload(model, prompt_tokens: int, new_tokens: int, batch: int, seed
     ids = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, prompt_tokens), dtype=np.int32)
 
     def workload(layers: int):
-        _check_depth(layers, config.num_layers)
-        if layers < config.num_layers and layers - 1 not in config.exit_layers:
-            depths = [e + 1 for e in config.exit_layers]
-            raise GreencodeError(f"depth {layers}: decoding stops only at an exit layer; this model's exits give "
-                                 f"depths {depths} (or use --workload prefill)")
+        check_depth(layers, config, decode=True)
         policy = Full() if layers == config.num_layers else FixedExit(layers - 1)
         step = lambda: model.generate(ids, max_new_tokens=new_tokens, policy=policy, stop_tokens=()).tokens  # noqa: E731
         return step, batch * new_tokens
@@ -84,26 +88,25 @@ def prefill_workload(model, tokens: int, batch: int, seed: int = 0):
     ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, tokens), dtype=np.int32)
 
     def workload(layers: int):
-        _check_depth(layers, model.config.num_layers)
+        check_depth(layers, model.config, decode=False)
         return (lambda: model.logits(ids, layer=layers - 1)), batch * tokens
 
     return workload
 
 
-def default_depths(model) -> list[int]:
+def default_depths(config) -> list[int]:
     """Layers computed at each exit (exit layer + 1), thinned to at most MAX_DEFAULT_DEPTHS, ends kept."""
-    depths = [layer + 1 for layer in model.config.exit_layers]
+    depths = [layer + 1 for layer in config.exit_layers]
     if len(depths) > MAX_DEFAULT_DEPTHS:
         picks = {round(i * (len(depths) - 1) / (MAX_DEFAULT_DEPTHS - 1)) for i in range(MAX_DEFAULT_DEPTHS)}
         depths = [depths[i] for i in sorted(picks)]
     if len(set(depths)) < 2:
-        depths = sorted({1, model.config.num_layers})
+        depths = sorted({1, config.num_layers})
     return depths
 
 
 def cmd_energy_calibrate(args):
-    import greencode_jax as gc
-    from greencode_jax.energy import EnergyMeter, fit_cost_model, window_measure
+    from greencode_jax.convert import load_model_config
 
     decode = args.workload == "decode"
     if args.tokens is None:
@@ -116,8 +119,21 @@ def cmd_energy_calibrate(args):
     if args.new_tokens < 2:
         raise GreencodeError(f"--new-tokens {args.new_tokens}: expected 2 or more")
     config = _energy_config(args.set)
+    if args.out:  # every argument is checked before the model loads and the measuring starts
+        check_output_file(args.out, "cost-model", inputs={"model": args.model})
+    model_config = load_model_config(args.model)
+    depths = args.depths or default_depths(model_config)
+    for layers in depths:
+        check_depth(layers, model_config, decode)
+    with output_lock(args.out) if args.out else contextlib.nullcontext():
+        return _calibrate(args, config, depths, decode)
+
+
+def _calibrate(args, config, depths: list[int], decode: bool):
+    import greencode_jax as gc
+    from greencode_jax.energy import EnergyMeter, fit_cost_model, window_measure
+
     model = gc.load_pretrained(args.model, dtype=args.dtype, scan_layers=not decode)
-    depths = args.depths or default_depths(model)
     c = model.config
     if decode:
         workload = (f"decoding {args.batch} x {args.new_tokens} greedy tokens per step that exit after k layers "
@@ -146,12 +162,17 @@ def cmd_energy_calibrate(args):
     for warning in model_fit.warnings:
         print(f"  warning: {warning}")
     if args.out:
-        from greencode_jax.atomic import atomic_write_text
+        from greencode_jax.atomic import write_json_output
 
-        record = {"model": str(args.model), "workload_kind": args.workload, "depths": depths, "tokens": args.tokens,
-                  "new_tokens": args.new_tokens if decode else None, "batch": args.batch,
-                  "dtype": args.dtype, "energy_config": dataclasses.asdict(config), **model_fit.to_dict()}
-        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+        from greencode_jax.convert.fingerprint import model_fingerprint
+        from greencode_jax.energy.cost_model import identity
+
+        # num_layers and architecture: what readers check the fit against (energy/cost_model.py)
+        record = {"model": str(args.model), **identity(c, model_fingerprint(model)), "workload_kind": args.workload,
+                  "depths": depths, "tokens": args.tokens, "new_tokens": args.new_tokens if decode else None,
+                  "batch": args.batch, "dtype": args.dtype, "energy_config": dataclasses.asdict(config),
+                  **model_fit.to_dict()}
+        write_json_output(args.out, record, "cost-model", inputs={"model": args.model})
         print(f"wrote {args.out}")
     return model_fit
 
@@ -185,7 +206,7 @@ def register(subparsers):
     sub = energy.add_subparsers(dest="energy", required=True, metavar="ENERGY_COMMAND")
 
     p = sub.add_parser("probe", help="what this machine can measure, per device and method, and why not")
-    p.add_argument("--sample-seconds", type=float, default=0.5,
+    p.add_argument("--sample-seconds", type=finite_float, default=0.5,
                    help="length of a live sample window per device (default 0.5; 0 skips it)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     _add_set(p)
@@ -204,9 +225,9 @@ def register(subparsers):
     p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per step (decode workload; default 32)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="windows per depth, depths interleaved (default 3)")
-    p.add_argument("--min-seconds", type=float, default=2.0,
+    p.add_argument("--min-seconds", type=finite_float, default=2.0,
                    help="each window repeats the step at least this long (default 2; counters refresh ~0.1 s)")
-    p.add_argument("--idle-seconds", type=float, default=0.0,
+    p.add_argument("--idle-seconds", type=finite_float, default=0.0,
                    help="measure idle power this long first and fit the energy above idle (default 0: total)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")

@@ -47,7 +47,8 @@ def cmd_evaluate(args):
     summary = evaluate(args.checkpoint, args.data, args.out, policy_dir=args.policy, base=args.base,
                        policies=args.policies, samples=args.samples, batch_size=args.batch_size,
                        protocols=args.protocols, cost_model=args.cost_model, energy_config=_energy_config(args.set),
-                       config=config, progress=not args.no_progress)
+                       config=config, progress=not args.no_progress,
+                       allow_foreign_policy=True if args.allow_foreign_policy else None)
     for protocol, proto in summary["protocols"].items():
         n = max((p["n"] for p in proto["policies"].values()), default=0)
         print(f"\n{protocol} ({n} samples; Pareto cost: {proto['pareto_cost'] or 'none'})")
@@ -82,6 +83,9 @@ def register(subparsers):
                    help="completion and/or line (default: both where the corpus has line-level samples)")
     p.add_argument("--cost-model", default=None, metavar="FILE",
                    help="`greencode energy calibrate --out` JSON for the modelled joules (without it: unavailable)")
+    p.add_argument("--allow-foreign-policy", action="store_true",
+                   help="evaluate a --policy trained on another checkpoint than CHECKPOINT (refused otherwise); the "
+                        "report says so")
     p.add_argument("--config", default=None, metavar="YAML", help="a config whose `eval` section gives the settings; "
                    "the options above override it")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -99,11 +103,9 @@ def cmd_bench_eval(args):
                             policy_dir=args.policy, repeats=args.repeats)
     print(format_bench_eval(result))
     if args.json:
-        import json
+        from greencode_jax.atomic import write_json_output
 
-        from greencode_jax.atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        write_json_output(args.json, result, "benchmark")
 
 
 def register_bench(bench_subparsers):

@@ -1,19 +1,23 @@
 """The `greencode` command.
 
 Heavy imports (JAX, transformers, torch) happen inside each command, so `--help`
-answers at once. A `GreencodeError` is printed as one line and exits with status 2.
+answers at once. A `GreencodeError` is printed as one line and exits with status 2; Ctrl-C
+(SIGINT) and SIGTERM end with one line and status 130 / 143 (greencode_jax/interrupts.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
-import signal
 import sys
 
 from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, train_cmd
 from greencode_jax.cli.bench_rl import register_bench as register_bench_rl
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
+from greencode_jax import interrupts
+from greencode_jax.locks import output_lock
+from greencode_jax.ownership import check_output_dir, check_output_file, set_command
 
 
 def _exit_layers(text: str):
@@ -51,8 +55,11 @@ def _size(text: str) -> int:
 def cmd_convert_from_hf(args):
     from greencode_jax.convert import load_hf, resolve_model_dir, save_checkpoint
 
-    model = load_hf(resolve_model_dir(args.src), args.dtype, args.exit_layers)
-    out = save_checkpoint(model, args.out, overwrite=args.overwrite)
+    inputs = {"src": args.src}
+    check_output_dir(args.out, "checkpoint", inputs=inputs, overwrite=args.overwrite)
+    with output_lock(args.out):
+        model = load_hf(resolve_model_dir(args.src), args.dtype, args.exit_layers)
+        out = save_checkpoint(model, args.out, overwrite=args.overwrite, inputs=inputs)
     c = model.config
     print(f"wrote {out}: {c.family}, {c.num_layers} layers, exits {list(c.exit_layers)}, {args.dtype}")
 
@@ -60,8 +67,12 @@ def cmd_convert_from_hf(args):
 def cmd_export_hf(args):
     from greencode_jax.convert import export_pretrained, load_pretrained
 
-    model = load_pretrained(args.src, args.dtype, args.exit_layers)
-    out = export_pretrained(model, args.out, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+    inputs = {"src": args.src}
+    check_output_dir(args.out, "hf-export", inputs=inputs, overwrite=args.overwrite)
+    with output_lock(args.out):
+        model = load_pretrained(args.src, args.dtype, args.exit_layers)
+        out = export_pretrained(model, args.out, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+                                inputs=inputs)
     print(f"wrote {out}: config.json + safetensors for transformers' {model.config.to_hf().architectures[0]}")
 
 
@@ -172,11 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # let `finally` blocks remove temporary outputs (a long job may install its own)
+JSON_KINDS = {"energy": "energy-probe"}  # what each command's --json FILE holds (default: benchmark figures)
+
+
+def _end_now(status: int):
+    """Ends the process after the atexit handlers, skipping the interpreter's teardown: a
+    KeyboardInterrupt that landed inside XLA (a compile cut short) leaves its thread pools with
+    work that crashes that teardown (a segfault, status 139, in 3 of 4 interrupted evaluations)."""
+    interrupts.ignore()
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def main(argv=None) -> int:
+    """The `greencode` command; `argv` None: this process is the command (an interrupt that was
+    not at a safe point then ends it at once, see `_end_now`)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "overrides", None), list) and not any(a.startswith("-") for a in extra):
@@ -185,16 +210,38 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from greencode_jax.errors import GreencodeError
 
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.reset()
+    previous = interrupts.install()
+    set_command(" ".join(filter(None, (args.command, getattr(args, "energy", None), getattr(args, "bench", None)))))
+    stop = None
     try:
+        if getattr(args, "json", None):  # a --json FILE is checked before the work, not after it
+            check_output_file(args.json, JSON_KINDS.get(args.command, "benchmark"))
         args.func(args)
+    except interrupts.Interrupted as error:
+        stop = error
     except GreencodeError as error:
-        print(f"greencode: error: {error}", file=sys.stderr)
-        return 2
+        if interrupts.received() is None:
+            print(f"greencode: error: {error}", file=sys.stderr)
+            return 2
+        stop = interrupts.interrupted()  # an error made of the interrupt on its way out
     except KeyboardInterrupt:
-        print("greencode: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        stop = interrupts.interrupted()
+    except Exception:
+        if interrupts.received() is None:
+            raise
+        stop = interrupts.interrupted()  # a library turned the KeyboardInterrupt into another exception
+    finally:
+        if argv is None:
+            interrupts.ignore()  # ending: a further signal must not cut the line or kill the teardown
+        else:
+            interrupts.restore(previous)
+    if stop is None:
+        return 0
+    print(f"greencode: {stop}", file=sys.stderr)
+    if argv is None and not stop.at_safe_point:
+        _end_now(stop.exit_status)
+    return stop.exit_status
 
 
 if __name__ == "__main__":

@@ -27,9 +27,12 @@ from pathlib import Path
 
 import yaml
 
-from greencode_jax.atomic import atomic_write_text
+from greencode_jax import interrupts, ownership
+from greencode_jax.atomic import atomic_write_text, partial_path, write_json_output
 from greencode_jax.cli.config import _hint, read_yaml, typed_section
 from greencode_jax.errors import GreencodeError
+from greencode_jax.locks import output_lock
+from greencode_jax.train.loop import check_run_directory
 
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")
 FINETUNE_SECTIONS = ("run", "model", "data", "train", "parallel", "checkpoint", "eval")
@@ -118,8 +121,19 @@ class Stages:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "pipeline.json"
-        self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.done = self._read() if self.path.exists() else {}
         self.seconds = {}
+
+    def _read(self) -> dict:
+        try:
+            done = json.loads(self.path.read_text())
+        except (OSError, ValueError) as error:
+            done = error
+        if not isinstance(done, dict) or not all(isinstance(v, dict) for v in done.values()):
+            reason = f" ({done})" if isinstance(done, Exception) else ""
+            raise GreencodeError(f"{self.path}: unreadable{reason}; it records which stages are done: delete it and "
+                                 "rerun, and every stage whose outputs it made runs again") from None
+        return done
 
     def run(self, name: str, key: str, outputs, build, what: str, stale=()):
         """Runs `build` unless `outputs` exist for `key`. `stale`: paths (an interrupted run's
@@ -132,18 +146,26 @@ class Stages:
             self.seconds[name] = 0.0
             return
         if entry.get("started") != key:
-            for path in map(Path, stale):
-                for p in (path, path.with_name(path.name + ".partial")):
-                    if p.is_dir():
-                        shutil.rmtree(p)
+            try:
+                remove_stale_outputs(stale, name)
+            except GreencodeError as error:
+                raise GreencodeError(f"[{name}] {error}") from None
         self.done[name] = {"started": key}
         atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
         print(f"[{name}] {what}", flush=True)
         start = time.perf_counter()
         try:
-            build()
-        except GreencodeError as error:  # the earlier stages' outputs stay as they are, for the rerun
-            raise GreencodeError(f"[{name}] {error}") from None
+            with ownership.stage(name):
+                build()
+        except interrupts.Interrupted as stop:  # what the stage kept; `greencode run` again resumes it
+            raise stop.prefixed(f"[{name}]") from None
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt) or (isinstance(error, Exception) and interrupts.received()):
+                raise interrupts.interrupted(f"[{name}] stopped; the same command continues from this stage") \
+                    from None
+            if isinstance(error, GreencodeError):  # the earlier stages' outputs stay as they are, for the rerun
+                raise GreencodeError(f"[{name}] {error}") from None
+            raise
         seconds = time.perf_counter() - start
         self.seconds[name] = seconds
         self.done[name] = {"key": key, "started": key, "seconds": round(seconds, 1)}
@@ -151,20 +173,39 @@ class Stages:
         print(f"[{name}] done in {seconds:.1f} s", flush=True)
 
 
+def remove_stale_outputs(paths, stage_name: str):
+    """Removes what stage `stage_name` made for other inputs (each path and its DIR.partial), after
+    checking that every one of them is its own: anything else is left, and named."""
+    present = [p for path in map(Path, paths) for p in (path, partial_path(path)) if p.exists() or p.is_symlink()]
+    for path in present:  # every check first: nothing is removed unless all of it may be
+        ownership.check_stage_output(path, stage_name)
+    for path in present:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def run_pipeline(config_path, overrides):
     data, finetune, resolved, energy, rollouts, rl, evaluate_cfg = load_pipeline_config(config_path, overrides)
     run_dir = Path(finetune.run.out_dir) / finetune.run.name
     source = str(config_path or QUICKSTART)
-    print(f"greencode run: {source} -> {run_dir}/", flush=True)
-    new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        _run_stages(run_dir, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, source)
-    except BaseException:
-        if set(os.listdir(run_dir)) <= {"pipeline.yaml", "pipeline.json"}:  # failed before any stage made anything
-            for directory in new_dirs:
-                shutil.rmtree(directory, ignore_errors=True)
-        raise
+    inputs = {"config": config_path, "data": finetune.data.path or None,
+              "model": None if finetune.model.init == "scratch" else finetune.model.init}
+    check_run_directory(run_dir, inputs)
+    with output_lock(run_dir):
+        print(f"greencode run: {source} -> {run_dir}/", flush=True)
+        new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ownership.read_manifest(run_dir) is None:
+            ownership.write_manifest(run_dir, "run", inputs)
+        try:
+            _run_stages(run_dir, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, source)
+        except BaseException:
+            if set(os.listdir(run_dir)) <= {"pipeline.yaml", "pipeline.json", ownership.MANIFEST}:
+                for directory in new_dirs:  # failed before any stage made anything
+                    shutil.rmtree(directory, ignore_errors=True)
+            raise
 
 
 def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, source: str):
@@ -172,8 +213,8 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
     from greencode_jax.train import train
 
     data_dir = Path(finetune.data.path)
+    stages = Stages(run_dir)  # a corrupt pipeline.json is named before anything is written
     atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(data, sort_keys=False))
-    stages = Stages(run_dir)
     final = run_dir / "final"
 
     ft_key = _digest(finetune.to_dict())
@@ -181,7 +222,7 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
     def do_finetune():
         r = train(finetune, source=source, resolved_yaml=resolved, progress=None)
         if r.stopped_by is not None:
-            raise KeyboardInterrupt
+            raise r.interruption()
 
     stages.run("finetune", ft_key, [final, run_dir / "eval.json"], do_finetune,
                f"data + exit fine-tune ({finetune.train.steps or 'epochs'} steps) -> {final}")
@@ -194,15 +235,17 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
         from greencode_jax.cli.energy_cmd import cmd_energy_calibrate
 
         if energy.cost_model:
-            from greencode_jax.rl.train import load_cost_model
+            from greencode_jax.convert import load_model_config
+            from greencode_jax.energy.cost_model import architecture, load_cost_model
 
-            fit = load_cost_model(energy.cost_model)
+            fit = load_cost_model(energy.cost_model, architecture(load_model_config(final)), what="energy.cost_model")
+            fit.pop("path")
             if fit["b_j_per_layer"] <= 0:
                 raise GreencodeError(f"{energy.cost_model}: {fit['b_j_per_layer']:g} J per layer; expected a cost "
                                      "that grows with depth")
-            atomic_write_text(cost, json.dumps(fit, indent=2) + "\n")
+            write_json_output(cost, fit, "cost-model", inputs={"cost_model": energy.cost_model})
             print(f"  {energy.cost_model}: J/token = {fit['a_j']:.6g} + {fit['b_j_per_layer']:.6g} x layers "
-                  f"({fit.get('method', 'unknown')}), used as given")
+                  f"({fit['method']}), used as given")
             return
 
         for attempt in range(3):  # a noisy machine can fit a non-positive slope: measure again, longer
@@ -217,8 +260,9 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
         raise GreencodeError(f"{cost}: the cost per layer did not come out positive in 3 calibrations; the machine "
                              "is too noisy (raise energy.min_seconds)")
 
-    stages.run("calibrate", cal_key, [cost], do_calibrate, "joules per token = a + b x layers (energy calibrate)"
-               if not energy.cost_model else f"the cost model {energy.cost_model}")
+    stages.run("calibrate", cal_key, [cost], do_calibrate, stale=[cost],
+               what="joules per token = a + b x layers (energy calibrate)" if not energy.cost_model
+               else f"the cost model {energy.cost_model}")
 
     from greencode_jax.rl.collect import collect_rollouts
 

@@ -38,8 +38,8 @@ def cmd_collect_rollouts(args):
 
     collect_rollouts(args.checkpoint, args.data, args.out, split=args.split, episodes=args.episodes,
                      batch_size=args.batch_size, seed=args.seed, hidden_dtype=args.hidden_dtype,
-                     new_tokens=args.new_tokens, max_context=args.max_context, overwrite=args.overwrite,
-                     progress=not args.no_progress)
+                     new_tokens=args.new_tokens, max_context=args.max_context, chunk_episodes=args.chunk_episodes,
+                     overwrite=args.overwrite, progress=not args.no_progress)
 
 
 def cmd_train_policy(args):
@@ -67,6 +67,9 @@ def register(sub):
     p.add_argument("--new-tokens", type=int, default=15, help="tokens per episode (GREEN-CODE: 15)")
     p.add_argument("--max-context", type=int, default=None,
                    help="cap on the context tokens (default: what the model's positions allow)")
+    p.add_argument("--chunk-episodes", type=int, default=None,
+                   help="episodes per chunk, the unit an interrupted collection keeps (default: about 64 MB of "
+                        "hidden states)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_collect_rollouts)

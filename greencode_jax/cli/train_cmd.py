@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from greencode_jax.cli.config import finite_float
 from greencode_jax.errors import GreencodeError
 
 # fields whose YAML value is not of their default's type (typed_section checks that), checked here instead
@@ -34,6 +35,7 @@ def finetune_config_from_dict(data: dict, source: str):
     import yaml
 
     from greencode_jax.cli.config import _hint, typed_section
+    from greencode_jax.yamlfile import check_finite
     from greencode_jax.train.config import SECTION_CLASSES, FinetuneConfig
 
     data = dict(data)
@@ -59,6 +61,10 @@ def finetune_config_from_dict(data: dict, source: str):
         section = typed_section(SECTION_CLASSES[name], plain, name, source)
         special = {k: _special(name, k, v, source) for k, v in values.items() if (name, k) in _SPECIAL_FIELDS}
         sections[name] = dataclasses.replace(section, **special)
+        try:
+            check_finite(sections[name], name)  # the list fields too (train.exit_weights)
+        except GreencodeError as error:
+            raise GreencodeError(f"{source}: {error}") from None
     config = FinetuneConfig(**sections)
     return config, yaml.safe_dump(config.to_dict(), sort_keys=False)
 
@@ -87,7 +93,7 @@ def _special(section: str, key: str, value, source: str):
 
 
 def cmd_finetune(args):
-    from greencode_jax.train import PREEMPTED_EXIT_STATUS, train
+    from greencode_jax.train import train
 
     config, resolved = load_finetune_config(args.config, args.overrides)
     result = train(config, source=str(args.config), resolved_yaml=resolved,
@@ -96,10 +102,7 @@ def cmd_finetune(args):
 
     primary = jax.process_index() == 0
     if result.stopped_by is not None:
-        if primary:
-            print(f"finetune: stopped by {result.stopped_by} at step {result.step}/{result.total_steps}; checkpoint "
-                  f"saved in {result.run_dir}; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130 if result.stopped_by == "SIGINT" else PREEMPTED_EXIT_STATUS)
+        raise result.interruption()  # main prints its one line; exit status 130 / 143
     if not primary:
         return result
     print(finish_line(result))
@@ -163,11 +166,9 @@ def cmd_bench_train(args):
                               peak=None if args.peak_tflops is None else args.peak_tflops * 1e12)
     print_bench_train(results)
     if args.json:
-        import json
+        from greencode_jax.atomic import write_json_output
 
-        from greencode_jax.atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        write_json_output(args.json, results, "benchmark")
     return results
 
 
@@ -203,7 +204,7 @@ def register_bench(bench_subparsers):
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch step (our figures and MFU only)")
     p.add_argument("--torch-device", choices=["cpu", "cuda"], default=None,
                    help="where the PyTorch step runs (default: cuda when JAX runs on a GPU, else cpu)")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=finite_float, default=None,
                    help="the device's peak TFLOP/s for the MFU figure (default: from a table of GPUs and TPUs)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_train)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from greencode_jax.convert.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from greencode_jax.convert.checkpoint import CONFIG_NAME, is_checkpoint, load_checkpoint, save_checkpoint
 from greencode_jax.convert.hf_export import export_pretrained
 from greencode_jax.convert.hf_import import load_hf, resolve_model_dir
-from greencode_jax.models import EarlyExitLM
+from greencode_jax.errors import GreencodeError
+from greencode_jax.models import EarlyExitLM, ModelConfig
 
 
 def load_pretrained(path: str | Path, dtype="float32", exit_layers=None, scan_layers: bool | None = None
@@ -25,4 +26,20 @@ def load_pretrained(path: str | Path, dtype="float32", exit_layers=None, scan_la
     return load_hf(model_dir, dtype, exit_layers, True if scan_layers is None else scan_layers)
 
 
-__all__ = ["export_pretrained", "load_checkpoint", "load_pretrained", "save_checkpoint"]
+def load_model_config(path: str | Path, exit_layers=None) -> ModelConfig:
+    """The architecture of a model directory or checkpoint, read without its weights (to check
+    a command's arguments before the model loads)."""
+    from greencode_jax.models.config import load_json
+
+    model_dir = resolve_model_dir(path)
+    if is_checkpoint(model_dir):
+        meta = load_json(model_dir / CONFIG_NAME, "greencode checkpoint config")
+        if not isinstance(meta.get("model"), dict):
+            raise GreencodeError(f"{model_dir / CONFIG_NAME}: not a greencode-jax checkpoint config")
+        config = ModelConfig.from_dict(meta["model"], source=str(model_dir / CONFIG_NAME))
+        return config if exit_layers is None else config.replace(exit_layers=exit_layers)
+    return ModelConfig.from_hf(load_json(model_dir / "config.json", "Hugging Face config"), exit_layers=exit_layers,
+                               source=str(model_dir / "config.json"))
+
+
+__all__ = ["export_pretrained", "load_checkpoint", "load_model_config", "load_pretrained", "save_checkpoint"]

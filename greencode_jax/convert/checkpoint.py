@@ -1,7 +1,8 @@
 """Our own checkpoint: `greencode_config.json` (ModelConfig) + Orbax parameters + tokenizer files.
 
 Layout of a checkpoint directory:
-    greencode_config.json   {"format": "greencode-jax", "version": 2, "dtype": ..., "model": {...}}
+    greencode_config.json   {"format": "greencode-jax", "version": 2, "dtype": ..., "model": {...},
+                             "fingerprint": the weights', "tokenizer_fingerprint": the tokenizer files' or null}
     params/                 Orbax StandardCheckpointer tree of the model's parameters
     tokenizer files         copied from the Hugging Face source, when it had them
 
@@ -29,6 +30,7 @@ from greencode_jax.models import EarlyExitLM, ModelConfig, Origin, abstract_mode
 from greencode_jax.models.config import load_json
 
 CONFIG_NAME = "greencode_config.json"
+FINGERPRINT_KEY, TOKENIZER_KEY = "fingerprint", "tokenizer_fingerprint"  # convert/fingerprint.py
 FORMAT = "greencode-jax"
 VERSION = 2  # 2: Linear kernels [out, in]; 1: [in, out]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -64,18 +66,33 @@ def _checkpointer():
         checkpointer.close()
 
 
-def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False) -> Path:
-    """Writes `model` as our checkpoint at `out`, atomically."""
+def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False, inputs: dict | None = None) -> Path:
+    """Writes `model` as our checkpoint at `out`, atomically. An existing `out` is replaced (with
+    `overwrite`) only when it is a checkpoint greencode-jax wrote and none of `inputs`."""
     out = Path(out)
-    with atomic_directory(out, overwrite) as tmp:
-        meta = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(model.dtype).name,
-                "model": model.config.to_dict()}
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    with atomic_directory(out, overwrite, kind="checkpoint", inputs=inputs) as tmp:
+        from greencode_jax.convert.fingerprint import compute_model_fingerprint
+
         with _checkpointer() as checkpointer:
             checkpointer.save((tmp / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
             checkpointer.wait_until_finished()
-        copy_tokenizer_files(model.origin.path, tmp)
+        copied = copy_tokenizer_files(model.origin.path, tmp)
+        meta = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(model.dtype).name,
+                "model": model.config.to_dict(), FINGERPRINT_KEY: compute_model_fingerprint(model),
+                TOKENIZER_KEY: _source_tokenizer_fingerprint(model.origin.path) if copied else None}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _source_tokenizer_fingerprint(source_dir) -> str | None:
+    """The fingerprint of the tokenizer files copied from `source_dir`; None when they form no
+    tokenizer this machine can load (the corpus check then falls back to the vocabulary size)."""
+    from greencode_jax.convert.fingerprint import model_tokenizer_fingerprint
+
+    try:
+        return model_tokenizer_fingerprint(source_dir)
+    except GreencodeError:
+        return None
 
 
 def _is_kernel(path) -> bool:
@@ -128,10 +145,11 @@ def _quiet_hook(unraisable):
 
 
 def _quiet_asyncio_log(record: logging.LogRecord) -> bool:
-    """The third way an abandoned read reports itself: a failed Orbax task garbage-collected with
-    its exception unread, which asyncio logs ("Task exception was never retrieved")."""
+    """The third way an abandoned read reports itself: a failed Orbax task, or the future gathering
+    several of them, garbage-collected with its exception unread, which asyncio logs ("Task
+    exception was never retrieved", "_GatheringFuture exception was never retrieved")."""
     message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+    return not ("exception was never retrieved" in message.splitlines()[0] and "orbax" in message)
 
 
 _outer_hook = sys.__unraisablehook__
@@ -183,7 +201,8 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers:
         restored = _swap_kernels(restored, lambda x: jax.numpy.swapaxes(x, -1, -2))
     nnx.replace_by_pure_dict(abstract_state, restored)
     model = nnx.merge(graphdef, abstract_state)
-    model.origin = Origin(str(path))
+    recorded = meta.get(FINGERPRINT_KEY)  # the weights as saved, whatever the dtype now
+    model.origin = Origin(str(path), recorded if isinstance(recorded, str) else None)
     if scan_layers is not None:
         model.set_scan_layers(scan_layers)
     return model

@@ -42,24 +42,25 @@ def quiet_transformers():
 
 
 def _hf_arrays(model: EarlyExitLM):
-    """Yields (our array, HF names it holds) in the table's order, for either layer layout."""
+    """Yields (our array, HF names it holds, whether it stacks them on a leading layer axis) in
+    the table's order, for either layer layout."""
     flat = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for path, _, names in parameter_arrays(param_table(model.config), model.config):
-        yield flat[path], names
+    for path, entry, names in parameter_arrays(param_table(model.config), model.config):
+        yield flat[path], names, entry.per_layer and model.config.scan_layers
 
 
 def _hf_tensors(model: EarlyExitLM):
     """Yields (hf_name, numpy array) one tensor at a time."""
-    for value, names in _hf_arrays(model):
-        for layer, name in enumerate(names):
-            tensor = np.asarray(value[layer] if len(names) > 1 else value)
+    for value, names, stacked in _hf_arrays(model):
+        for layer, name in enumerate(names):  # a stacked array of a 1-layer model still has its layer axis
+            tensor = np.asarray(value[layer] if stacked else value)
             yield name, np.ascontiguousarray(tensor)
 
 
 def _shards(model: EarlyExitLM, max_shard_bytes: int):
     """Groups tensor names into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
     shards, current, size = [], [], 0
-    for value, names in _hf_arrays(model):
+    for value, names, _ in _hf_arrays(model):
         nbytes = value.nbytes // len(names)
         for name in names:
             if current and size + nbytes > max_shard_bytes:
@@ -80,14 +81,16 @@ def _save_shard(tensors: dict, path: Path):
 
 
 def export_pretrained(model: EarlyExitLM, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      overwrite: bool = False, tokenizer_dir=None) -> Path:
-    """Writes config.json + safetensors (+ tokenizer files of the source) to `out_dir`, atomically."""
+                      overwrite: bool = False, tokenizer_dir=None, inputs: dict | None = None) -> Path:
+    """Writes config.json + safetensors (+ tokenizer files of the source) to `out_dir`, atomically.
+    An existing `out_dir` is replaced (with `overwrite`) only when it is an export greencode-jax
+    wrote and none of `inputs`."""
     out_dir = Path(out_dir)
     shards = _shards(model, max_shard_bytes)
     shard_of = {name: i for i, names in enumerate(shards) for name in names}
     file_names = (["model.safetensors"] if len(shards) == 1 else
                   [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    with atomic_directory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite, kind="hf-export", inputs=inputs) as tmp:
         config = model.config.to_hf()
         config.dtype = TORCH_DTYPE_NAMES[np.dtype(model.dtype).name]
         config.save_pretrained(tmp)

@@ -32,6 +32,8 @@ from collections import Counter, deque
 from pathlib import Path
 
 from greencode_jax.errors import GreencodeError
+from greencode_jax.locks import output_lock
+from greencode_jax.ownership import check_output_dir
 
 FORMAT = "greencode-prepared-data"
 FORMAT_VERSION = 1
@@ -488,13 +490,22 @@ def _keep_first_files(source, count: int):
 
 def prepare_data(options: PrepareOptions) -> dict:
     """Prepares the corpus; returns the summary written to prepare.json (with the stats under 'stats')."""
+    started = time.perf_counter()
+    _validate(options)
+    out = Path(options.out)
+    inputs = {"source": options.source, "literals": options.literals, "tfds_data_dir": options.tfds_data_dir,
+              "tokenizer": None if options.tokenizer in ("bpe", "none") else options.tokenizer}
+    check_output_dir(out, "corpus", inputs=inputs, overwrite=options.overwrite)
+    with output_lock(out):
+        return _prepare(options, out, inputs, started)
+
+
+def _prepare(options: PrepareOptions, out: Path, inputs: dict, started: float) -> dict:
     from greencode_jax.atomic import atomic_directory
     from greencode_jax.data.corpus import TFDS_DIR, CorpusWriter, line_dataset_name, token_dataset_name
     from greencode_jax.data.literals import LiteralCounter, load_literals
     from greencode_jax.data.sources import resolve_source
 
-    started = time.perf_counter()
-    _validate(options)
     source = resolve_source(options.source, options.lang, options.tfds_data_dir)
     if source.kind == "files" and options.max_files and options.max_files < len(source.refs):
         _keep_first_files(source, options.max_files)
@@ -506,10 +517,9 @@ def prepare_data(options: PrepareOptions) -> dict:
         raise GreencodeError(f"--tokenizer {options.tokenizer}: no such directory; pass bpe, none, or a Hugging "
                              "Face model directory")
     stats = Stats()
-    out = Path(options.out)
     if options.progress:
         print(f"prepare-data: {options.lang} from {source.description}", file=sys.stderr)
-    with atomic_directory(out, overwrite=options.overwrite) as tmp:
+    with atomic_directory(out, overwrite=options.overwrite, kind="corpus", inputs=inputs) as tmp:
         tfds_dir = tmp / TFDS_DIR
         work = tmp / ".work"
         work.mkdir()
@@ -560,7 +570,8 @@ def prepare_data(options: PrepareOptions) -> dict:
                 stats.lap("encode")
                 summary["tokenizer"] = {"kind": tokenizer.kind, "name": tokenizer.name,
                                         "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-                                        "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+                                        "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                                        "fingerprint": tokenizer.fingerprint()}
         shutil.rmtree(work)
         seconds = time.perf_counter() - started
         stats_dict = stats.as_dict()
@@ -570,6 +581,12 @@ def prepare_data(options: PrepareOptions) -> dict:
         (tmp / "stats.json").write_text(json.dumps(stats_dict, indent=2, ensure_ascii=False) + "\n")
         summary["documents"] = dict(stats.docs)
         summary["line_samples"] = stats.line_samples
+        if source.kind != "line_level":
+            empty = [split for split in ("train", "dev", "test") if not stats.docs.get(split)]
+            summary["warnings"] = [f"the {split} split is empty (split ratios {','.join(map(str, options.split))})"
+                                   for split in empty]
+            for warning in summary["warnings"]:
+                print(f"prepare-data: warning: {warning}", file=sys.stderr)
         (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     summary["stats"] = stats_dict
     summary["out"] = str(out)

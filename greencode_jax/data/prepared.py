@@ -58,6 +58,41 @@ class PreparedData:
             raise GreencodeError(f"{self.root}: prepared with --tokenizer none; no tokenizer or token files")
         return load_tokenizer(self.root / "tokenizer")
 
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        """The tokenizer's fingerprint (`data.tokenizer.vocabulary_fingerprint`): recorded in
+        prepare.json, or computed from `tokenizer/` for a corpus prepared before it was; None
+        when prepared with --tokenizer none."""
+        recorded = self.manifest.get("tokenizer")
+        if recorded is None:
+            return None
+        if recorded.get("fingerprint") is not None:
+            return recorded["fingerprint"]
+        if not hasattr(self, "_computed_fingerprint"):
+            from greencode_jax.data.tokenizer import tokenizer_fingerprint
+
+            self._computed_fingerprint = tokenizer_fingerprint(self.root / "tokenizer")
+        return self._computed_fingerprint
+
+    def check_model_tokenizer(self, model: str, model_fingerprint: str | None, vocab_size: int, tokenizer_dir):
+        """Refuses this corpus for `model` (named so in the message, e.g. "checkpoint runs/x/final")
+        when its tokenizer differs: by fingerprint when the model holds tokenizer files
+        (`model_fingerprint`), else the corpus's ids must all be < the model's `vocab_size`.
+        `tokenizer_dir` is the model's directory, for the hint."""
+        recorded = self.manifest.get("tokenizer") or {}
+        name = recorded.get("name", "no tokenizer")
+        if model_fingerprint is not None:
+            mine = self.tokenizer_fingerprint
+            if mine != model_fingerprint:
+                raise GreencodeError(f"{self.root}: prepared with the tokenizer {name} (fingerprint {mine}), but "
+                                     f"{model} holds another tokenizer (fingerprint {model_fingerprint}); prepare the "
+                                     f"data with `greencode prepare-data --tokenizer {tokenizer_dir}`")
+            return
+        size = recorded.get("vocab_size")
+        if size is not None and size > vocab_size:
+            raise GreencodeError(f"{self.root}: its tokenizer ({name}) has {size} tokens, but {model} has a "
+                                 f"vocabulary of {vocab_size}; prepare the data with this model's tokenizer")
+
     def tokens(self, split: str):
         from greencode_jax.data.packing import TokenStore
 

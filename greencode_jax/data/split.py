@@ -10,6 +10,7 @@ machine, run and Python version, whatever else is in the corpus. Documents witho
 from __future__ import annotations
 
 import hashlib
+import math
 
 from greencode_jax.errors import GreencodeError
 
@@ -23,9 +24,9 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
         ratios = tuple(float(part) for part in text.split(","))
     except ValueError:
         ratios = ()
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
-        raise GreencodeError(f"--split {text!r}: expected three non-negative train,dev,test ratios summing "
-                             "to 1, such as 0.8,0.1,0.1")
+    if len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+        raise GreencodeError(f"--split {text!r}: expected three non-negative train,dev,test ratios (finite numbers) "
+                             "summing to 1, such as 0.8,0.1,0.1")
     return ratios  # type: ignore[return-value]
 
 

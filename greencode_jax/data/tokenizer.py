@@ -17,6 +17,7 @@ the placeholders are split into ordinary pieces, as in GREEN-CODE.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,6 +26,16 @@ from greencode_jax.errors import GreencodeError
 
 BPE_SPECIALS = ("<pad>", "<s>", "</s>")
 GREENCODE_META = "greencode_tokenizer.json"
+# Files that hold a vocabulary (tokenizer_config.json alone holds none).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def vocabulary_fingerprint(vocab: dict, bos_id, eos_id, pad_id) -> str:
+    """A short stable hash of a tokenizer's identity: its token -> id mapping (sorted) and its
+    special ids; independent of how the files that hold them are formatted."""
+    identity = {"vocab": sorted((str(t), int(i)) for t, i in vocab.items()),
+                "special": [None if x is None else int(x) for x in (bos_id, eos_id, pad_id)]}
+    return hashlib.sha256(json.dumps(identity, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 class CodeTokenizer:
@@ -58,6 +69,14 @@ class CodeTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def fingerprint(self) -> str:
+        """`vocabulary_fingerprint` of this tokenizer (added tokens included)."""
+        if self.kind == "bpe":
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+        else:
+            vocab = self._backend.get_vocab()
+        return vocabulary_fingerprint(vocab, self.bos_id, self.eos_id, self.pad_id)
 
     def save(self, directory: str | Path):
         directory = Path(directory)
@@ -130,3 +149,22 @@ def load_tokenizer(directory: str | Path) -> CodeTokenizer:
     tokenizer.name = meta["name"]
     return tokenizer
 
+
+def tokenizer_fingerprint(directory: str | Path) -> str | None:
+    """The fingerprint of the tokenizer saved in `directory` (a corpus's `tokenizer/`, a model
+    directory or a checkpoint); None when it holds no vocabulary."""
+    directory = Path(directory)
+    if (directory / GREENCODE_META).is_file():
+        return load_tokenizer(directory).fingerprint()
+    if not any((directory / name).is_file() for name in VOCABULARY_FILES):
+        return None
+    try:
+        import transformers
+
+        backend = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise GreencodeError(f"{directory}: cannot load its tokenizer files ({reason}); expected tokenizer.json or "
+                             "vocabulary files with tokenizer_config.json") from None
+    return vocabulary_fingerprint(backend.get_vocab(), backend.bos_token_id, backend.eos_token_id,
+                                  backend.pad_token_id)

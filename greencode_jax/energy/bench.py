@@ -6,7 +6,6 @@ context manager included), then all of them together as `EnergyMeter()` would us
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -62,7 +61,7 @@ def run_bench_energy(args) -> dict:
         print(f"  {label:<60} {per_window * 1e6:9.1f} µs/window  ({verdict} <= {TARGET_OVERHEAD_S * 1e6:.0f} µs)")
     results = {"windows": args.windows, "target_us": TARGET_OVERHEAD_S * 1e6, "rows": rows}
     if getattr(args, "json", None):
-        from greencode_jax.atomic import atomic_write_text
+        from greencode_jax.atomic import write_json_output
 
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        write_json_output(args.json, results, "benchmark")
     return results

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from greencode_jax.errors import GreencodeError
-from greencode_jax.yamlfile import read_yaml
+from greencode_jax.yamlfile import check_finite, read_yaml
 
 # Backend choices per kind of device. "auto" tries them in the order:
 # GPU counter -> integrated power -> estimate; TPU power metric -> duty-cycle estimate;
@@ -50,6 +50,10 @@ class EnergyConfig:
                               ("cpu_backend", CPU_BACKENDS)):
             if getattr(self, name) not in choices:
                 raise GreencodeError(f"energy config: {name}={getattr(self, name)!r}; expected one of {list(choices)}")
+        try:
+            check_finite(self, "energy")
+        except GreencodeError as error:
+            raise GreencodeError(f"energy config: {error}") from None
         for name in ("poll_interval_s", "watts_per_core", "counter_period_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

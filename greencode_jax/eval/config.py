@@ -33,6 +33,7 @@ class EvalConfig:
     confidence_thresholds: tuple = (0.5, 0.7, 0.8, 0.9, 0.95)  # grid of a bare `confidence` item
     thresholds: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # grid of a bare `learned` item (1.0 is added)
     cost_model: str = ""  # `greencode energy calibrate --out` JSON for the modelled joules ("": none)
+    allow_foreign_policy: bool = False  # evaluate a policy trained on another checkpoint (the report says so)
 
     def __post_init__(self):
         sizes = (self.batch_size,) if isinstance(self.batch_size, int) else tuple(self.batch_size)
@@ -63,6 +64,8 @@ class EvalConfig:
         for name in ("policies", "split", "cost_model"):
             if not isinstance(getattr(self, name), str):
                 _bad(name, getattr(self, name), "a string")
+        if not isinstance(self.allow_foreign_policy, bool):
+            _bad("allow_foreign_policy", self.allow_foreign_policy, "true or false")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "eval config") -> "EvalConfig":

@@ -8,18 +8,14 @@ missing figure is None with its reason, never 0.
 
 *Modelled*: the sum over a sample's generated tokens of the calibrated joules per token,
 a + b x (decoder layers computed) with layers = exit layer + 1, from the JSON that
-`greencode energy calibrate --out` writes; `method` is that cost model's own label
-("measured" or "estimated"). Without a cost model the figure is None with a reason.
+`greencode energy calibrate --out` writes (read and checked by `energy.cost_model.load_cost_model`);
+`method` is that cost model's own label ("measured" or "estimated"). Without a cost model the
+figure is None with a reason.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-
 from greencode_jax.energy.result import ESTIMATED, MEASURED_METHODS, UNAVAILABLE
-from greencode_jax.errors import GreencodeError
 
 NO_COST_MODEL = ("no cost model given (--cost-model FILE, written by `greencode energy calibrate --out FILE`): "
                  "modelled energy unavailable")
@@ -49,35 +45,6 @@ def measured_entry(result, devices: list[str], share: int, no_device_reason: str
                 "reason": "; ".join(f"{r.device['key']}: {r.reason}" for r in failed)}
     methods = sorted({r.method for r in readings})
     return {"joules": sum(r.energy_j for r in readings) / share, "method": "+".join(methods), "reason": None}
-
-
-def load_cost_model(path, num_layers: int) -> dict:
-    """The calibrated cost model at `path`, checked: {a_j, b_j_per_layer, method, path, ...}."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GreencodeError(f"--cost-model {path}: no such file (write one with `greencode energy calibrate "
-                             "CHECKPOINT --out FILE`)") from None
-    except (OSError, ValueError) as error:
-        raise GreencodeError(f"--cost-model {path}: unreadable JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise GreencodeError(f"--cost-model {path}: expected the JSON object `greencode energy calibrate --out` writes")
-    for key in ("a_j", "b_j_per_layer"):
-        value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise GreencodeError(f"--cost-model {path}: field {key!r} is {value!r}, expected a number "
-                                 "(joules per token = a_j + b_j_per_layer x layers)")
-    if data.get("method") not in ("measured", "estimated"):
-        raise GreencodeError(f"--cost-model {path}: field 'method' is {data.get('method')!r}, expected "
-                             "'measured' or 'estimated'")
-    depths = data.get("depths") or []
-    if depths and isinstance(depths, list) and all(isinstance(d, int) for d in depths) and max(depths) > num_layers:
-        raise GreencodeError(f"--cost-model {path}: calibrated at depths up to {max(depths)} layers, but the model "
-                             f"has {num_layers}; calibrate this model")
-    return {"path": str(path), "a_j": float(data["a_j"]), "b_j_per_layer": float(data["b_j_per_layer"]),
-            "method": data["method"], "model": data.get("model"), "workload": data.get("workload"),
-            "num_layers": num_layers}
 
 
 def modelled_entry(exit_layers, cost: dict | None, num_layers: int) -> dict:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from greencode_jax.atomic import atomic_write_text
+from greencode_jax.atomic import atomic_write_text, make_parents
+from greencode_jax.ownership import read_manifest, write_manifest
 from greencode_jax.errors import GreencodeError
 
 RECORDS, SETTINGS = "samples.jsonl", "settings.json"
@@ -23,12 +24,13 @@ def record_key(record: dict) -> tuple:
     return record["protocol"], int(record["batch_size"]), record["policy"], int(record["sample"])
 
 
-def check_resumable(out: Path, settings: dict):
-    """Refuses an existing `out` that is not an evaluation with exactly these settings."""
+def check_resumable(out: Path, settings: dict | None):
+    """Refuses an existing `out` that is not an evaluation with exactly these settings (with
+    `settings` None: that is not an evaluation at all, checked before anything is loaded)."""
     out = Path(out)
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         return
-    if not out.is_dir():
+    if out.is_symlink() or not out.is_dir():
         raise GreencodeError(f"--out {out}: exists and is not a directory")
     path = out / SETTINGS
     if not path.is_file():
@@ -41,20 +43,40 @@ def check_resumable(out: Path, settings: dict):
     except (OSError, ValueError) as error:
         raise GreencodeError(f"{path}: unreadable ({error}); choose a new --out directory") from None
     stored_settings = stored.get("settings") if isinstance(stored, dict) else None
-    if stored_settings != settings:
-        changed = sorted(k for k in set(settings) | set(stored_settings or {})
-                         if (stored_settings or {}).get(k) != settings.get(k))
-        raise GreencodeError(f"--out {out}: an evaluation with other settings ({', '.join(changed) or 'format'} "
-                             "differ); resume it with the same settings or choose a new directory")
+    if not isinstance(stored_settings, dict):
+        raise GreencodeError(f"{path}: not the settings of an evaluation; choose a new --out directory")
+    if settings is not None and stored_settings != settings:
+        raise GreencodeError(f"--out {out}: an evaluation with other settings ({_differences(stored_settings, settings)}"
+                             "); resume it with the same settings or choose a new directory")
+
+
+def _differences(before: dict, now: dict, prefix: str = "") -> str:
+    """The settings that differ, named as deep as they go: `config.samples 3 there, 5 here`."""
+    parts = []
+    for key in sorted(set(before) | set(now), key=str):
+        a, b = before.get(key), now.get(key)
+        if a == b:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts.append(_differences(a, b, f"{name}."))
+        elif key == "protocols" or isinstance(a, list) and len(str(a)) > 60:
+            parts.append(f"{name}: another list of samples")  # what a different `samples` or split gives
+        else:
+            parts.append(f"{name} {a!r} there, {b!r} here")
+    return "; ".join(parts)
 
 
 class RecordFile:
     """Appends records to `out/samples.jsonl`; `done` maps each finished key to its record."""
 
-    def __init__(self, out: Path, settings: dict):
+    def __init__(self, out: Path, settings: dict, inputs: dict | None = None):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not (self.out / SETTINGS).is_file():
+        if not (self.out / SETTINGS).is_file():  # a new evaluation: the directory, its manifest and settings
+            make_parents(self.out)
+            self.out.mkdir(exist_ok=True)
+            if read_manifest(self.out) is None:
+                write_manifest(self.out, "evaluation", inputs)
             atomic_write_text(self.out / SETTINGS, json.dumps({"format": FORMAT, "settings": settings}, indent=2)
                               + "\n")
         self.path = self.out / RECORDS

@@ -12,7 +12,8 @@ timed. The timed window is `EnergyMeter`'s, synchronised on the outputs; a recor
 and measured joules are the window's divided by the real samples in the batch.
 
 Everything a user can get wrong is checked before the output directory is created, so a
-refused evaluation writes nothing.
+refused evaluation writes nothing. Ctrl-C or SIGTERM stops between two batches (the records
+written stay in samples.jsonl; the same command resumes after them).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from greencode_jax.errors import GreencodeError
+from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
+from greencode_jax.locks import holds_output_lock
+from greencode_jax.ownership import check_not_an_input
 from greencode_jax.eval.config import EvalConfig
 from greencode_jax.eval.records import RecordFile, check_resumable, record_key
 
@@ -151,10 +155,11 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
     """Loads and checks everything; raises a GreencodeError for any bad input, writing nothing."""
     import greencode_jax as gc
     from greencode_jax.data import PreparedData
-    from greencode_jax.eval.joules import load_cost_model
+    from greencode_jax.convert.fingerprint import check_corpus_tokenizer
+    from greencode_jax.energy.cost_model import architecture, load_cost_model
     from greencode_jax.eval.spec import policy_choices
     from greencode_jax.generate import _check_policy
-    from greencode_jax.generate.policies import Learned
+    from greencode_jax.generate.policies import Learned, foreign_policy, read_policy_info
 
     cfg = config
     data = PreparedData(data_dir)
@@ -162,11 +167,11 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
     if data.lang not in ("python", "java"):
         raise GreencodeError(f"{data_dir}: corpus language {data.lang!r}; the metrics know python and java")
     model = gc.load_pretrained(checkpoint, scan_layers=False)
+    check_corpus_tokenizer(data, checkpoint, model, "checkpoint")
     base_model = gc.load_pretrained(base, scan_layers=False) if base is not None else None
-    for name, m in (("checkpoint", model), ("--base", base_model)):
-        if m is not None and tokenizer.vocab_size > m.config.vocab_size:
-            raise GreencodeError(f"{name}: vocabulary of {m.config.vocab_size} tokens, but the corpus tokenizer of "
-                                 f"{data_dir} has {tokenizer.vocab_size}; evaluate on data prepared for this model")
+    if base_model is not None:
+        check_corpus_tokenizer(data, base, base_model, "--base")
+    # Its own identity is checked below, after the shape checks (which no flag can waive).
     learned = Learned.load(policy_dir) if policy_dir is not None else None
     choices = policy_choices(cfg.policies or None, model.config.exit_layers, have_base=base_model is not None,
                              have_policy=learned is not None, confidence_grid=cfg.confidence_thresholds,
@@ -180,7 +185,12 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
             where = f"--policy {policy_dir}" if choice.family == "learned" else f"policy {choice.label}"
             raise GreencodeError(f"{where}: {error}") from None
         policies[choice.label] = policy
-    cost = load_cost_model(cfg.cost_model, model.config.num_layers) if cfg.cost_model else None
+    foreign = foreign_policy(read_policy_info(policy_dir), model) if policy_dir is not None else None
+    if foreign is not None and not cfg.allow_foreign_policy:
+        raise GreencodeError(f"--policy {policy_dir}: {foreign}; pass --allow-foreign-policy "
+                             "(eval.allow_foreign_policy: true) to evaluate it on this checkpoint anyway")
+    cost = load_cost_model(cfg.cost_model, architecture(model.config), what="--cost-model") if cfg.cost_model \
+        else None
     positions = min(m.config.max_position_embeddings for m in (model, base_model) if m is not None)
     max_context = min(cfg.max_context, positions)
     if max_context <= max(cfg.new_tokens, cfg.line_new_tokens):
@@ -205,7 +215,9 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
     if base is not None:
         header["base"] = str(base)
     if policy_dir is not None:
-        header["learned policy"] = str(policy_dir)
+        header["learned policy"] = str(policy_dir) + (
+            "" if foreign is None else f": **trained on another checkpoint than the one evaluated** ({foreign}; "
+                                       "evaluated with --allow-foreign-policy)")
     header["modelled energy"] = (
         f"{cost['path']}: J/token = {cost['a_j']:.6g} + {cost['b_j_per_layer']:.6g} x layers computed, "
         f"labelled {cost['method']}" if cost is not None else
@@ -246,20 +258,30 @@ class _Runner:
         pad = plan.tokenizer.pad_id
         self.pad_id = int(pad) if pad is not None else 0
 
-    def run(self) -> list[dict]:
-        """Every planned record, in plan order (so the summary does not depend on file order)."""
+    def run(self, stop=None) -> list[dict]:
+        """Every planned record, in plan order (so the summary does not depend on file order).
+        `stop`: an `interrupts.SafePoints`, checked between batches (nothing of JAX in flight)."""
         ordered = []
         for protocol in self.plan.protocols:
             for size in self.plan.config.batch_size:
                 full_tokens = {}
                 for choice in self.plan.choices:  # full is first
                     for start in range(0, len(protocol.prompts), size):
+                        if stop is not None:
+                            stop.check(self.kept)
                         batch = protocol.prompts[start:start + size]
                         records = self._batch_records(protocol, size, choice, batch, full_tokens)
                         if choice.family == "full":
                             full_tokens.update((r["sample"], r["token_ids"]) for r in records)
                         ordered += records
         return ordered
+
+    def kept(self) -> str:
+        """What an interrupted evaluation keeps, in one line."""
+        plan = self.plan
+        total = sum(len(p.prompts) for p in plan.protocols) * len(plan.config.batch_size) * len(plan.choices)
+        done = min(total, sum(1 for k in self.store.done if k[0] in plan.settings["protocols"]))
+        return f"evaluate kept {done} of {total} records in {self.store.path}; the same command resumes"
 
     def _batch_records(self, protocol, size, choice, batch, full_tokens) -> list[dict]:
         keys = [(protocol.name, size, choice.label, p.sample) for p in batch]
@@ -335,15 +357,17 @@ def _header(plan: Plan, meter, runner: _Runner) -> dict:
     return header
 
 
+@holds_output_lock("out_dir")
 def evaluate(checkpoint, data_dir, out_dir, *, policy_dir=None, base=None, policies=None, samples=None,
              batch_size=None, protocols=None, cost_model=None, energy_config=None, config: EvalConfig | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, allow_foreign_policy: bool | None = None) -> dict:
     """Evaluates `checkpoint` on the prepared corpus `data_dir` into `out_dir`; returns the summary.
 
     Keyword arguments other than None replace the fields of `config` (default `EvalConfig()`):
     `policies` (a SPEC, see eval/spec.py), `samples` per protocol, `batch_size` (an int or a
     list of sizes), `protocols` ("completion", "line" or both), `cost_model` (a JSON from
-    `greencode energy calibrate --out`). `energy_config` chooses the meter's backends.
+    `greencode energy calibrate --out`), `allow_foreign_policy` (evaluate a policy trained on
+    another checkpoint; the report says so). `energy_config` chooses the meter's backends.
 
     Writes `out_dir/settings.json`, `samples.jsonl` (one record per (sample, policy), as
     finished), `summary.json` and the report (report.md, pareto.png, exits.png). A rerun
@@ -355,23 +379,33 @@ def evaluate(checkpoint, data_dir, out_dir, *, policy_dir=None, base=None, polic
     from greencode_jax.eval.summary import summarize
 
     given = {"policies": policies, "samples": samples, "batch_size": batch_size, "protocols": protocols,
-             "cost_model": None if cost_model is None else str(cost_model)}
+             "cost_model": None if cost_model is None else str(cost_model),
+             "allow_foreign_policy": allow_foreign_policy}
     cfg = dataclasses.replace(config or EvalConfig(), **{k: v for k, v in given.items() if v is not None})
+    out = Path(out_dir)
+    inputs = {"checkpoint": checkpoint, "data": data_dir, "policy": policy_dir, "base": base,
+              "cost_model": cfg.cost_model or None}
+    check_not_an_input(out, inputs, replacing=True)  # records are appended to it: never into an input
+    check_resumable(out, None)
     plan = plan_evaluation(checkpoint, data_dir, policy_dir=policy_dir, base=base, config=cfg,
                            energy_config=energy_config)
-    out = Path(out_dir)
     check_resumable(out, plan.settings)
     from tqdm import tqdm
 
     meter = EnergyMeter(energy_config)
-    store = RecordFile(out, plan.settings)
+    store = RecordFile(out, plan.settings, inputs)
     total = sum(len(p.prompts) for p in plan.protocols) * len(cfg.batch_size) * len(plan.choices)
     done = sum(1 for k in store.done if k[0] in plan.settings["protocols"])
     bar = tqdm(total=total, initial=min(done, total), unit="sample", desc="evaluate", disable=not progress,
                dynamic_ncols=True, mininterval=0.5)
     try:
         runner = _Runner(plan, meter, store, bar)
-        records = runner.run()
+        with SafePoints() as stop:  # a signal stops between batches, never inside a compile or a window
+            records = runner.run(stop)
+    except KeyboardInterrupt as error:  # a second Ctrl-C, at once: still say what is kept
+        if isinstance(error, Interrupted):
+            raise
+        raise interrupted(runner.kept()) from None
     finally:
         bar.close()
         store.close()

@@ -142,14 +142,16 @@ class Learned:
     def decide(self, layer: int, hidden, logits):
         return self.exit_probability(hidden) > self.threshold
 
-    def save(self, out_dir, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    def save(self, out_dir, metadata: dict | None = None, overwrite: bool = False,
+             inputs: dict | None = None) -> Path:
         """Writes `out_dir/actor.safetensors` (the normalisation and MLP layers) and
         `out_dir/policy.json` (`metadata`, e.g. what it was trained on, plus the layout),
-        atomically. `Learned.load` reads it back."""
+        atomically. `Learned.load` reads it back. An existing `out_dir` is replaced (with
+        `overwrite`) only when it is a policy greencode-jax wrote and none of `inputs`."""
         import numpy as np
         from safetensors.numpy import save_file
 
-        from greencode_jax.atomic import atomic_directory
+        from greencode_jax.atomic import atomic_directory, usual_permissions
 
         tensors = {"obs_mean": self.params["obs_mean"], "obs_std": self.params["obs_std"]}
         for i, layer in enumerate(self.params["layers"]):
@@ -158,17 +160,26 @@ class Learned:
         info = {"format": POLICY_FORMAT, "version": 1, "num_layers": len(self.params["layers"]),
                 "hidden_size": int(tensors["obs_mean"].shape[0]),
                 "exit_layers": None if self.exit_layers is None else list(self.exit_layers), **(metadata or {})}
-        Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        with atomic_directory(out_dir, overwrite=overwrite, kind="policy", inputs=inputs) as tmp:
             save_file(tensors, str(tmp / POLICY_WEIGHTS), metadata={"format": "np"})
+            usual_permissions(tmp / POLICY_WEIGHTS)  # safetensors writes through an owner-only (0600) temporary file
             (tmp / POLICY_INFO).write_text(json.dumps(info, indent=2) + "\n")
         return Path(out_dir)
 
     @classmethod
-    def load(cls, policy_dir, threshold=0.9, *, min_layer: int = 0, kernel: str = "xla") -> "Learned":
+    def load(cls, policy_dir, threshold=0.9, *, min_layer: int = 0, kernel: str = "xla", model=None,
+             allow_foreign: bool = False) -> "Learned":
         """The policy `train-policy` wrote to `policy_dir`. Generation refuses it for a model
-        whose hidden size or exit layers differ from those it was trained on."""
+        whose hidden size or exit layers differ from those it was trained on. With `model`, a
+        policy trained on another checkpoint (its recorded weights fingerprint differs from
+        the model's, or it records none) is refused unless `allow_foreign`."""
         info = read_policy_info(policy_dir)
+        if model is not None and not allow_foreign:
+            mismatch = foreign_policy(info, model)
+            if mismatch is not None:
+                raise GreencodeError(f"{Path(policy_dir) / POLICY_INFO}: {mismatch}; pass allow_foreign=True to use "
+                                     "it anyway")
+        import numpy as np
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -177,6 +188,9 @@ class Learned:
             tensors = load_file(str(path))
         except (OSError, SafetensorError) as e:
             raise GreencodeError(f"{path}: unreadable policy weights ({e}); train the policy again") from None
+        for name, value in tensors.items():
+            if not np.isfinite(value).all():  # would make every P(exit) NaN: never exit, silently
+                raise GreencodeError(f"{path}: tensor {name!r} holds NaN or inf; train the policy again")
         try:
             layers = [{"w": jnp.asarray(tensors[f"layers.{i}.w"]), "b": jnp.asarray(tensors[f"layers.{i}.b"])}
                       for i in range(info["num_layers"])]
@@ -208,6 +222,27 @@ def read_policy_info(policy_dir) -> dict:
     if not isinstance(info, dict) or info.get("format") != POLICY_FORMAT or not isinstance(info.get("num_layers"), int):
         raise GreencodeError(f"{path}: not a greencode policy (expected format {POLICY_FORMAT!r} and num_layers)")
     return info
+
+
+def foreign_policy(info: dict, model) -> str | None:
+    """Why the policy of `info` (its policy.json) was not trained on `model`'s weights, or None
+    when its recorded fingerprint is the model's (`convert.fingerprint.model_fingerprint`)."""
+    from greencode_jax.convert.fingerprint import model_fingerprint
+
+    mine = model_fingerprint(model)
+    name = model.origin.path or "the model"
+    trained = info.get("trained_on") if isinstance(info.get("trained_on"), dict) else {}
+    recorded = trained.get("model") if isinstance(trained.get("model"), dict) else {}
+    theirs = recorded.get("fingerprint")
+    if theirs is None:
+        return (f"records no fingerprint of the checkpoint it was trained on, so it cannot be matched to {name} "
+                f"(fingerprint {mine})")
+    if theirs != mine:
+        where = recorded.get("checkpoint", "an unnamed checkpoint")
+        if trained.get("rollouts"):
+            where += f", rollouts {trained['rollouts']}"
+        return f"trained on another checkpoint ({where}; fingerprint {theirs}) than {name} (fingerprint {mine})"
+    return None
 
 
 POLICY_TYPES = (Full, FixedExit, Confidence, Learned)

@@ -36,9 +36,13 @@ class Origin:
     Every Origin compares equal to every other. A model's static attributes are part of its
     pytree structure and so of every jit cache key it enters; the path changes nothing in a
     compiled program, so two copies of a checkpoint in two directories (an ablation's
-    checkpoints, say) must share their compilations."""
+    checkpoints, say) must share their compilations.
+
+    `fingerprint` is the weights' fingerprint (`convert.fingerprint.model_fingerprint`) as the
+    checkpoint recorded it, or as computed on first use; None until then."""
 
     path: str | None = None
+    fingerprint: str | None = None
 
     def __eq__(self, other):
         return isinstance(other, Origin)

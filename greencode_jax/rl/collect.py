@@ -6,12 +6,12 @@ Episodes are planned up front from the seed, so the store does not depend on the
 size or the device count. They are grouped in chunks; process p of a multi-host run
 records chunks p, p + P, ...; inside a process the batch is split over its devices. Each
 chunk is written atomically, so an interrupted collection resumes at its first missing
-chunk. The store is assembled under DIR.partial and renamed to DIR at the end.
+chunk. The store is assembled under DIR.partial and renamed to DIR at the end. Ctrl-C or
+SIGTERM stops between two batches, keeping the chunks written (never half of one).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +22,9 @@ import numpy as np
 
 from greencode_jax.atomic import atomic_write_text, resumable_directory
 from greencode_jax.errors import GreencodeError
+from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
+from greencode_jax.locks import holds_output_lock
+from greencode_jax.ownership import check_output_dir
 from greencode_jax.rl import store as st
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
@@ -29,18 +32,16 @@ CHUNK_BYTES = 64 << 20
 
 
 def model_identity(model, checkpoint) -> dict:
-    """What a store, and a policy trained on it, must agree with; the fingerprint hashes the
-    config and the first values of every parameter (a fine-tune changes all of them)."""
-    import jax
+    """What a store, and a policy trained on it, must agree with: the shape, and the weights'
+    fingerprint (`convert.fingerprint.model_fingerprint`: a fine-tune changes it; the layer
+    layout, dtype of a checkpoint's load and exit layers do not)."""
+    from greencode_jax.convert.fingerprint import model_fingerprint
+    from greencode_jax.energy.cost_model import architecture
 
     c = model.config
-    digest = hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True, default=str).encode())
-    for leaf in jax.tree.leaves(model):
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            digest.update(np.asarray(leaf).reshape(-1)[:256].astype(np.float32).tobytes())
     return {"checkpoint": str(Path(checkpoint).resolve()), "family": c.family, "num_layers": c.num_layers,
             "hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "exit_layers": list(c.exit_layers),
-            "fingerprint": digest.hexdigest()[:16]}
+            "fingerprint": model_fingerprint(model), "architecture": architecture(c)}
 
 
 def plan_episodes(store, eos_id, episodes: int, seed: int, new_tokens: int, max_context: int,
@@ -67,6 +68,7 @@ def _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_token
             "chunk_episodes": chunk}
 
 
+@holds_output_lock("out_dir")
 def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", episodes: int = 512,
                      batch_size: int = 16, seed: int = 0, hidden_dtype: str = "float32", new_tokens: int = 15,
                      max_context: int | None = None, chunk_episodes: int | None = None, overwrite: bool = False,
@@ -74,6 +76,7 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     import jax
 
     import greencode_jax as gc
+    from greencode_jax.convert.fingerprint import check_corpus_tokenizer
     from greencode_jax.data.prepared import PreparedData
 
     out = Path(out_dir)
@@ -82,13 +85,20 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     for name, value in (("episodes", episodes), ("batch size", batch_size), ("new tokens", new_tokens)):
         if not isinstance(value, int) or value < 1:
             raise GreencodeError(f"{name} {value!r}: expected a positive integer")
-    if out.exists() and not overwrite:
-        raise GreencodeError(f"{out}: already exists; choose another output path or pass --overwrite")
+    if chunk_episodes is not None and (isinstance(chunk_episodes, bool) or not isinstance(chunk_episodes, int)
+                                       or chunk_episodes < 1):
+        raise GreencodeError(f"chunk episodes {chunk_episodes!r}: expected a positive integer")
+    if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                    or max_context < 1):
+        raise GreencodeError(f"max context {max_context!r}: expected a positive number of tokens")
+    inputs = {"checkpoint": checkpoint, "data": data_dir}
+    check_output_dir(out, "rollouts", inputs=inputs, overwrite=overwrite)
     data = PreparedData(data_dir)
     tokens = data.tokens(split)
     if len(tokens) == 0:
         raise GreencodeError(f"{data_dir}: split '{split}' is empty; nothing to record")
     model = gc.load_pretrained(checkpoint, scan_layers=False)
+    check_corpus_tokenizer(data, checkpoint, model, "checkpoint")
     config = model.config
     decisions = tuple(e for e in config.exit_layers if e < config.num_layers - 1)
     if not decisions:
@@ -104,7 +114,7 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     chunk = chunk_episodes or max(batch_size, CHUNK_BYTES // per_episode // batch_size * batch_size)
     settings = _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_tokens, max_context, chunk)
 
-    work, _ = resumable_directory(out, settings, "collection")
+    work, _ = resumable_directory(out, settings, "collection", kind="rollouts", inputs=inputs, overwrite=overwrite)
     (work / st.CHUNKS).mkdir(exist_ok=True)
 
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
@@ -122,20 +132,37 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     bar = tqdm(total=sum(min(chunk, episodes - k * chunk) for k in mine), unit="ep", disable=not progress,
                dynamic_ncols=True, desc="recording")
     start, recorded_tokens = time.perf_counter(), 0
-    for k in mine:
-        rows = np.arange(k * chunk, min((k + 1) * chunk, episodes))
-        parts = []
-        for b in range(0, len(rows), batch_size):
-            batch = rows[b:b + batch_size]
-            prompts = [_doc(tokens, int(plan[i, 0]))[:int(plan[i, 1])] for i in batch]
-            parts.append(recorder(prompts, batch_size))
-            recorded_tokens += len(batch) * new_tokens
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{recorded_tokens / (time.perf_counter() - start):.0f} tok/s")
-        arrays = {name: np.concatenate([p[name] for p in parts]) for name in ("hidden", "agree", "confidence", "tokens")}
-        arrays["episodes"] = np.stack([plan[rows, 0], plan[rows, 1], rows], axis=1).astype(np.int64)
-        st.write_chunk(work, k, arrays, hidden_dtype)
-    bar.close()
+
+    def kept() -> str:
+        n = sum((work / st.CHUNKS / f"{k:05d}").is_dir() for k in range(num_chunks))
+        then = "finishes the store" if n == num_chunks else "records the rest"
+        return f"collect-rollouts kept {n} of {num_chunks} chunks in {work}; the same command {then}"
+
+    try:
+        with SafePoints() as stop:  # a signal stops between batches; the chunk in progress is recorded again
+            for k in mine:
+                rows = np.arange(k * chunk, min((k + 1) * chunk, episodes))
+                parts = []
+                for b in range(0, len(rows), batch_size):
+                    stop.check(kept)
+                    batch = rows[b:b + batch_size]
+                    prompts = [_doc(tokens, int(plan[i, 0]))[:int(plan[i, 1])] for i in batch]
+                    parts.append(recorder(prompts, batch_size))
+                    recorded_tokens += len(batch) * new_tokens
+                    bar.update(len(batch))
+                    bar.set_postfix_str(f"{recorded_tokens / (time.perf_counter() - start):.0f} tok/s")
+                arrays = {name: np.concatenate([p[name] for p in parts])
+                          for name in ("hidden", "agree", "confidence", "tokens")}
+                arrays["episodes"] = np.stack([plan[rows, 0], plan[rows, 1], rows], axis=1).astype(np.int64)
+                with stop.critical():
+                    st.write_chunk(work, k, arrays, hidden_dtype)
+            stop.check(kept)
+    except KeyboardInterrupt as error:  # a second Ctrl-C, at once: still say what is kept
+        if isinstance(error, Interrupted):
+            raise
+        raise interrupted(kept()) from None
+    finally:
+        bar.close()
     if pcount > 1:
         from jax.experimental import multihost_utils
 

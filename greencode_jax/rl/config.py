@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from greencode_jax.errors import GreencodeError
+from greencode_jax.yamlfile import check_finite
 
 REWARDS = ("greencode", "energy")
 
@@ -47,6 +48,7 @@ class RLSection:
         def bad(field, expected):
             raise GreencodeError(f"rl.{field}={getattr(self, field)!r}: expected {expected}")
 
+        check_finite(self, "rl")  # before the range checks: NaN passes every comparison
         if self.reward not in REWARDS:
             bad("reward", f"one of {REWARDS}")
         for name in ("total_timesteps", "num_envs", "num_steps", "minibatch_size", "epochs", "seeds",
@@ -66,6 +68,8 @@ class RLSection:
             bad("clip", "a number in (0, 1)")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        if not self.thresholds or not all(0.0 <= t <= 1.0 for t in self.thresholds):
+            bad("thresholds", "a non-empty list of thresholds in 0..1 (P(exit) is a probability)")
         if not self.hidden or min(self.hidden) < 1:
             bad("hidden", "a list of positive layer widths, e.g. [64, 64]")
         batch = self.num_envs * self.num_steps

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -94,11 +95,21 @@ class RolloutStore:
         if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise GreencodeError(f"{meta_path}: not a greencode rollout store (expected format {FORMAT!r} "
                                  f"version {VERSION})")
+        stats = self.root / STATS
         try:
-            with np.load(self.root / STATS) as s:
-                self.obs_mean, self.obs_std = s["mean"].astype(np.float32), s["std"].astype(np.float32)
-        except (OSError, KeyError, ValueError) as e:
-            raise GreencodeError(f"{self.root / STATS}: unreadable ({e})") from None
+            archive = np.load(stats)  # allow_pickle stays off: anything but an archive is refused, never unpickled
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError("an .npy array, not an archive")
+            with archive:
+                self.obs_mean, self.obs_std = archive["mean"].astype(np.float32), archive["std"].astype(np.float32)
+        except FileNotFoundError:
+            raise GreencodeError(f"{stats}: missing; collect the rollouts again") from None
+        except KeyError as e:
+            raise GreencodeError(f"{stats}: array {e.args[0]!r} is missing (expected mean and std); collect the "
+                                 "rollouts again") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            raise GreencodeError(f"{stats}: not a NumPy .npz archive (expected mean and std); collect the rollouts "
+                                 "again") from None
 
     @property
     def episodes(self) -> int:
@@ -107,6 +118,15 @@ class RolloutStore:
     @property
     def model(self) -> dict:
         return self.meta["model"]
+
+    @property
+    def architecture(self) -> dict:
+        """The recorded model's `energy.cost_model.architecture`, or the part of it an older
+        store records (family, num_layers, hidden_size, vocab_size)."""
+        from greencode_jax.energy.cost_model import ARCHITECTURE_FIELDS
+
+        model = self.model
+        return dict(model.get("architecture") or {k: model[k] for k in ARCHITECTURE_FIELDS if k in model})
 
     @property
     def exit_layers(self) -> tuple[int, ...]:

@@ -4,8 +4,10 @@
     DIR/metrics.jsonl                        one line per update (reward, exit accuracy, ...)
     DIR/validation.json                      the validation table (learned vs Confidence)
 While training, everything lives in DIR.partial/ with an Orbax checkpoint of the whole
-training state after every block of `rl.checkpoint_every` updates; an interrupted run
-(Ctrl-C, SIGTERM) resumes from the last block, bit for bit, when the same command runs again.
+training state after every block of `rl.checkpoint_every` updates. Ctrl-C or SIGTERM stops
+after the block in progress and its checkpoint (a second Ctrl-C stops at once, but never inside
+a save); the same command resumes from the last checkpoint, bit for bit. A NaN or inf in a
+block's losses or parameters stops with an error, saving nothing of that block.
 """
 
 from __future__ import annotations
@@ -21,41 +23,35 @@ import numpy as np
 
 from greencode_jax.atomic import atomic_write_text, resumable_directory
 from greencode_jax.errors import GreencodeError
+from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
+from greencode_jax.locks import holds_output_lock
+from greencode_jax.ownership import check_output_dir
 from greencode_jax.rl.config import RLSection
 from greencode_jax.rl.store import RolloutStore
 
 
-def load_cost_model(path) -> dict:
-    """The fit `greencode energy calibrate --out` wrote: J/token = a_j + b_j_per_layer x layers."""
-    try:
-        fit = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise GreencodeError(f"{path}: no such cost model (write one with `greencode energy calibrate MODEL "
-                             "--out FILE`)") from None
-    except (OSError, ValueError) as e:
-        raise GreencodeError(f"{path}: unreadable cost model ({e})") from None
-    if not isinstance(fit, dict) or not all(isinstance(fit.get(k), (int, float)) for k in ("a_j", "b_j_per_layer")):
-        raise GreencodeError(f"{path}: not a cost model (expected a_j and b_j_per_layer, as energy calibrate writes)")
-    return fit
-
-
-def reward_parameters(cfg: RLSection, num_layers: int) -> tuple[dict, dict]:
-    """(keyword arguments of env.reward_table, what policy.json records about the reward)."""
+def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None = None) -> tuple[dict, dict]:
+    """(keyword arguments of env.reward_table, what policy.json records about the reward).
+    The cost model must be for `num_layers` layers and, where given, this `architecture`
+    (`energy.cost_model.architecture`, or the part of it a rollout store records)."""
     kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, gamma_r=cfg.gamma_r, epsilon=cfg.epsilon)
     record = {"reward": cfg.reward, **kwargs}
     if cfg.reward == "energy":
         if not cfg.cost_model:
             raise GreencodeError("rl.reward=energy needs a cost model: set rl.cost_model to the JSON of "
                                  "`greencode energy calibrate MODEL --out FILE`")
-        fit = load_cost_model(cfg.cost_model)
-        a, b = float(fit["a_j"]), float(fit["b_j_per_layer"])
+        from greencode_jax.energy.cost_model import load_cost_model
+
+        fit = load_cost_model(cfg.cost_model, {**(architecture or {}), "num_layers": num_layers},
+                              what="rl.cost_model")
+        a, b = fit["a_j"], fit["b_j_per_layer"]
         if b <= 0:
             raise GreencodeError(f"{cfg.cost_model}: {b:g} J per layer; an energy reward needs a cost that grows "
                                  "with depth (calibrate again, with longer windows)")
         weight = cfg.energy_weight or 1.0 / b
         joules = a + b * (np.arange(num_layers) + 1)  # exiting after layer l computes l + 1 layers
         kwargs["cost"] = weight * joules
-        record.update(cost_model=str(Path(cfg.cost_model).resolve()), cost_method=fit.get("method", "unknown"),
+        record.update(cost_model=str(Path(cfg.cost_model).resolve()), cost_method=fit["method"],
                       joules_per_token=[float(j) for j in joules], energy_weight=weight)
     return kwargs, record
 
@@ -71,8 +67,9 @@ class _Checkpoints:
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
+        # cleanup_tmp_directories: a save cut by SIGKILL leaves N.orbax-checkpoint-tmp, removed at the next open
         self.manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False))
+            max_to_keep=1, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
 
     def latest(self):
         return self.manager.latest_step()
@@ -87,6 +84,56 @@ class _Checkpoints:
         self.manager.close()
 
 
+def _kept(latest, total: int, work: Path) -> str:
+    """What an interrupted training keeps, in one line: the update its checkpoint holds."""
+    if not latest:
+        return f"train-policy had saved no checkpoint yet in {work}; the same command starts again"
+    then = "writes the policy" if latest >= total else f"resumes at update {latest + 1}"
+    return f"train-policy kept its checkpoint after update {latest} of {total} in {work}; the same command {then}"
+
+
+def _first_non_finite(metrics: dict, params) -> tuple | None:
+    """(update in the block, seed index, what, value) of the first NaN or inf in a block's metrics
+    [seeds, updates], else in the parameters after it (charged to its last update); None if none."""
+    import jax
+
+    first = None
+    for name, values in metrics.items():
+        bad = np.argwhere(~np.isfinite(values))
+        if len(bad):
+            k, u = bad[np.argmin(bad[:, 1])]
+            if first is None or u < first[0]:
+                first = (int(u), int(k), name, float(values[k, u]))
+    if first is not None:
+        return first
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        leaf = np.asarray(leaf)
+        bad = ~np.isfinite(leaf.reshape(len(leaf), -1)).all(axis=1)  # per seed
+        if bad.any():
+            k = int(np.argmax(bad))
+            value = leaf[k][~np.isfinite(leaf[k])].flat[0]
+            updates = next(iter(metrics.values())).shape[1]
+            return updates - 1, k, f"parameter {jax.tree_util.keystr(path)}", float(value)
+    return None
+
+
+def _divergence(found, done: int, total: int, seeds, cfg: RLSection, work: Path, kept, resumed: bool) -> str:
+    """The one line of a diverged training; removes the work directory when it holds nothing to keep."""
+    u, k, what, value = found
+    where = f"{what} is {value} at update {done + u + 1} of {total}" + (f" (seed {seeds[k]})" if len(seeds) > 1 else "")
+    if kept:
+        left = f"the last good checkpoint, after update {kept}, stays in {work} (other settings: pass --overwrite)"
+    elif not resumed:
+        shutil.rmtree(work, ignore_errors=True)
+        left = f"nothing saved, {work} removed"
+    else:
+        left = f"nothing saved; {work} holds no checkpoint (pass --overwrite to start with other settings)"
+    return (f"train-policy diverged: {where}; lower rl.learning_rate ({cfg.learning_rate:g}) or rl.max_grad_norm "
+            f"({cfg.max_grad_norm:g}), or check the reward weights (rl.alpha, rl.beta, rl.gamma_r, rl.epsilon, "
+            f"rl.energy_weight); {left}")
+
+
+@holds_output_lock("out_dir")
 def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, overwrite: bool = False,
                  progress: bool = True, log=print) -> dict:
     import jax
@@ -99,8 +146,8 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     from greencode_jax.rl.ppo import Trainer
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise GreencodeError(f"{out}: already exists; choose another output path or pass --overwrite")
+    inputs = {"rollouts": rollouts_dir, "validation": validation_dir, "cost_model": cfg.cost_model or None}
+    check_output_dir(out, "policy", inputs=inputs, overwrite=overwrite)
     store = RolloutStore(rollouts_dir)
     validation = None if validation_dir is None else RolloutStore(validation_dir)
     if validation is not None:
@@ -110,17 +157,17 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
                                  f"{validation.model.get('fingerprint')}) than {store.root} "
                                  f"({store.model.get('fingerprint')})")
     layers = list(store.decision_layers) + [store.model["num_layers"] - 1]
-    reward_kwargs, reward_record = reward_parameters(cfg, store.model["num_layers"])
+    reward_kwargs, reward_record = reward_parameters(cfg, store.model["num_layers"], store.architecture)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     settings = _settings(store, cfg, validation, jax.device_count())
-
-    work, _ = resumable_directory(out, settings, "training")
 
     hidden, agree = store.array("hidden"), store.array("agree")
     env = E.make_env(hidden, agree, layers, reward_kwargs)
     trainer = Trainer(cfg, store.model["hidden_size"], store.obs_mean, store.obs_std, mesh)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     state = trainer.init(env, seeds)
+    # everything checked: the work directory starts here
+    work, resumed = resumable_directory(out, settings, "training", kind="policy", inputs=inputs, overwrite=overwrite)
     checkpoints = _Checkpoints(work / "checkpoints")
     done = checkpoints.latest() or 0
     metrics_path = work / "metrics.jsonl"
@@ -139,35 +186,48 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
 
     bar = tqdm(total=total, initial=done, unit="upd", disable=not progress, dynamic_ncols=True, desc="PPO")
     start, compile_s = time.perf_counter(), None
+    diverged = None
     try:
-        while done < total:
-            n = min(cfg.checkpoint_every, total - done)
-            t0 = time.perf_counter()
-            state, metrics = trainer.block(state, env, n)
-            metrics = jax.tree.map(np.asarray, metrics)  # blocks until the block is done
-            seconds = time.perf_counter() - t0
-            if compile_s is None:
-                compile_s = seconds  # includes compiling; reported apart from the throughput
-            rate = n * cfg.steps_per_update * cfg.seeds / seconds
-            with open(metrics_path, "a") as f:
-                for u in range(n):
-                    for k, seed in enumerate(seeds):
-                        row = {"update": done + u + 1, "seed": seed, "timesteps": (done + u + 1) * cfg.steps_per_update,
-                               **{name: float(v[k, u]) for name, v in metrics.items()}, "timesteps_per_s": rate}
-                        f.write(json.dumps(row) + "\n")
-            done += n
-            checkpoints.save(done, state)
-            bar.update(n)
-            last = {name: float(np.mean(v[:, -1])) for name, v in metrics.items()}
-            bar.set_postfix_str(f"reward {last['episode_reward']:.2f} exit acc {last['exit_accuracy']:.3f} "
-                                f"layer {last['mean_exit_layer']:.2f} {rate:,.0f} ts/s")
-    except KeyboardInterrupt:
+        with SafePoints() as stop:  # a signal stops after a block and its checkpoint, never inside either
+            while done < total:
+                stop.check(lambda: _kept(checkpoints.latest(), total, work))
+                n = min(cfg.checkpoint_every, total - done)
+                t0 = time.perf_counter()
+                state, metrics = trainer.block(state, env, n)
+                metrics = jax.tree.map(np.asarray, metrics)  # blocks until the block is done
+                seconds = time.perf_counter() - t0
+                diverged = _first_non_finite(metrics, state.params)
+                if diverged is not None:
+                    break  # nothing of this block is written or saved
+                if compile_s is None:
+                    compile_s = seconds  # includes compiling; reported apart from the throughput
+                rate = n * cfg.steps_per_update * cfg.seeds / seconds
+                with open(metrics_path, "a") as f:
+                    for u in range(n):
+                        for k, seed in enumerate(seeds):
+                            row = {"update": done + u + 1, "seed": seed,
+                                   "timesteps": (done + u + 1) * cfg.steps_per_update,
+                                   **{name: float(v[k, u]) for name, v in metrics.items()}, "timesteps_per_s": rate}
+                            f.write(json.dumps(row) + "\n")
+                with stop.critical():  # even a second Ctrl-C waits: no half-written checkpoint
+                    checkpoints.save(done + n, state)
+                done += n
+                bar.update(n)
+                last = {name: float(np.mean(v[:, -1])) for name, v in metrics.items()}
+                bar.set_postfix_str(f"reward {last['episode_reward']:.2f} exit acc {last['exit_accuracy']:.3f} "
+                                    f"layer {last['mean_exit_layer']:.2f} {rate:,.0f} ts/s")
+            if diverged is None:
+                stop.check()  # a signal during the last block
+        kept = checkpoints.latest()
+    except KeyboardInterrupt as error:  # a second Ctrl-C, at once: still say what is kept
+        if isinstance(error, Interrupted):
+            raise
+        raise interrupted(_kept(checkpoints.latest(), total, work)) from None
+    finally:
         bar.close()
         checkpoints.close()
-        raise GreencodeError(f"train-policy interrupted after update {done} of {total}; the same command resumes "
-                             f"from {work}") from None
-    bar.close()
-    checkpoints.close()
+    if diverged is not None:
+        raise GreencodeError(_divergence(diverged, done, total, seeds, cfg, work, kept, resumed))
     seconds = time.perf_counter() - start
 
     obs_mean, obs_std = store.obs_mean, store.obs_std
@@ -193,7 +253,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
                 "result": result}
     staged = work / "policy"
     shutil.rmtree(staged, ignore_errors=True)
-    policy.save(staged, metadata)
+    policy.save(staged, metadata, inputs=inputs)
     shutil.copy(metrics_path, staged / "metrics.jsonl")
     atomic_write_text(staged / "validation.json", json.dumps(table, indent=2) + "\n")
     if out.exists():

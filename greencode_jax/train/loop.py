@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
-import threading
+import os
 import time
 from pathlib import Path
 
@@ -26,7 +25,10 @@ from flax import nnx
 
 from greencode_jax.atomic import atomic_write_text
 from greencode_jax.errors import GreencodeError
+from greencode_jax.interrupts import Interrupted, SafePoints
+from greencode_jax.locks import output_lock
 from greencode_jax.models import abstract_model
+from greencode_jax.ownership import check_not_an_input, check_replaceable_dir, read_manifest, write_manifest
 from greencode_jax.parallel import initialize_distributed, make_mesh
 from greencode_jax.train.checkpointing import (
     TrainCheckpoints, abstract_like, check_same_model, check_same_state, model_signature, state_signature,
@@ -43,6 +45,7 @@ from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from greencode_jax.train.step import init_state, make_train_step, state_shardings
 from greencode_jax.train.weights import exit_weights
 
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "eval.json", "final")
 PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: the run stopped early, a checkpoint holds its progress
 
 
@@ -62,28 +65,21 @@ class TrainResult:
     finished_before: bool = False  # the run had already finished: nothing was trained
     evaluated: bool = True  # this call evaluated; False: `evaluation` is the finished run's eval.json
 
+    def interruption(self) -> Interrupted:
+        """What a stopped run raises (the CLI prints it as its one line, exit status 130 / 143)."""
+        signal_name = self.stopped_by if self.stopped_by in ("SIGINT", "SIGTERM") else "SIGTERM"
+        by = "" if self.stopped_by == signal_name else f" (stopped by {self.stopped_by})"
+        return Interrupted(signal_name, f"finetune saved its checkpoint at step {self.step} of {self.total_steps} in "
+                           f"{self.run_dir}{by}; the same command resumes at step {self.step + 1}",
+                           at_safe_point=True)
 
-class StopSignals:
-    """SIGTERM and the first Ctrl-C set a flag (the loop saves and stops); a second Ctrl-C interrupts."""
+
+class StopSignals(SafePoints):
+    """SIGTERM and the first Ctrl-C set `received` (the loop saves and stops, every host at the same
+    step); a second Ctrl-C interrupts at once."""
 
     def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        super().__init__(raise_pending=False)
 
 
 def place_host_tree(host_tree, shardings):
@@ -144,15 +140,43 @@ def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None
     check_model_section(cfg.model, source)  # a bad model.init is named before any data is prepared
     info = initialize_distributed(cfg.parallel.distributed)  # before anything touches the devices
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    inputs = {"data": cfg.data.path or None, "model": None if cfg.model.init == "scratch" else cfg.model.init}
+    check_run_directory(run_dir, inputs)
+    with output_lock(run_dir, enabled=info.is_primary):
+        return _train(cfg, source, resolved_yaml, progress, re_evaluate, started, info, run_dir, inputs)
+
+
+def check_run_directory(run_dir: Path, inputs: dict):
+    """A run directory is new, empty, or one a greencode-jax run made (`finetune` or `run`): a
+    finetune resumes in it, and never writes its config.yaml and metrics.jsonl over a user's files."""
+    # A corpus may live inside the run directory (data.path: runs/x/data); the run's own outputs may not be inputs.
+    for name, path in inputs.items():
+        if path is not None and os.path.exists(path) and os.path.realpath(path) == os.path.realpath(run_dir):
+            raise GreencodeError(f"{run_dir}: is the run's own input ({name}); choose another run.name or run.out_dir")
+    for name in RUN_OUTPUTS:
+        check_not_an_input(run_dir / name, inputs, replacing=False)
+    if run_dir.exists() or run_dir.is_symlink():
+        if not run_dir.is_dir():
+            raise GreencodeError(f"{run_dir}: exists and is not a directory; choose another run.name or run.out_dir")
+        if any(run_dir.iterdir()) and (read_manifest(run_dir) or {}).get("kind") != "run":
+            check_replaceable_dir(run_dir, "run")  # raises, naming what it is
+
+
+def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, started, info, run_dir: Path,
+           inputs: dict) -> TrainResult:
     show = (cfg.run.progress if progress is None else progress) and info.is_primary
 
     # what to train, on what, with what
     data = TrainData(cfg.data, cfg.run.seed, source, info.is_primary, progress=show, model_init=cfg.model.init)
-    model_source = ModelSource(cfg.model, data.tokenizer, source)
+    model_source = ModelSource(cfg.model, data.tokenizer, source, prepared=data.prepared)
     config = model_source.config
     if cfg.data.seq_len > config.max_position_embeddings:
         raise GreencodeError(f"{source}: data.seq_len={cfg.data.seq_len} exceeds the model's "
                              f"max_position_embeddings={config.max_position_embeddings}")
+    try:
+        evaluation_plan(data, cfg)  # the final evaluation's split, checked before training, not after it
+    except GreencodeError as error:
+        raise GreencodeError(f"{source}: eval.split={cfg.eval.split!r}: {error}") from None
     weights = exit_weights(cfg.train.exit_weights, config.exit_layers, config.num_layers)
     mesh = make_mesh(cfg.parallel.data, cfg.parallel.fsdp)
     t = cfg.train
@@ -209,6 +233,8 @@ def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None
     # everything checked: the run's outputs start here
     if info.is_primary:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if read_manifest(run_dir) is None:
+            write_manifest(run_dir, "run", inputs)
         if resolved_yaml is not None:
             atomic_write_text(run_dir / "config.yaml", resolved_yaml)
     if checkpoints is None:

@@ -52,7 +52,9 @@ def check_model_section(section: ModelSection, source: str = "config") -> Path |
 class ModelSource:
     """The training model's config (in the layer layout it trains in) and how to get its initial weights."""
 
-    def __init__(self, section: ModelSection, tokenizer: dict | None, source: str = "config"):
+    def __init__(self, section: ModelSection, tokenizer: dict | None, source: str = "config", prepared=None):
+        """`tokenizer`: the corpus's (prepare.json's entry); `prepared` (its `PreparedData`), when
+        given, is refused for a pretrained model whose tokenizer files are another tokenizer."""
         model_dir = check_model_section(section, source)
         self.section = section
         exits = list(section.exit_layers) or None
@@ -76,6 +78,16 @@ class ModelSource:
             else:
                 config = ModelConfig.from_hf(load_json(self.model_dir / "config.json", "Hugging Face config"),
                                              exit_layers=exits, source=str(self.model_dir / "config.json"))
+        if prepared is not None and model_dir is not None:
+            from greencode_jax.convert.fingerprint import model_tokenizer_fingerprint
+
+            fingerprint = model_tokenizer_fingerprint(model_dir)
+            if fingerprint is not None:
+                try:
+                    prepared.check_model_tokenizer(f"model.init {section.init}", fingerprint, config.vocab_size,
+                                                   model_dir)
+                except GreencodeError as error:
+                    raise GreencodeError(f"{source}: data.path: {error}") from None
         if tokenizer is not None and tokenizer["vocab_size"] > config.vocab_size:
             raise GreencodeError(f"{source}: the data's tokenizer has {tokenizer['vocab_size']} tokens but the model's "
                                  f"vocab_size is {config.vocab_size}; prepare the data with this model's tokenizer "
@@ -102,4 +114,9 @@ class ModelSource:
 
     @property
     def tokenizer_dir(self) -> Path | None:
+        """The model's directory when it holds a tokenizer (None: the corpus's goes into final/)."""
+        from greencode_jax.data.tokenizer import VOCABULARY_FILES
+
+        if self.model_dir is None or not any((self.model_dir / name).is_file() for name in VOCABULARY_FILES):
+            return None
         return self.model_dir

@@ -1,0 +1,84 @@
+"""The cost model file `greencode energy calibrate --out FILE` writes, and the one reader of it.
+
+    joules per token = a_j + b_j_per_layer x decoder layers computed
+
+Besides the fit (`CostModel.to_dict`) the file records what it was fitted on: `num_layers`,
+`architecture` (family, layer count, widths, heads, vocabulary: what the cost of a layer
+depends on) and, for information only, `weights_fingerprint`. `evaluate` (modelled joules),
+the energy reward of `train-policy` and `greencode run` read it through `load_cost_model`,
+which refuses a fit made for another layer count or architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from greencode_jax.errors import GreencodeError
+
+ARCHITECTURE_FIELDS = ("family", "num_layers", "hidden_size", "vocab_size", "num_heads", "num_kv_heads",
+                       "intermediate_size", "head_dim")
+METHODS = ("measured", "estimated")
+HOW_TO_MAKE = "write one with `greencode energy calibrate MODEL --out FILE`"
+
+
+def architecture(config) -> dict:
+    """What the cost per layer depends on, from a `ModelConfig` (or any object with its fields)."""
+    return {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
+
+
+def identity(config, weights_fingerprint: str | None = None) -> dict:
+    """The fields a cost model file records about the model it was fitted on."""
+    return {"num_layers": int(config.num_layers), "architecture": architecture(config),
+            "weights_fingerprint": weights_fingerprint}
+
+
+def load_cost_model(path, model: dict, *, what: str = "cost model") -> dict:
+    """The cost model at `path`, checked against `model` (an `architecture` dict, or the subset
+    of it a rollout store records: num_layers at least): the file's fields, with a_j and
+    b_j_per_layer as floats and `path` added. `what` names the setting in messages
+    (e.g. "--cost-model", "rl.cost_model")."""
+    where = f"{what} {path}"
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GreencodeError(f"{where}: no such file ({HOW_TO_MAKE})") from None
+    except (OSError, ValueError) as error:
+        raise GreencodeError(f"{where}: unreadable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise GreencodeError(f"{where}: expected the JSON object `greencode energy calibrate --out` writes")
+    for key in ("a_j", "b_j_per_layer"):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise GreencodeError(f"{where}: field {key!r} is {value!r}, expected a number "
+                                 "(joules per token = a_j + b_j_per_layer x layers)")
+    if data.get("method") not in METHODS:
+        raise GreencodeError(f"{where}: field 'method' is {data.get('method')!r}, expected 'measured' or 'estimated'")
+    layers = data.get("num_layers")
+    if layers is None:
+        raise GreencodeError(f"{where}: records no 'num_layers' (the model it was fitted on), so it cannot be "
+                             f"matched to this one; {HOW_TO_MAKE}")
+    if isinstance(layers, bool) or not isinstance(layers, int):
+        raise GreencodeError(f"{where}: field 'num_layers' is {layers!r}, expected an integer")
+    if layers != model["num_layers"]:
+        raise GreencodeError(f"{where}: fitted on a model of {layers} layers, but this model has "
+                             f"{model['num_layers']}; calibrate this model ({HOW_TO_MAKE})")
+    recorded = data.get("architecture")
+    if recorded is not None and not isinstance(recorded, dict):
+        raise GreencodeError(f"{where}: field 'architecture' is {recorded!r}, expected a mapping of "
+                             f"{', '.join(ARCHITECTURE_FIELDS)}")
+    # Only the architecture: the cost of a layer does not depend on its weights, so a fit made on
+    # another checkpoint of the same architecture (on the target GPU, say) is meant to be reused.
+    differ = [k for k in ARCHITECTURE_FIELDS if k in (recorded or {}) and k in model and recorded[k] != model[k]]
+    if differ:
+        theirs = ", ".join(f"{k}={recorded[k]}" for k in differ)
+        mine = ", ".join(f"{k}={model[k]}" for k in differ)
+        raise GreencodeError(f"{where}: fitted on another architecture ({theirs}) than this model's ({mine}); "
+                             f"calibrate this model ({HOW_TO_MAKE})")
+    depths = data.get("depths") or []
+    if isinstance(depths, list) and depths and all(isinstance(d, int) for d in depths) and \
+            max(depths) > model["num_layers"]:
+        raise GreencodeError(f"{where}: calibrated at depths up to {max(depths)} layers, but the model has "
+                             f"{model['num_layers']}; calibrate this model")
+    return {**data, "a_j": float(data["a_j"]), "b_j_per_layer": float(data["b_j_per_layer"]), "path": str(path)}
