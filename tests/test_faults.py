@@ -23,26 +23,9 @@ import yaml
 from greencode_jax.cli.main import main
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_support import TINY_LLAMA, stdlib_corpus  # noqa: E402,F401 (fixture)
+from test_train_support import chain_config, stdlib_corpus, write_chain_cost  # noqa: E402,F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def chain_config(corpus: Path, cost: Path) -> dict:
-    """The whole pipeline at the smallest shapes that run every stage (as tests/test_pipeline_chain.py)."""
-    return {
-        "run": {"name": "chain", "out_dir": "runs", "seed": 0, "log_every": 1, "progress": False},
-        "model": {"init": "scratch", "exit_layers": [0], "config": dict(TINY_LLAMA)},
-        "data": {"path": str(corpus), "seq_len": 32},
-        "train": {"steps": 4, "batch_size": 8, "learning_rate": 3e-3},
-        "checkpoint": {"every": 4, "keep": 1},
-        "eval": {"batches": 1, "samples": 3, "max_context": 48, "pad_prompts": 64,
-                 "policies": "full; fixed:0; learned@0.5", "protocols": ["completion"]},
-        "energy": {"cost_model": str(cost)},
-        "rollouts": {"episodes": 8, "validation_episodes": 4, "batch_size": 4, "max_context": 40},
-        "rl": {"num_envs": 8, "num_steps": 16, "minibatch_size": 64, "total_timesteps": 256, "hidden": [8, 8],
-               "checkpoint_every": 2},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +33,8 @@ def finished(tmp_path_factory, stdlib_corpus) -> Path:
     """A finished `greencode run` (under umask 022), never modified: each test works on a copy."""
     root = tmp_path_factory.mktemp("faults") / "w"
     root.mkdir()
-    cost = root / "cost.json"
-    cost.write_text(json.dumps({"a_j": 0.01, "b_j_per_layer": 0.002, "method": "estimated", "num_layers": 2}))
-    (root / "chain.yaml").write_text(yaml.safe_dump(chain_config(stdlib_corpus, cost)))
+    cost = write_chain_cost(stdlib_corpus, root / "cost.json")
+    (root / "chain.yaml").write_text(yaml.safe_dump(chain_config(stdlib_corpus, cost, policies="full; fixed:0; learned@0.5")))
     cwd, umask = os.getcwd(), os.umask(0o022)
     try:
         os.chdir(root)

@@ -31,7 +31,7 @@ from greencode_jax.rl.train import train_policy
 sys.path.insert(0, str(Path(__file__).parent))
 from rl_helpers import synthetic_arrays, write_synthetic_store  # noqa: E402
 from test_train_support import (  # noqa: E402,F401 (fixtures)
-    REPO, TINY_LLAMA, compile_cache, stdlib_corpus, subprocess_env,
+    REPO, chain_config, compile_cache, stdlib_corpus, subprocess_env, write_chain_cost,
 )
 
 CLI = [sys.executable, "-m", "greencode_jax.cli.main"]
@@ -258,25 +258,9 @@ def test_collect_rollouts_stops_between_batches_keeping_whole_chunks(checkpoint,
 
 
 def test_run_interrupted_in_the_policy_stage_says_so_in_one_line_and_resumes(stdlib_corpus, env, tmp_path):
-    cost = tmp_path / "cost.json"
-    vocab = json.loads((stdlib_corpus / "prepare.json").read_text())["tokenizer"]["vocab_size"]
-    architecture = {"family": "llama", "num_layers": 2, "hidden_size": 32, "vocab_size": vocab, "num_heads": 4,
-                    "num_kv_heads": 2, "intermediate_size": 64, "head_dim": 8}  # TINY_LLAMA's
-    cost.write_text(json.dumps({"a_j": 0.01, "b_j_per_layer": 0.002, "method": "estimated", "num_layers": 2,
-                                "architecture": architecture}))
-    config = {  # test_pipeline_chain's tiny chain, with a policy stage long enough to interrupt
-        "run": {"name": "chain", "out_dir": "runs", "seed": 0, "log_every": 1, "progress": False},
-        "model": {"init": "scratch", "exit_layers": [0], "config": dict(TINY_LLAMA)},
-        "data": {"path": str(stdlib_corpus), "seq_len": 32},
-        "train": {"steps": 4, "batch_size": 8, "learning_rate": 3e-3},
-        "checkpoint": {"every": 4, "keep": 1},
-        "eval": {"batches": 1, "samples": 2, "max_context": 48, "pad_prompts": 64, "policies": "full; learned@0.5",
-                 "protocols": ["completion"]},
-        "energy": {"cost_model": str(cost)},
-        "rollouts": {"episodes": 8, "validation_episodes": 4, "batch_size": 4, "max_context": 40},
-        "rl": {"num_envs": 8, "num_steps": 16, "minibatch_size": 64, "total_timesteps": 8 * 16 * 120, "hidden": [8, 8],
-               "checkpoint_every": 2},
-    }
+    cost = write_chain_cost(stdlib_corpus, tmp_path / "cost.json")
+    # the tiny chain, with a policy stage long enough to interrupt
+    config = chain_config(stdlib_corpus, cost, policies="full; learned@0.5", samples=2, timesteps=8 * 16 * 120)
     path = tmp_path / "chain.yaml"
     path.write_text(yaml.safe_dump(config))
     partial = tmp_path / "runs" / "chain" / "policy.partial"

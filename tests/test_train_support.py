@@ -38,6 +38,38 @@ def tiny_config(corpus: Path, out_dir: Path, name: str, **overrides) -> dict:
     return config
 
 
+def chain_config(corpus: Path, cost: Path, policies: str = "full; fixed:0; confidence:softmax_max@0.5; learned@0.5,1.0",
+                 samples: int = 3, timesteps: int = 256) -> dict:
+    """The whole pipeline (`greencode run`) at the smallest shapes that run every stage, on TINY_LLAMA
+    from scratch, with the cost model `cost` (written by `write_chain_cost`) instead of a calibration:
+    calibrating a model this small measures noise (the calibration has tests of its own)."""
+    return {
+        "run": {"name": "chain", "out_dir": "runs", "seed": 0, "log_every": 1, "progress": False},
+        "model": {"init": "scratch", "exit_layers": [0], "config": dict(TINY_LLAMA)},
+        "data": {"path": str(corpus), "seq_len": 32},
+        "train": {"steps": 4, "batch_size": 8, "learning_rate": 3e-3},
+        "checkpoint": {"every": 4, "keep": 1},
+        "eval": {"batches": 1, "samples": samples, "max_context": 48, "pad_prompts": 64, "policies": policies,
+                 "protocols": ["completion"]},
+        "energy": {"cost_model": str(cost)},
+        "rollouts": {"episodes": 8, "validation_episodes": 4, "batch_size": 4, "max_context": 40},
+        "rl": {"num_envs": 8, "num_steps": 16, "minibatch_size": 64, "total_timesteps": timesteps, "hidden": [8, 8],
+               "checkpoint_every": 2},
+    }
+
+
+def write_chain_cost(corpus: Path, cost: Path) -> Path:
+    """A hand-made cost model for TINY_LLAMA on `corpus`'s vocabulary (what energy calibrate records)."""
+    import json
+
+    vocab = json.loads((corpus / "prepare.json").read_text())["tokenizer"]["vocab_size"]
+    architecture = {"family": "llama", "num_layers": 2, "hidden_size": 32, "vocab_size": vocab, "num_heads": 4,
+                    "num_kv_heads": 2, "intermediate_size": 64, "head_dim": 8}  # TINY_LLAMA's
+    cost.write_text(json.dumps({"a_j": 0.01, "b_j_per_layer": 0.002, "method": "estimated", "num_layers": 2,
+                                "architecture": architecture}))
+    return cost
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
