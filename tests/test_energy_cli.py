@@ -118,24 +118,22 @@ def test_calibrate_decodes_at_each_exit_by_default(tiny_model, tmp_path, capsys)
     out = tmp_path / "cost.json"
     run(["energy", "calibrate", str(tiny_model), "--depths", "1,3", "--new-tokens", "4", "--batch", "2",
          "--min-seconds", "0.05", "--out", str(out), "--set", "cpu_backend=estimate"])
-    assert "decoding 2 x 4 greedy tokens per step that exit after k layers" in capsys.readouterr().out
+    assert "decoding 2 x 4 greedy tokens per step after a 16-token prompt" in capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["workload_kind"] == "decode" and "FixedExit" in record["workload"] and record["new_tokens"] == 4 and record["tokens"] == 16
     for sample in record["samples"]:
         assert sample["tokens"] % 8 == 0 and sample["tokens"] >= 8  # whole steps of 2 x 4 decoded tokens
 
 
-def test_decode_workload_stops_only_at_exit_layers(tiny_model):
-    """A depth that is not an exit layer + 1 (or the full depth) is refused, naming the depths
-    this model's exits give; the others decode `new_tokens` tokens per row."""
+def test_decode_depths_stop_only_at_exit_layers(tiny_model, capsys):
+    """A depth that is not an exit layer + 1 (or the full depth) is refused before anything is
+    measured, naming the depths this model's exits give."""
     import greencode_jax as gc
-    from greencode_jax.cli.energy_cmd import decode_workload
+    from greencode_jax.cli.energy_cmd import check_depth
 
-    model = gc.load_pretrained(tiny_model, exit_layers=[0], scan_layers=False)  # exits after layers 0 and 2
-    workload = decode_workload(model, prompt_tokens=8, new_tokens=3, batch=2)
+    config = gc.load_pretrained(tiny_model, exit_layers=[0], scan_layers=False).config  # exits after layers 0, 2
     for layers in (1, 3):
-        step, tokens = workload(layers)
-        assert tokens == 6 and step().shape == (2, 3)
+        check_depth(layers, config, decode=True)
     with pytest.raises(GreencodeError, match=r"depth 2: decoding stops only at an exit layer; this model's exits "
                                              r"give depths \[1, 3\]"):
-        workload(2)
+        check_depth(2, config, decode=True)

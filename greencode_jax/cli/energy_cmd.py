@@ -60,26 +60,6 @@ def check_depth(layers: int, config, decode: bool):
                              f"depths {depths} (or use --workload prefill)")
 
 
-def decode_workload(model, prompt_tokens: int, new_tokens: int, batch: int, seed: int = 0):
-    """`workload(layers) -> (step, tokens_per_step)`: KV-cached greedy decoding of `new_tokens`
-    tokens that all exit after `layers` layers (`FixedExit(layers - 1)`; `Full()` at full depth),
-    after a short prompt whose one full-depth pass is part of the step's cost."""
-    import numpy as np
-
-    from greencode_jax.generate.policies import FixedExit, Full
-
-    config = model.config
-    ids = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, prompt_tokens), dtype=np.int32)
-
-    def workload(layers: int):
-        check_depth(layers, config, decode=True)
-        policy = Full() if layers == config.num_layers else FixedExit(layers - 1)
-        step = lambda: model.generate(ids, max_new_tokens=new_tokens, policy=policy, stop_tokens=()).tokens  # noqa: E731
-        return step, batch * new_tokens
-
-    return workload
-
-
 def prefill_workload(model, tokens: int, batch: int, seed: int = 0):
     """`workload(layers) -> (step, tokens_per_step)`: prefill of random ids through decoder
     layers 0..layers-1 and the exit head (any depth, exit layer or not)."""
@@ -122,29 +102,37 @@ def cmd_energy_calibrate(args):
     if args.out:  # every argument is checked before the model loads and the measuring starts
         check_output_file(args.out, "cost-model", inputs={"model": args.model})
     model_config = load_model_config(args.model)
-    depths = args.depths or default_depths(model_config)
-    for layers in depths:
+    depths = args.depths
+    for layers in depths or default_depths(model_config):
         check_depth(layers, model_config, decode)
     with output_lock(args.out) if args.out else contextlib.nullcontext():
         return _calibrate(args, config, depths, decode)
 
 
-def _calibrate(args, config, depths: list[int], decode: bool):
+def _calibrate(args, config, depths: list[int] | None, decode: bool):
     import greencode_jax as gc
     from greencode_jax.energy import EnergyMeter, fit_cost_model, window_measure
+    from greencode_jax.energy.calibrate import fit_terms, measure_workloads
 
     model = gc.load_pretrained(args.model, dtype=args.dtype, scan_layers=not decode)
     c = model.config
+    depths = depths or default_depths(c)
     if decode:
-        workload = (f"decoding {args.batch} x {args.new_tokens} greedy tokens per step that exit after k layers "
-                    f"(FixedExit(k - 1), Full() at {c.num_layers}), after a {args.tokens}-token prompt")
-        steps = decode_workload(model, args.tokens, args.new_tokens, args.batch, args.seed)
+        from greencode_jax.generate.costs import calibration_workloads
+
+        workloads = calibration_workloads(model, prompt_tokens=args.tokens, new_tokens=args.new_tokens,
+                                          batch=args.batch, depths=depths, seed=args.seed)
+        workload = (f"decoding {args.batch} x {args.new_tokens} greedy tokens per step after a {args.tokens}-token "
+                    f"prompt, by {', '.join(w.label for w in workloads)}")
+        shown = [w.label for w in workloads]
     else:
         workload = (f"prefill of {args.batch} x {args.tokens} random tokens per step through the first k layers "
                     "and the exit head")
         steps = prefill_workload(model, args.tokens, args.batch, args.seed)
-    print(f"calibrate: {args.model} ({c.family}, {c.num_layers} layers), depths {depths}, {args.repeats} repeat(s), "
-          f">= {args.min_seconds} s per window\n  workload: {workload}", flush=True)
+        shown = [f"depths {depths}"]
+    print(f"calibrate: {args.model} ({c.family}, {c.num_layers} layers), {len(shown)} workload(s), "
+          f"{args.repeats} interleaved round(s), >= {args.min_seconds} s per window\n  workload: {workload}",
+          flush=True)
     meter = EnergyMeter(config)
     try:
         for selection in meter.selections:
@@ -152,15 +140,16 @@ def _calibrate(args, config, depths: list[int], decode: bool):
             print(f"  metering {selection.spec.key}: {b.method} via {b.name}")
         if args.idle_seconds > 0:
             meter.measure_idle(args.idle_seconds)
-        measure = window_measure(meter, steps, args.min_seconds, above_idle=args.idle_seconds > 0)
-        model_fit = fit_cost_model(_printing(measure), depths, args.repeats, workload)
+        if decode:
+            samples = measure_workloads(meter, workloads, args.repeats, args.min_seconds, args.idle_seconds > 0,
+                                        report=_print_sample)
+            model_fit = fit_terms(samples, workload=workload)
+        else:
+            measure = window_measure(meter, steps, args.min_seconds, above_idle=args.idle_seconds > 0)
+            model_fit = fit_cost_model(_printing(measure), depths, args.repeats, workload)
     finally:
         meter.close()
-    print(f"  fit ({model_fit.method}): J/token = {model_fit.a_j:.6g} + {model_fit.b_j_per_layer:.6g} x layers"
-          f"   R² = {'undefined' if model_fit.r2 is None else f'{model_fit.r2:.4f}'}")
-    print("  residuals (J/token): " + ", ".join(f"{r:+.3g}" for r in model_fit.residuals))
-    for warning in model_fit.warnings:
-        print(f"  warning: {warning}")
+    print_fit(model_fit, model)
     if args.out:
         from greencode_jax.atomic import write_json_output
 
@@ -175,6 +164,39 @@ def _calibrate(args, config, depths: list[int], decode: bool):
         write_json_output(args.out, record, "cost-model", inputs={"model": args.model})
         print(f"wrote {args.out}")
     return model_fit
+
+
+def print_fit(fit, model=None):
+    """The fitted coefficients with their 95 % intervals, R², and the head's cost beside its bytes."""
+    def term(name, label):
+        value = getattr(fit, name)
+        low_high = fit.intervals.get(name)
+        ci = f" [{low_high[0]:.4g}, {low_high[1]:.4g}]" if low_high else ""
+        return f"{value:.5g}{ci} {label}"
+
+    parts = [term("a_j", "")] + [term(name, label) for t, name, label in (
+        ("layers", "b_j_per_layer", "x layers"), ("heads", "c_j_per_head", "x head evaluations"),
+        ("decisions", "d_j_per_decision", "x decisions")) if t in fit.terms]
+    r2 = "undefined" if fit.r2 is None else f"{fit.r2:.4f}"
+    print(f"  fit ({fit.method}): J/token = " + " + ".join(p.strip() for p in parts) + f"   (95 % intervals)  R² = {r2}"
+          + ("" if fit.reliable else "  UNRELIABLE"))
+    if "heads" in fit.terms and fit.b_j_per_layer > 0 and model is not None:
+        from greencode_jax.models.model import param_arrays
+
+        layer_bytes = sum(x.nbytes for x in param_arrays(model.block(0)))
+        head_bytes = sum(x.nbytes for x in param_arrays(*model.exit_head_modules()))
+        print(f"  an LM-head evaluation costs {fit.c_j_per_head / fit.b_j_per_layer:.2f} layers; its weights are "
+              f"{head_bytes / layer_bytes:.2f} layers' bytes")
+    print("  residuals (J/token): " + ", ".join(f"{r:+.3g}" for r in fit.residuals))
+    for warning in fit.warnings:
+        print(f"  warning: {warning}")
+
+
+def _print_sample(sample):
+    figure = "no figure" if sample.energy_j is None else f"{sample.joules_per_token:.6g} J/token"
+    note = f": {sample.note}" if sample.note else ""
+    print(f"  {sample.workload:<26} {sample.layers:5.2f} layers {sample.heads:5.2f} heads {sample.decisions:5.2f} "
+          f"decisions: {figure} ({sample.method}{note})", flush=True)
 
 
 def _printing(measure):

@@ -236,7 +236,7 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
 
         if energy.cost_model:
             from greencode_jax.convert import load_model_config
-            from greencode_jax.energy.cost_model import architecture, load_cost_model
+            from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
 
             fit = load_cost_model(energy.cost_model, architecture(load_model_config(final)), what="energy.cost_model")
             fit.pop("path")
@@ -244,8 +244,7 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
                 raise GreencodeError(f"{energy.cost_model}: {fit['b_j_per_layer']:g} J per layer; expected a cost "
                                      "that grows with depth")
             write_json_output(cost, fit, "cost-model", inputs={"cost_model": energy.cost_model})
-            print(f"  {energy.cost_model}: J/token = {fit['a_j']:.6g} + {fit['b_j_per_layer']:.6g} x layers "
-                  f"({fit['method']}), used as given")
+            print(f"  {energy.cost_model}: {describe(fit)} ({fit['method']}), used as given")
             return
 
         for attempt in range(3):  # a noisy machine can fit a non-positive slope: measure again, longer
@@ -261,7 +260,8 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
                              "is too noisy (raise energy.min_seconds)")
 
     stages.run("calibrate", cal_key, [cost], do_calibrate, stale=[cost],
-               what="joules per token = a + b x layers (energy calibrate)" if not energy.cost_model
+               what="joules per token = a + b x layers + c x head evaluations + d x decisions (energy calibrate)"
+               if not energy.cost_model
                else f"the cost model {energy.cost_model}")
 
     from greencode_jax.rl.collect import collect_rollouts

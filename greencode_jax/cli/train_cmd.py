@@ -172,6 +172,36 @@ def cmd_bench_train(args):
     return results
 
 
+def cmd_bench_heads(args):
+    import greencode_jax as gc
+    from greencode_jax.cli.bench_forward import SHAPES
+    from greencode_jax.models import ModelConfig, init_model
+    from greencode_jax.train.bench_heads import print_bench_heads, run_bench_heads
+
+    if (args.model is None) == (args.shape is None):
+        raise GreencodeError("give --model DIR (a model directory, GGUF file or checkpoint) or --shape NAME")
+    for name in ("batch", "seq_len", "repeats"):
+        if getattr(args, name) < 1:
+            raise GreencodeError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
+    if args.model is not None:
+        model = gc.load_pretrained(args.model, exit_layers=args.exit_layers, scan_layers=True)
+    else:
+        if args.shape not in SHAPES:
+            raise GreencodeError(f"--shape {args.shape!r}: unknown; choose one of {sorted(SHAPES)}")
+        family, fields = SHAPES[args.shape]
+        config = ModelConfig.from_hf({"model_type": family, **fields}, exit_layers=args.exit_layers)
+        model = init_model(config)
+    if len(model.config.exit_layers) < 2:
+        raise GreencodeError("the model has no exit before its last layer: pass --exit-layers")
+    results = run_bench_heads(model, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats)
+    print_bench_heads(results)
+    if args.json:
+        from greencode_jax.atomic import write_json_output
+
+        write_json_output(args.json, results, "benchmark")
+    return results
+
+
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -208,6 +238,21 @@ def register_bench(bench_subparsers):
                    help="the device's peak TFLOP/s for the MFU figure (default: from a table of GPUs and TPUs)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_train)
+
+    p = bench_subparsers.add_parser(
+        "heads", help="exit-head training (frozen backbone) vs the full fine-tune: tokens/s, same model and batch",
+        description="Times the train step of train.method=heads (a head per exit, distilled from the last layer, "
+                    "the backbone frozen) against GREEN-CODE's full fine-tune (train.method=full) on the same "
+                    "model, exits and tokens, interleaved in one process, and the heads step on cached hidden "
+                    "states (later epochs); prints tokens/s, their ratios and the multiply-accumulates behind them.")
+    p.add_argument("--model", default=None, metavar="DIR", help="a model directory, GGUF file or checkpoint")
+    p.add_argument("--shape", default=None, help="or a random model of a built-in shape (see bench forward)")
+    p.add_argument("--exit-layers", type=_layers, default=None, help="exit layers (default: the model's own)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (medians; default 3)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_heads)
 
 
 def main(argv=None) -> int:

@@ -184,7 +184,12 @@ def load_checkpoint(path: str | Path, dtype=None, exit_layers=None, scan_layers:
                              f"reads versions 1 to {VERSION} (a newer release wrote it?)")
     config = ModelConfig.from_dict(meta["model"], source=str(path / CONFIG_NAME))
     if exit_layers is not None:
+        trained = config.exit_layers
         config = config.replace(exit_layers=exit_layers)
+        if config.exit_head and config.exit_layers != trained:
+            raise GreencodeError(f"{path}: its exit heads are trained for exits {list(trained)}; other exit layers "
+                                 f"({list(config.exit_layers)}) would leave heads without an exit or exits without "
+                                 "a head")
     dtype = resolve_dtype(dtype or meta.get("dtype", "float32"))
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
     if not (path / "params").is_dir():

@@ -40,6 +40,11 @@ def compute_model_fingerprint(model) -> str:
         for name, row in zip(names, rows):
             digest.update(json.dumps([name, shape]).encode())
             digest.update(np.ascontiguousarray(row, "<f4").tobytes())
+    if model.exit_heads is not None:  # trained heads change every exit's prediction: they are part of the model
+        for path, value in sorted(flat.items()):
+            if path[0] == "exit_heads":
+                digest.update(json.dumps([list(map(str, path)), list(value.shape)]).encode())
+                digest.update(np.ascontiguousarray(np.asarray(value, np.float32), "<f4").tobytes())  # small: all
     return digest.hexdigest()[:16]
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from greencode_jax.atomic import atomic_directory, usual_permissions
 from greencode_jax.convert.checkpoint import copy_tokenizer_files
+from greencode_jax.convert.exit_heads import FILE_NAME as EXIT_HEADS_FILE, save_exit_heads
 from greencode_jax.convert.mapping import param_table, parameter_arrays
 from greencode_jax.models import EarlyExitLM
 
@@ -109,4 +110,5 @@ def export_pretrained(model: EarlyExitLM, out_dir: str | Path, max_shard_bytes: 
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         copy_tokenizer_files(tokenizer_dir or model.origin.path, tmp)
+        save_exit_heads(model, tmp / EXIT_HEADS_FILE)  # beside the stock directory (none without heads)
     return out_dir

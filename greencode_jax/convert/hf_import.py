@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from greencode_jax.convert.exit_heads import FILE_NAME as EXIT_HEADS_FILE, attach_exit_heads
 from greencode_jax.convert.host import host_buffer, to_jax
 from greencode_jax.convert.mapping import (
     IGNORED_SUFFIXES, canonical_name, hf_names, param_table, parameter_arrays,
@@ -88,6 +89,8 @@ def load_hf(model_dir: str | Path, dtype="float32", exit_layers=None, scan_layer
     state = nnx.from_flat_state({path: flat_abstract[path].replace(arrays[path]) for path in flat_abstract})
     model = nnx.merge(graphdef, state)
     model.origin = Origin(str(model_dir))
+    if (model_dir / EXIT_HEADS_FILE).is_file():  # an export of a model with exit heads (convert/exit_heads.py)
+        attach_exit_heads(model, model_dir / EXIT_HEADS_FILE, requested_exits=exit_layers)
     return model
 
 

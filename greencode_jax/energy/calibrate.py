@@ -1,10 +1,15 @@
-"""Per-layer cost model: joules per token = a + b x (decoder layers computed), by least squares.
+"""The cost model: joules per token, fitted by least squares on workloads run under the meter.
 
-`fit_cost_model(measure, depths)` calls `measure(layers)` for each depth (and repeat)
-and fits the line; `window_measure(meter, workload)` builds such a `measure` from a
-workload run under an `EnergyMeter`. The workload is a parameter so the generation code
-can supply decoding with a fixed exit; `greencode energy calibrate` uses prefill of the
-first k layers until then.
+    joules_per_token = a + b x layers + c x head evaluations + d x decisions
+
+`layers` are the decoder layers a token computed, `head evaluations` how often the LM head ran
+for it (a Confidence policy runs it at every decision it reaches), `decisions` the exit
+decisions it paid for (a conditional and the policy's own work each). Decoding workloads that
+vary the three independently (generate/costs.py: `calibration_workloads`) are measured in
+interleaved rounds (`measure_workloads`) and fitted (`fit_terms`), with a 95 % confidence
+interval per coefficient and R²; a fit with a low R² is marked unreliable, and every report of
+its joules says so. A prefill workload measures layers alone (`fit_cost_model`, the line
+a + b x layers). The energy package prices; what a token counts is generation's business.
 """
 
 from __future__ import annotations
@@ -22,22 +27,32 @@ from greencode_jax.errors import GreencodeError
 MEASURED, UNAVAILABLE = "measured", "unavailable"
 
 
+TERMS = ("layers", "heads", "decisions")
+RELIABLE_R2 = 0.5  # a fit explaining less of the variance than this is reported as unreliable
+
+
 @dataclasses.dataclass(frozen=True)
 class CostSample:
-    layers: int  # decoder layers computed per token
+    layers: float  # decoder layers computed per token (a mean over the workload's tokens)
     energy_j: float | None
     tokens: int
     method: str  # "measured" (counters / integrated power), "estimated" or "unavailable"
     devices: tuple[str, ...] = ()  # whose joules are summed
     note: str = ""
+    heads: float = 1.0  # LM-head evaluations per token
+    decisions: float = 0.0  # exit decisions per token
+    workload: str = ""  # which workload (a policy) produced it
 
     @property
     def joules_per_token(self) -> float | None:
         return None if self.energy_j is None else self.energy_j / self.tokens
 
+    def counts(self, terms=TERMS) -> list[float]:
+        return [getattr(self, term) for term in terms]
+
     @classmethod
     def from_window(cls, layers: int, result: WindowResult, tokens: int, devices=None,
-                    above_idle: bool = False) -> "CostSample":
+                    above_idle: bool = False, **counts) -> "CostSample":
         """Sums the joules of `devices` (keys); by default the measured devices, or the estimated
         ones if none is measured. Fix `devices` up front (as `window_measure` does) so that a
         measured device failing in one window drops that sample instead of silently swapping
@@ -50,7 +65,7 @@ class CostSample:
         failed = [d for d in chosen if d.energy_j is None]
         if not chosen or failed:
             why = "; ".join(f"{d.device['key']}: {d.reason}" for d in failed) or "no device gave a figure"
-            return cls(layers, None, tokens, UNAVAILABLE, tuple(devices), why)
+            return cls(layers, None, tokens, UNAVAILABLE, tuple(devices), why, **counts)
         methods = {MEASURED if d.method in MEASURED_METHODS else ESTIMATED for d in chosen}
         if len(methods) > 1:
             raise GreencodeError(f"devices {list(devices)} mix measured and estimated joules; pick one kind")
@@ -61,12 +76,12 @@ class CostSample:
             energy = sum(d.energy_above_idle_j for d in chosen)
         else:
             energy = sum(d.energy_j for d in chosen)
-        return cls(layers, energy, tokens, methods.pop(), tuple(devices))
+        return cls(layers, energy, tokens, methods.pop(), tuple(devices), **counts)
 
 
 @dataclasses.dataclass
 class CostModel:
-    a_j: float  # joules per token at zero layers: embedding, exit head and fixed overheads
+    a_j: float  # joules per token with nothing computed: embedding, K/V propagation, fixed overheads
     b_j_per_layer: float  # joules per token for each decoder layer computed
     r2: float | None  # 1 - SS_res / SS_tot; None when every sample is equal
     residuals: list[float]  # observed - fitted J/token, one per used sample
@@ -74,18 +89,82 @@ class CostModel:
     method: str  # "measured" or "estimated": never a mix
     warnings: list[str] = dataclasses.field(default_factory=list)
     workload: str = ""
+    c_j_per_head: float = 0.0  # joules per LM-head evaluation (0 and not fitted: a line in layers alone)
+    d_j_per_decision: float = 0.0  # joules per exit decision (the same)
+    terms: tuple = ("layers",)  # the counts the fit priced besides the intercept
+    intervals: dict = dataclasses.field(default_factory=dict)  # coefficient -> [low, high], 95 %
 
-    def predict(self, layers) -> float:
-        return self.a_j + self.b_j_per_layer * layers
+    @property
+    def reliable(self) -> bool:
+        return self.r2 is not None and self.r2 >= RELIABLE_R2 and self.b_j_per_layer > 0
+
+    def predict(self, layers, heads=1.0, decisions=0.0):
+        return self.a_j + self.b_j_per_layer * layers + self.c_j_per_head * heads + self.d_j_per_decision * decisions
+
+    def formula(self) -> str:
+        names = {"layers": "b_j_per_layer * layers", "heads": "c_j_per_head * heads",
+                 "decisions": "d_j_per_decision * decisions"}
+        return "joules_per_token = a_j + " + " + ".join(names[t] for t in self.terms)
 
     def to_dict(self) -> dict:
-        return {"formula": "joules_per_token = a_j + b_j_per_layer * layers", "a_j": self.a_j,
-                "b_j_per_layer": self.b_j_per_layer, "r2": self.r2, "residuals": self.residuals,
-                "method": self.method, "workload": self.workload, "warnings": self.warnings,
+        return {"formula": self.formula(), "a_j": self.a_j, "b_j_per_layer": self.b_j_per_layer,
+                "c_j_per_head": self.c_j_per_head, "d_j_per_decision": self.d_j_per_decision,
+                "terms": list(self.terms), "confidence_intervals_95": self.intervals, "r2": self.r2,
+                "reliable": self.reliable, "residuals": self.residuals, "method": self.method,
+                "workload": self.workload, "warnings": self.warnings,
                 "samples": [{**dataclasses.asdict(s), "joules_per_token": s.joules_per_token} for s in self.samples]}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+
+COEFFICIENTS = {"intercept": "a_j", "layers": "b_j_per_layer", "heads": "c_j_per_head",
+                "decisions": "d_j_per_decision"}
+
+
+def fit_terms(samples: list[CostSample], terms=TERMS, workload: str = "") -> CostModel:
+    """Least squares J/token = a + Σ coefficient x count over `terms`, with 95 % intervals (t
+    distribution, from the residual variance) and R²."""
+    from scipy.stats import t as student_t
+
+    used = [s for s in samples if s.energy_j is not None]
+    warnings = [f"{s.workload or f'{s.layers:g} layers'}: sample dropped ({s.note})" for s in samples
+                if s.energy_j is None]
+    methods = sorted({s.method for s in used})
+    if len(methods) > 1:
+        raise GreencodeError(f"samples mix {' and '.join(methods)} joules; refusing to fit them together")
+    terms = [t for t in terms if len({getattr(s, t) for s in used}) > 1]  # a count that never varies: no price
+    if "layers" not in terms:
+        raise GreencodeError("fewer than two depths gave an energy figure: " + ("; ".join(warnings) or "none given"))
+    design = np.array([[1.0, *s.counts(terms)] for s in used])
+    y = np.array([s.joules_per_token for s in used])
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        raise GreencodeError(f"the workloads do not vary {', '.join(terms)} independently; no fit")
+    coefficients, *_ = np.linalg.lstsq(design, y, rcond=None)
+    residuals = y - design @ coefficients
+    total = float(np.sum((y - y.mean()) ** 2))
+    r2 = None if total == 0 else 1.0 - float(np.sum(residuals**2)) / total
+    free = len(y) - design.shape[1]
+    intervals = {}
+    if free > 0:
+        variance = float(np.sum(residuals**2)) / free
+        errors = np.sqrt(np.diag(variance * np.linalg.inv(design.T @ design)))
+        width = student_t.ppf(0.975, free) * errors
+        for name, value, half in zip(["intercept", *terms], coefficients, width):
+            intervals[COEFFICIENTS[name]] = [float(value - half), float(value + half)]
+    else:
+        warnings.append("as many coefficients as samples: no confidence interval; use more repeats")
+    fitted = dict(zip(["a_j", *(COEFFICIENTS[t] for t in terms)], map(float, coefficients)))
+    model = CostModel(fitted["a_j"], fitted.get("b_j_per_layer", 0.0), r2, [float(r) for r in residuals], list(samples),
+                      methods[0], warnings, workload, fitted.get("c_j_per_head", 0.0),
+                      fitted.get("d_j_per_decision", 0.0), tuple(terms), intervals)
+    if model.b_j_per_layer < 0:
+        warnings.append(f"negative cost per layer (b = {model.b_j_per_layer:.3g} J): noise dominates; run longer "
+                        "windows")
+    if not model.reliable:
+        warnings.append(f"R² = {'undefined' if r2 is None else f'{r2:.3f}'}: the fit explains too little of what was "
+                        f"measured (below {RELIABLE_R2}); its joules are unreliable")
+    return model
 
 
 def fit_line(x, y) -> tuple[float, float, float | None, list[float]]:
@@ -110,20 +189,29 @@ def fit_cost_model(measure: Callable[[int], CostSample], depths, repeats: int = 
     if repeats < 1:
         raise GreencodeError(f"repeats={repeats}: expected at least 1")
     samples = [measure(int(d)) for _ in range(repeats) for d in depths]
-    used = [s for s in samples if s.energy_j is not None]
-    warnings = [f"{s.layers} layers: sample dropped ({s.note})" for s in samples if s.energy_j is None]
-    methods = sorted({s.method for s in used})
-    if len(methods) > 1:
-        raise GreencodeError(f"samples mix {' and '.join(methods)} joules; refusing to fit them together")
-    if len({s.layers for s in used}) < 2:
-        raise GreencodeError("fewer than two depths gave an energy figure: " + ("; ".join(warnings) or "none given"))
-    x = [s.layers for s in used]
-    a, b, r2, residuals = fit_line(x, [s.joules_per_token for s in used])
-    if len(used) == 2:
-        warnings.append("two samples: R² is 1 by construction; use three or more depths or repeats")
-    if b < 0:
-        warnings.append(f"negative cost per layer (b = {b:.3g} J): noise dominates; run longer windows")
-    return CostModel(a, b, r2, residuals, samples, methods[0], warnings, workload)
+    model = fit_terms(samples, ("layers",), workload)
+    if len([s for s in samples if s.energy_j is not None]) == 2:
+        model.warnings.append("two samples: R² is 1 by construction; use three or more depths or repeats")
+    return model
+
+
+def measure_workloads(meter, workloads, repeats: int, min_seconds: float, above_idle: bool = False,
+                      report=None) -> list[CostSample]:
+    """Each workload (generate.costs.Workload: a step, its tokens and its counts per token) under
+    `meter`, `repeats` interleaved rounds; `report(sample)` after each window."""
+    if repeats < 1:
+        raise GreencodeError(f"repeats={repeats}: expected at least 1")
+    measure = window_measure(meter, lambda w: (w.step, w.tokens), min_seconds, above_idle)
+    samples = []
+    for _ in range(repeats):
+        for w in workloads:
+            layers, heads, decisions = w.counts
+            sample = dataclasses.replace(measure(w), layers=layers, heads=heads, decisions=decisions,
+                                         workload=w.label)
+            samples.append(sample)
+            if report is not None:
+                report(sample)
+    return samples
 
 
 def window_measure(meter, workload, min_seconds: float = 1.0, above_idle: bool = False,
@@ -142,10 +230,10 @@ def window_measure(meter, workload, min_seconds: float = 1.0, above_idle: bool =
     if not devices:
         raise GreencodeError("no device can be metered here: see `greencode energy probe`")
 
-    def measure(layers: int) -> CostSample:
+    def measure(layers) -> CostSample:
         step, tokens_per_step = workload(layers)
         jax.block_until_ready(step())
-        name = f"calibrate:{layers}"
+        name = f"calibrate:{getattr(layers, 'label', layers)}"
         meter.begin(name)
         start, steps, out = clock(), 0, None
         while steps == 0 or clock() - start < min_seconds:

@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from greencode_jax.energy.calibrate import RELIABLE_R2
 from greencode_jax.errors import GreencodeError
 
 ARCHITECTURE_FIELDS = ("family", "num_layers", "hidden_size", "vocab_size", "num_heads", "num_kv_heads",
@@ -81,4 +82,35 @@ def load_cost_model(path, model: dict, *, what: str = "cost model") -> dict:
             max(depths) > model["num_layers"]:
         raise GreencodeError(f"{where}: calibrated at depths up to {max(depths)} layers, but the model has "
                              f"{model['num_layers']}; calibrate this model")
-    return {**data, "a_j": float(data["a_j"]), "b_j_per_layer": float(data["b_j_per_layer"]), "path": str(path)}
+    terms = {}
+    for key in ("c_j_per_head", "d_j_per_decision"):  # a line in layers alone (older fits) prices neither
+        value = data.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise GreencodeError(f"{where}: field {key!r} is {value!r}, expected a number")
+        terms[key] = float(value)
+    r2 = data.get("r2")
+    reliable = data.get("reliable")
+    if not isinstance(reliable, bool):  # written before the field existed: judged as fit_terms judges
+        reliable = isinstance(r2, (int, float)) and r2 >= RELIABLE_R2 and data["b_j_per_layer"] > 0
+    return {**data, "a_j": float(data["a_j"]), "b_j_per_layer": float(data["b_j_per_layer"]), **terms,
+            "reliable": reliable, "path": str(path)}
+
+
+def joules_per_token(cost: dict, layers, heads=1.0, decisions=0.0):
+    """The priced counts of one token (generate/costs.py counts them)."""
+    return (cost["a_j"] + cost["b_j_per_layer"] * layers + cost.get("c_j_per_head", 0.0) * heads
+            + cost.get("d_j_per_decision", 0.0) * decisions)
+
+
+def describe(cost: dict) -> str:
+    """The fit in one line, its reliability included: what every report of modelled joules shows."""
+    text = f"J/token = {cost['a_j']:.6g} + {cost['b_j_per_layer']:.6g} x layers"
+    if cost.get("c_j_per_head"):
+        text += f" + {cost['c_j_per_head']:.6g} x head evaluations"
+    if cost.get("d_j_per_decision"):
+        text += f" + {cost['d_j_per_decision']:.6g} x decisions"
+    r2 = cost.get("r2")
+    text += f" (R² {r2:.3f})" if isinstance(r2, (int, float)) else ""
+    if not cost.get("reliable", True):
+        text += f"; UNRELIABLE: the fit explains too little of what was measured (R² below {RELIABLE_R2})"
+    return text

@@ -15,7 +15,11 @@ figure is None with a reason.
 
 from __future__ import annotations
 
+import numpy as np
+
+from greencode_jax.energy.cost_model import joules_per_token
 from greencode_jax.energy.result import ESTIMATED, MEASURED_METHODS, UNAVAILABLE
+from greencode_jax.generate.costs import sequence_counts
 
 NO_COST_MODEL = ("no cost model given (--cost-model FILE, written by `greencode energy calibrate --out FILE`): "
                  "modelled energy unavailable")
@@ -47,12 +51,14 @@ def measured_entry(result, devices: list[str], share: int, no_device_reason: str
     return {"joules": sum(r.energy_j for r in readings) / share, "method": "+".join(methods), "reason": None}
 
 
-def modelled_entry(exit_layers, cost: dict | None, num_layers: int) -> dict:
-    """The modelled figure of one sample: sum over its tokens of a + b x (exit layer + 1)."""
+def modelled_entry(exit_layers, cost: dict | None, config, family: str) -> dict:
+    """The modelled figure of one sample: the sum over its tokens of the cost model's price of each
+    token's layers, head evaluations and decisions (generate.costs.token_counts, by policy family)."""
     if cost is None:
         return {"joules": None, "method": UNAVAILABLE, "reason": NO_COST_MODEL}
-    if num_layers != cost["num_layers"]:
+    if config.num_layers != cost["num_layers"]:
         return {"joules": None, "method": UNAVAILABLE,
-                "reason": f"the cost model is for a {cost['num_layers']}-layer model; this one has {num_layers}"}
-    joules = sum(cost["a_j"] + cost["b_j_per_layer"] * (int(e) + 1) for e in exit_layers)
-    return {"joules": float(joules), "method": cost["method"]}
+                "reason": f"the cost model is for a {cost['num_layers']}-layer model; this one has {config.num_layers}"}
+    counts = sequence_counts(config, family, exit_layers)
+    joules = float(np.sum(joules_per_token(cost, counts[:, 0], counts[:, 1], counts[:, 2])))
+    return {"joules": joules, "method": cost["method"], **({} if cost.get("reliable", True) else {"unreliable": True})}

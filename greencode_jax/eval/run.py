@@ -156,7 +156,7 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
     import greencode_jax as gc
     from greencode_jax.data import PreparedData
     from greencode_jax.convert.fingerprint import check_corpus_tokenizer
-    from greencode_jax.energy.cost_model import architecture, load_cost_model
+    from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
     from greencode_jax.eval.spec import policy_choices
     from greencode_jax.generate import _check_policy
     from greencode_jax.generate.policies import Learned, foreign_policy, read_policy_info
@@ -207,7 +207,8 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
         "base": None if base is None else str(Path(base).resolve()),
         "config": cfg.to_dict(), "policies": [c.label for c in choices],
         "protocols": {p.name: [pr.sample for pr in p.prompts] for p in protocols},
-        "cost_model": None if cost is None else {k: cost[k] for k in ("a_j", "b_j_per_layer", "method")},
+        "cost_model": None if cost is None else {k: cost[k] for k in ("a_j", "b_j_per_layer", "c_j_per_head",
+                                                                      "d_j_per_decision", "method")},
         "energy_config": dataclasses.asdict(energy),
     }
     settings = json.loads(json.dumps(settings))  # as read back from settings.json (lists, not tuples)
@@ -219,8 +220,7 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
             "" if foreign is None else f": **trained on another checkpoint than the one evaluated** ({foreign}; "
                                        "evaluated with --allow-foreign-policy)")
     header["modelled energy"] = (
-        f"{cost['path']}: J/token = {cost['a_j']:.6g} + {cost['b_j_per_layer']:.6g} x layers computed, "
-        f"labelled {cost['method']}" if cost is not None else
+        f"{cost['path']}: {describe(cost)}, labelled {cost['method']}" if cost is not None else
         "unavailable: no cost model given (--cost-model FILE from `greencode energy calibrate --out FILE`)")
     header["per-sample figures"] = ("seconds and measured joules of a batch's window divided by its samples "
                                     "(at batch B: window / B); modelled joules per sample")
@@ -342,7 +342,7 @@ class _Runner:
                 "layers_computed": float(np.mean(exit_layers) + 1) if n else None,
                 "tokens": n, "seconds": window.duration_s / share,
                 "energy": {"measured": dict(measured),
-                           "modelled": modelled_entry(exit_layers, plan.cost, model.config.num_layers)},
+                           "modelled": modelled_entry(exit_layers, plan.cost, model.config, choice.family)},
                 "agreement_with_full": agreement,
                 "token_ids": generated,
             })

@@ -9,8 +9,9 @@ Per token, layer by layer:
      masked, so an exited sequence keeps its exit hidden state. There is one conditional
      per exit decision, whose skip branch covers all the layers after it (see decode_token);
   3. after each configured exit layer the policy decides, per sequence.
-The LM head runs once per token, on each sequence's exit hidden state (a policy that
-needs logits to decide, such as Confidence, also runs it at each exit it considers).
+The LM head runs once per token, on each sequence's exit hidden state through that exit's own
+head when the model has exit heads (a policy that needs logits to decide, such as Confidence,
+also runs it at each exit it considers).
 
 The cache is a tuple of per-layer arrays carried through a `lax.while_loop`, updated in
 place with `dynamic_update_slice`; only the slice of the layer being computed is read.
@@ -113,7 +114,8 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     h = model.embed(token[:, None], position[:, None])
     cos, sin = model.rope(position[:, None])
     mask = attention_mask(jnp.ones((batch, 1), bool), key_valid, slot[None, None], jnp.arange(key_valid.shape[1])[None])
-    parts = segments(config.num_layers, decision_layers(config, policy))
+    decisions = decision_layers(config, policy)
+    parts = segments(config.num_layers, decisions)
 
     def key_value(i, h):
         x = model.block(i).attention_input(h)
@@ -122,7 +124,7 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     def skip_rest(s, h, exited, exit_layer, exit_logits):
         """Every row has exited: the K/V of segments s.. from the exit hidden states, and the
         exit logits (the policy's own, or the head on the exit states)."""
-        logits = model.exit_head(h[:, 0]) if exit_logits is None else exit_logits
+        logits = model.exit_head_rows(h[:, 0], exit_layer) if exit_logits is None else exit_logits
         return logits, exit_layer, [key_value(i, h)[1] for part in parts[s:] for i in part]
 
     def run_rest(s, h, exited, exit_layer, exit_logits):
@@ -134,12 +136,13 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
             h = jnp.where(exited[:, None, None], h, new)
             new_kv.append((k, v))
         if s == len(parts) - 1:  # after the last layer: the head, where no earlier exit gave logits
-            logits = model.exit_head(h[:, 0])
+            # each row through its own exit's head (an exited row holds its exit state); Full() exits nowhere
+            logits = model.shared_head(h[:, 0]) if not decisions else model.exit_head_rows(h[:, 0], exit_layer)
             if exit_logits is not None:
                 logits = jnp.where(exited[:, None], exit_logits, logits)
             return logits, exit_layer, new_kv
         layer = parts[s][-1]  # every segment but the last ends at a decision
-        logits = model.exit_head(h[:, 0]) if policy.needs_logits else None
+        logits = model.exit_head(h[:, 0], layer) if policy.needs_logits else None
         decide = policy.decide(layer, h[:, 0], logits) & ~exited
         exit_layer = jnp.where(decide, layer, exit_layer)
         if logits is not None:  # keep the exit's logits: the head need not run again for it

@@ -33,11 +33,13 @@ def decision_exits(config) -> tuple[int, ...]:
     return tuple(e for e in config.exit_layers if e < config.num_layers - 1)
 
 
-def _exit_predictions(model, hidden):
-    """argmax and top probability of the exit head over hidden [B, X, E]: one flat [B*X, E]
-    head call (a batched 3-D head is slower on CPU), float32 softmax."""
+def _exit_predictions(model, hidden, layers):
+    """argmax and top probability of the exit heads of `layers` over hidden [B, X, E] (each exit
+    through its own head when the model has exit heads): one flat [B*X, E] shared-head call (a
+    batched 3-D head is slower on CPU), float32 softmax."""
     b, x, e = hidden.shape
-    logits = model.exit_head(hidden.reshape(b * x, e))
+    hidden = jnp.swapaxes(model.through_heads_of(jnp.swapaxes(hidden, 0, 1), layers), 0, 1)
+    logits = model.shared_head(hidden.reshape(b * x, e))
     top = jnp.argmax(logits, axis=-1)
     confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
     return top.reshape(b, x).astype(jnp.int32), confidence.reshape(b, x)
@@ -75,7 +77,7 @@ def record_program(model, ids, valid, *, new_tokens: int, hidden_dtype=jnp.float
     cache_len = prompt_len + new_tokens
     last_hidden, keys, values, states = prefill(model, ids, valid, cache_len, record=record)
     first = jnp.argmax(model.exit_head(last_hidden), axis=-1).astype(jnp.int32)
-    top, conf = _exit_predictions(model, states)
+    top, conf = _exit_predictions(model, states, record)
     x, e = len(record), config.hidden_size
     hidden = jnp.zeros((batch, new_tokens, x, e), hidden_dtype).at[:, 0].set(states.astype(hidden_dtype))
     agree = jnp.zeros((batch, new_tokens, x), bool).at[:, 0].set(top == first[:, None])
@@ -90,7 +92,7 @@ def record_program(model, ids, valid, *, new_tokens: int, hidden_dtype=jnp.float
         logits, states, keys, values = _record_token(model, token, position, keys, values, key_valid, slot, record)
         key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((batch, 1), bool), (0, slot))
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        top, conf = _exit_predictions(model, states)
+        top, conf = _exit_predictions(model, states, record)
         hidden = jax.lax.dynamic_update_slice(hidden, states.astype(hidden_dtype)[:, None], (0, n, 0, 0))
         agree = jax.lax.dynamic_update_slice(agree, (top == nxt[:, None])[:, None], (0, n, 0))
         confidence = jax.lax.dynamic_update_slice(confidence, conf[:, None], (0, n, 0))

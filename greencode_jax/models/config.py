@@ -20,6 +20,7 @@ from greencode_jax.yamlfile import as_float
 FAMILIES = ("opt", "llama")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 ROPE_TYPES = ("default", "linear", "llama3")
+HEAD_KINDS = ("affine", "lowrank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,9 @@ class ModelConfig:
     attention_bias: bool
     mlp_bias: bool
     exit_layers: tuple[int, ...] = ()
+    # exit heads (models/heads.py): "" none, "affine" (h + hA + b) or "lowrank" (h + hDU + b, rank exit_head_rank)
+    exit_head: str = ""
+    exit_head_rank: int = 0
     # OPT only
     pre_layer_norm: bool = True  # False for opt-350m (post-LayerNorm)
     final_layer_norm: bool = True  # OPT post-LN models have none
@@ -95,6 +99,11 @@ class ModelConfig:
             bad("exit_layers", f"{out_of_range} outside 0..{self.num_layers - 1} (0-based decoder layers)")
         # The last layer is always an exit: the full model is one of the choices.
         object.__setattr__(self, "exit_layers", tuple(sorted(set(exits) | {self.num_layers - 1})))
+        if self.exit_head not in ("", *HEAD_KINDS):
+            bad("exit_head", f"got {self.exit_head!r}, expected one of {('', *HEAD_KINDS)} ('' for none)")
+        if self.exit_head == "lowrank" and not (isinstance(self.exit_head_rank, int) and
+                                                0 < self.exit_head_rank <= self.hidden_size):
+            bad("exit_head_rank", f"got {self.exit_head_rank!r}, expected a rank in 1..{self.hidden_size}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from greencode_jax.errors import GreencodeError
 from greencode_jax.models.config import ModelConfig
+from greencode_jax.models.heads import ExitHeads
 from greencode_jax.models.layers import (
     Attention, GatedMLP, LayerNorm, Linear, OPTMLP, RMSNorm, attention_mask, normal_init, rope_cos_sin,
     rope_inv_freq,
@@ -106,7 +107,7 @@ class ForwardOutput(NamedTuple):
 
     logits: jax.Array  # [B, T, V] float32, final layer
     exit_logits: jax.Array  # [n_exits, B, T, V] float32 (the last entry is the final layer)
-    exit_hidden: jax.Array  # [n_exits, B, T, H], decoder-layer outputs before the exit head
+    exit_hidden: jax.Array  # [n_exits, B, T, H], decoder-layer outputs before the exit head (and exit heads)
 
 
 class EarlyExitLM(nnx.Module):
@@ -141,6 +142,7 @@ class EarlyExitLM(nnx.Module):
         else:
             self.final_norm = LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, dtype)
         self.lm_head = None if c.tie_word_embeddings else Linear(embed_dim, c.vocab_size, False, dtype, rngs)
+        self.exit_heads = nnx.data(ExitHeads(c, dtype, rngs) if c.exit_head else None)  # attachable later
 
     # ---- pieces ------------------------------------------------------------------
     def positions(self, valid):
@@ -166,8 +168,31 @@ class EarlyExitLM(nnx.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return [m for m in (self.final_norm, self.project_out, head) if m is not None]
 
-    def exit_head(self, h):
-        """Final norm, OPT's project_out, LM head: the same head after any layer. float32 logits."""
+    def exit_head(self, h, layer: int | None = None):
+        """Exit `layer`'s head when the model has exit heads (models/heads.py), then the final
+        norm, OPT's project_out and the LM head, shared by every exit. float32 logits."""
+        if layer is not None and self.exit_heads is not None:
+            h = self.exit_heads.at_layer(h, layer)
+        return self.shared_head(h)
+
+    def exit_head_rows(self, h, exit_layers):
+        """`exit_head` of h [B, E] with each row's own exit layer [B] (traced): generation's last step."""
+        if self.exit_heads is not None:
+            h = self.exit_heads.per_row(h, exit_layers)
+        return self.shared_head(h)
+
+    def through_heads(self, exit_hidden):
+        """exit_hidden [n_exits, ...] (in `config.exit_layers` order), each through its exit head."""
+        return self.through_heads_of(exit_hidden, self.config.exit_layers)
+
+    def through_heads_of(self, hidden, layers):
+        """hidden [len(layers), ...], slice i through the exit head of layer layers[i]."""
+        if self.exit_heads is None:
+            return hidden
+        return self.exit_heads.stacked(hidden, layers)
+
+    def shared_head(self, h):
+        """Final norm, OPT's project_out, LM head: the part every exit shares. float32 logits."""
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.project_out is not None:
@@ -260,7 +285,7 @@ class EarlyExitLM(nnx.Module):
         exits = jnp.asarray(self.config.exit_layers)
         exit_hidden = hidden[exits]
         n, b, t, d = exit_hidden.shape
-        exit_logits = self.exit_head(exit_hidden.reshape(n * b, t, d)).reshape(n, b, t, -1)
+        exit_logits = self.shared_head(self.through_heads(exit_hidden).reshape(n * b, t, d)).reshape(n, b, t, -1)
         return ForwardOutput(exit_logits[-1], exit_logits, exit_hidden)
 
     def forward_logits(self, input_ids, attention_mask=None, layer: int | None = None):
@@ -268,7 +293,7 @@ class EarlyExitLM(nnx.Module):
         layer = self.config.num_layers - 1 if layer is None else layer
         h, mask, cos, sin = self._prepare(input_ids, attention_mask)
         h, _ = self.run_layers(h, mask, cos, sin, layer + 1, collect=False)
-        return self.exit_head(h)
+        return self.exit_head(h, layer)
 
     def logits(self, input_ids, attention_mask=None, layer: int | None = None):
         """[B, T, V] float32 logits through the exit head after 0-based decoder `layer` (None: final)."""

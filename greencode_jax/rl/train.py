@@ -30,17 +30,20 @@ from greencode_jax.rl.config import RLSection
 from greencode_jax.rl.store import RolloutStore
 
 
-def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None = None) -> tuple[dict, dict]:
+def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None = None,
+                      decision_layers=()) -> tuple[dict, dict]:
     """(keyword arguments of env.reward_table, what policy.json records about the reward).
     The cost model must be for `num_layers` layers and, where given, this `architecture`
-    (`energy.cost_model.architecture`, or the part of it a rollout store records)."""
+    (`energy.cost_model.architecture`, or the part of it a rollout store records). A learned
+    token exiting after layer l pays l + 1 layers, one head and a decision at each of
+    `decision_layers` up to l (generate/costs.py)."""
     kwargs = dict(alpha=cfg.alpha, beta=cfg.beta, gamma_r=cfg.gamma_r, epsilon=cfg.epsilon)
     record = {"reward": cfg.reward, **kwargs}
     if cfg.reward == "energy":
         if not cfg.cost_model:
             raise GreencodeError("rl.reward=energy needs a cost model: set rl.cost_model to the JSON of "
                                  "`greencode energy calibrate MODEL --out FILE`")
-        from greencode_jax.energy.cost_model import load_cost_model
+        from greencode_jax.energy.cost_model import joules_per_token, load_cost_model
 
         fit = load_cost_model(cfg.cost_model, {**(architecture or {}), "num_layers": num_layers},
                               what="rl.cost_model")
@@ -49,7 +52,9 @@ def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None
             raise GreencodeError(f"{cfg.cost_model}: {b:g} J per layer; an energy reward needs a cost that grows "
                                  "with depth (calibrate again, with longer windows)")
         weight = cfg.energy_weight or 1.0 / b
-        joules = a + b * (np.arange(num_layers) + 1)  # exiting after layer l computes l + 1 layers
+        layers = np.arange(num_layers)
+        decisions = np.array([sum(1 for d in decision_layers if d <= layer) for layer in layers])
+        joules = joules_per_token(fit, layers + 1, 1.0, decisions)  # exiting after layer l computes l + 1 layers
         kwargs["cost"] = weight * joules
         record.update(cost_model=str(Path(cfg.cost_model).resolve()), cost_method=fit["method"],
                       joules_per_token=[float(j) for j in joules], energy_weight=weight)
@@ -157,7 +162,8 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
                                  f"{validation.model.get('fingerprint')}) than {store.root} "
                                  f"({store.model.get('fingerprint')})")
     layers = list(store.decision_layers) + [store.model["num_layers"] - 1]
-    reward_kwargs, reward_record = reward_parameters(cfg, store.model["num_layers"], store.architecture)
+    reward_kwargs, reward_record = reward_parameters(cfg, store.model["num_layers"], store.architecture,
+                                                     store.decision_layers)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     settings = _settings(store, cfg, validation, jax.device_count())
 

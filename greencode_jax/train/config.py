@@ -58,6 +58,13 @@ class TrainSection:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     exit_weights: str | tuple = "greencode"  # greencode | uniform | linear | a list, one weight per exit
+    # how the exits are trained: "full" (GREEN-CODE: every parameter, aggregated exit cross-entropy) or "heads"
+    # (a small head per exit on a frozen backbone, distilled from the last layer: docs/finetune.md)
+    method: str = "full"
+    head: str = "affine"  # heads: "affine" (h + hA + b) or "lowrank" (h + hDU + b)
+    head_rank: int = 64  # heads: the rank of a lowrank head
+    kd_temperature: float = 1.0  # heads: the distillation temperature
+    ce_weight: float = 0.0  # heads: weight of the next-token cross-entropy mixed into the distillation loss
 
 
 @dataclasses.dataclass(frozen=True)

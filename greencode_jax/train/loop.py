@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import jax
-from flax import nnx
 
 from greencode_jax.atomic import atomic_write_text
 from greencode_jax.errors import GreencodeError
 from greencode_jax.interrupts import Interrupted, SafePoints
 from greencode_jax.locks import output_lock
-from greencode_jax.models import abstract_model
+from greencode_jax.models.heads import HEAD_KINDS
 from greencode_jax.ownership import check_not_an_input, check_replaceable_dir, read_manifest, write_manifest
 from greencode_jax.parallel import initialize_distributed, make_mesh
 from greencode_jax.train.checkpointing import (
@@ -42,7 +41,7 @@ from greencode_jax.train.metrics import MetricsLog
 from greencode_jax.train.model_source import ModelSource, check_model_section
 from greencode_jax.train.monitor import StepMonitor
 from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from greencode_jax.train.step import init_state, make_train_step, state_shardings
+from greencode_jax.train.methods import METHODS, heads_config, make_method
 from greencode_jax.train.weights import exit_weights
 
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "eval.json", "final")
@@ -94,6 +93,16 @@ def _validate(cfg: FinetuneConfig, source: str):
                          ("run.log_every", cfg.run.log_every), ("checkpoint.every", cfg.checkpoint.every)):
         if value <= 0:
             raise GreencodeError(f"{source}: {field}={value}; expected a positive integer")
+    if t.method not in METHODS:
+        raise GreencodeError(f"{source}: train.method={t.method!r}; expected one of {list(METHODS)}")
+    if t.method == "heads":
+        if cfg.model.init == "scratch":
+            raise GreencodeError(f"{source}: train.method=heads trains exit heads on a frozen, pretrained backbone; "
+                                 "model.init must be a model directory, GGUF file or checkpoint, not scratch")
+        if t.head not in HEAD_KINDS or t.head_rank < 1 or t.kd_temperature <= 0 or t.ce_weight < 0:
+            raise GreencodeError(f"{source}: train.head={t.head!r} (expected one of {list(HEAD_KINDS)}), "
+                                 f"train.head_rank={t.head_rank} (>= 1), train.kd_temperature={t.kd_temperature} "
+                                 f"(> 0), train.ce_weight={t.ce_weight} (>= 0): one of them is out of range")
     if t.steps < 0 or (t.steps == 0 and t.epochs <= 0):
         raise GreencodeError(f"{source}: train.steps={t.steps}, train.epochs={t.epochs}; give a positive number of "
                              "steps, or steps: 0 and a positive number of epochs")
@@ -170,6 +179,11 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
     data = TrainData(cfg.data, cfg.run.seed, source, info.is_primary, progress=show, model_init=cfg.model.init)
     model_source = ModelSource(cfg.model, data.tokenizer, source, prepared=data.prepared)
     config = model_source.config
+    if cfg.train.method == "heads":
+        try:
+            config = heads_config(config, cfg)
+        except GreencodeError as error:
+            raise GreencodeError(f"{source}: {error}") from None
     if cfg.data.seq_len > config.max_position_embeddings:
         raise GreencodeError(f"{source}: data.seq_len={cfg.data.seq_len} exceeds the model's "
                              f"max_position_embeddings={config.max_position_embeddings}")
@@ -188,9 +202,8 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
     total_steps = t.steps if t.steps > 0 else max(1, math.ceil(t.epochs * stream.batches_per_epoch))
     schedule = learning_rate_schedule(t.learning_rate, t.warmup_steps, total_steps, t.schedule, t.final_lr_ratio)
     optimizer = make_optimizer(schedule, t.weight_decay, t.clip_norm, t.adam_b1, t.adam_b2, t.adam_eps)
-    abstract_params = nnx.to_pure_dict(nnx.state(abstract_model(config, cfg.model.dtype), nnx.Param))
-    abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.run.seed), abstract_params)
-    shardings = state_shardings(abstract_state, config, mesh)
+    method = make_method(t.method, config, weights, optimizer, schedule, cfg, mesh)
+    abstract_state, shardings = method.abstract_state, method.shardings
 
     # start, or resume from the latest checkpoint, or report a finished run
     checkpoint_location = cfg.checkpoint.dir or run_dir / "checkpoints"
@@ -218,10 +231,10 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
                 why_evaluate = why_evaluate or "--re-evaluate"
             state = checkpoints.restore_state(start, abstract_like(abstract_state, shardings))
             stream.restore(meta["data"])
+            if method.name == "heads":  # the frozen backbone is never in a training checkpoint
+                method.place_frozen(model_source.host_params(cfg.run.seed), place_host_tree)
         else:
-            params = place_host_tree(model_source.host_params(cfg.run.seed), shardings["params"])
-            state = jax.jit(lambda p: init_state(p, optimizer, cfg.run.seed), out_shardings=shardings)(params)
-            del params
+            state = method.initial_state(model_source.host_params(cfg.run.seed), place_host_tree)
     except BaseException:
         if checkpoints is not None:
             checkpoints.close()
@@ -242,9 +255,8 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
     checkpoint_dir = checkpoints.directory
 
     feeder = BatchFeeder(mesh, t.grad_accum, t.batch_size, cfg.data.seq_len)
-    train_step = make_train_step(config, weights, optimizer, schedule, cfg.model.compute_dtype, shardings,
-                                 feeder.tokens_sharding, feeder.flags_sharding)
-    evaluator = Evaluator(config, weights, cfg.model.compute_dtype, shardings["params"], mesh, data, cfg)
+    train_step = method.make_step(feeder)
+    evaluator = Evaluator(config, weights, cfg.model.compute_dtype, method.param_shardings(), mesh, data, cfg)
     meta_base = {"model": model_signature(config), "state": state_signature(abstract_state, config),
                  "config": cfg.to_dict(), "process_count": info.process_count, "exit_weights": weights}
     if info.is_primary:
@@ -273,8 +285,8 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
         with StopSignals() as signals:
             pending = None  # (step, metrics) not yet read
             while step < total_steps:
-                tokens = feeder.tokens(next(stream)["tokens"])
-                state, metrics = train_step(state, tokens, feeder.stop_flags(signals.received is not None))
+                inputs = method.inputs(step, stream, feeder)
+                state, metrics = train_step(state, inputs, feeder.stop_flags(signals.received is not None))
                 step += 1
                 bar.update(1)
                 if pending is not None:
@@ -292,20 +304,20 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
                 if checkpoint_due:
                     save(step)
                 if eval_due:
-                    log.write({"step": step, "eval": evaluator.run(state["params"])})
+                    log.write({"step": step, "eval": evaluator.run(method.params(state))})
             if pending is not None:
                 monitor.observe(*pending)
         bar.close()
         checkpoints.wait()
         if stopped_by is None:
-            evaluation = evaluator.run(state["params"], progress=show)
+            evaluation = evaluator.run(method.params(state), progress=show)
             log.write({"step": step, "eval": evaluation, "final": True})
             if info.is_primary:
                 atomic_write_text(run_dir / "eval.json", json.dumps(evaluation, indent=2) + "\n")
             if finished_before and (run_dir / "final").is_dir():
                 final_dir = run_dir / "final"  # the weights it holds are those just evaluated
             else:
-                final_dir = save_final(state["params"], config, cfg.model.dtype, run_dir / "final", checkpoints, step,
+                final_dir = save_final(method.params(state), config, cfg.model.dtype, run_dir / "final", checkpoints, step,
                                        model_source.tokenizer_dir or data.tokenizer_dir, info)
     finally:
         bar.close()

@@ -127,7 +127,7 @@ def exit_metrics(model, tokens, weights) -> ExitMetrics:
     hidden = model(tokens).exit_hidden[:, :, :-1]  # [n_exits, B, T-1, H]; the unused exit logits are dead code
     targets = tokens[:, 1:].reshape(-1)
     n, b, t, _ = hidden.shape
-    xs = head_input(model, hidden).reshape(n, b * t, -1)
+    xs = head_input(model, model.through_heads(hidden)).reshape(n, b * t, -1)
     w = head_weight(model)
     count = targets.size
     coefficients = jnp.asarray(weights, F32) / count

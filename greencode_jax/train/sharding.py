@@ -48,6 +48,8 @@ def param_logical_axes(path, shape) -> tuple:
     if len(shape) == 0 or len(names) < 2:
         return (None,) * len(shape)
     module, leaf = names[-2], names[-1]
+    if module == "exit_heads":  # a few small matrices per exit: every device holds them whole
+        return (None,) * len(shape)
     if module in NORMS:
         axes = ("norm",)
     elif (module, leaf) in PARAM_AXES:
