@@ -110,3 +110,87 @@ def test_window_measure_runs_the_workload_under_the_meter():
     assert steps[2] == 1 + 3  # one untimed warm-up call, then three timed steps
     assert sample.tokens == 3 * 7 and sample.method == "estimated" and sample.devices == ("cpu:host",)
     assert sample.energy_j is not None and sample.energy_j >= 0
+
+
+# ---- the cost model with layers, head evaluations and decisions as separate terms ----------------------------------
+
+def _samples(a, b, c, d, counts, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for layers, heads, decisions in counts:
+        j = a + b * layers + c * heads + d * decisions + rng.normal(0, noise)
+        out.append(CostSample(layers, j * 100, 100, "estimated", heads=heads, decisions=decisions, workload="w"))
+    return out
+
+
+# what calibration_workloads gives a 10-layer model with decisions after layers 2, 5 and 7 (3 rounds)
+COUNTS = [(10, 1, 0), (3, 1, 1), (6, 1, 2), (8, 1, 3), (10, 4, 3), (10, 1, 3)] * 3
+
+
+def test_fit_terms_recovers_each_price_against_numpy_least_squares():
+    from greencode_jax.energy.calibrate import fit_terms
+
+    samples = _samples(0.2, 0.01, 0.08, 0.002, COUNTS, noise=1e-4)
+    fit = fit_terms(samples)
+    design = np.array([[1, *c] for c in COUNTS], float)
+    expected, *_ = np.linalg.lstsq(design, [s.joules_per_token for s in samples], rcond=None)
+    np.testing.assert_allclose([fit.a_j, fit.b_j_per_layer, fit.c_j_per_head, fit.d_j_per_decision], expected,
+                               rtol=1e-9, atol=1e-12)
+    for name, truth in (("a_j", 0.2), ("b_j_per_layer", 0.01), ("c_j_per_head", 0.08), ("d_j_per_decision", 0.002)):
+        low, high = fit.intervals[name]
+        assert low <= truth <= high, (name, low, truth, high)
+    assert fit.reliable and fit.r2 > 0.99 and fit.terms == ("layers", "heads", "decisions")
+    assert fit.predict(10, 4, 3) == pytest.approx(0.2 + 0.1 + 0.32 + 0.006, abs=1e-3)
+
+
+def test_the_intervals_cover_the_truth_at_their_level():
+    """Over many noisy calibrations each 95 % interval holds the true price in about 95 % of them."""
+    from greencode_jax.energy.calibrate import fit_terms
+
+    hits, draws = 0, 400
+    for seed in range(draws):
+        fit = fit_terms(_samples(0.2, 0.01, 0.08, 0.002, COUNTS, noise=0.003, seed=seed))
+        low, high = fit.intervals["c_j_per_head"]
+        hits += low <= 0.08 <= high
+    assert abs(hits / draws - 0.95) <= 3 * np.sqrt(0.95 * 0.05 / draws)
+
+
+def test_a_fit_that_explains_little_is_marked_unreliable():
+    from greencode_jax.energy.calibrate import fit_terms
+
+    fit = fit_terms(_samples(0.2, 0.0001, 0.0, 0.0, COUNTS, noise=0.05, seed=3))
+    assert not fit.reliable and any("unreliable" in w for w in fit.warnings)
+    assert fit.to_dict()["reliable"] is False
+
+
+def test_token_counts_by_policy_family():
+    from greencode_jax.generate.costs import token_counts
+    from greencode_jax.models import ModelConfig
+
+    config = ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=10, num_heads=2, num_kv_heads=1,
+                         head_dim=8, intermediate_size=32, max_position_embeddings=64, norm_eps=1e-5,
+                         activation="silu", tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+                         exit_layers=(2, 5, 7))
+    assert token_counts(config, "full", 9) == token_counts(config, "base", 9) == (10, 1, 0)
+    assert token_counts(config, "fixed", 5) == (6, 1, 2)
+    assert token_counts(config, "learned", 2) == (3, 1, 1)
+    assert token_counts(config, "learned", 9) == (10, 1, 3)  # never exited: every decision paid
+    assert token_counts(config, "confidence", 5) == (6, 2, 2)  # a head at decisions 2 and 5 (the exit's reused)
+    assert token_counts(config, "confidence", 9) == (10, 4, 3)  # three decisions' heads, then the last layer's
+
+
+def test_modelled_joules_price_a_confidence_policy_s_heads():
+    from greencode_jax.eval.joules import modelled_entry
+    from greencode_jax.models import ModelConfig
+
+    config = ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=10, num_heads=2, num_kv_heads=1,
+                         head_dim=8, intermediate_size=32, max_position_embeddings=64, norm_eps=1e-5,
+                         activation="silu", tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+                         exit_layers=(2, 5, 7))
+    cost = {"a_j": 0.2, "b_j_per_layer": 0.01, "c_j_per_head": 0.08, "d_j_per_decision": 0.002,
+            "method": "estimated", "num_layers": 10}
+    full = modelled_entry([9, 9], cost, config, "full")["joules"]
+    confidence = modelled_entry([9, 5], cost, config, "confidence")["joules"]
+    assert full == pytest.approx(2 * (0.2 + 0.1 + 0.08))
+    assert confidence == pytest.approx((0.2 + 0.1 + 4 * 0.08 + 3 * 0.002) + (0.2 + 0.06 + 2 * 0.08 + 2 * 0.002))
+    assert confidence > full  # it stopped early once, yet its heads cost more than they saved

@@ -194,3 +194,43 @@ def test_heads_need_a_pretrained_backbone(stdlib_corpus, tmp_path, capsys):
     assert main(["finetune", str(tmp_path / "x.yaml")]) == 2
     assert "train.method=heads trains exit heads on a frozen, pretrained backbone" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def small_corpus(stdlib_corpus, tmp_path_factory) -> Path:
+    """A few files of the stdlib in the big corpus's tokenizer: an epoch of a handful of batches."""
+    from greencode_jax.data import PrepareOptions, prepare_data
+
+    out = tmp_path_factory.mktemp("small") / "corpus"
+    prepare_data(PrepareOptions(lang="python", out=str(out), max_files=6, tokenizer=str(stdlib_corpus / "tokenizer"),
+                                line_samples=0, workers=1, progress=False, split=(0.7, 0.0, 0.3)))
+    return out
+
+
+def test_several_epochs_replay_cached_hidden_states_and_resume(pretrained, small_corpus, tmp_path):
+    """With more steps than batches in an epoch, the first epoch's hidden states are cached and
+    replayed; an interrupted run (fewer steps, then more) resumes onto the same cache and ends with
+    the heads an uninterrupted run has, bit for bit."""
+    def config(name, steps):
+        return {"run": {"name": name, "out_dir": str(tmp_path), "seed": 0, "log_every": 1, "progress": False},
+                "model": {"init": str(pretrained)}, "data": {"path": str(small_corpus), "seq_len": 64},
+                "train": {"method": "heads", "steps": steps, "batch_size": 8, "learning_rate": 1e-2,
+                          "exit_weights": "uniform"},
+                "checkpoint": {"every": 1, "keep": 1}, "eval": {"batches": 1}}
+
+    from greencode_jax.data import PreparedData
+
+    batches = PreparedData(small_corpus).stream("train", seq_len=64, global_batch=8, seed=0).batches_per_epoch
+    assert 2 <= batches <= 20
+    steps = batches + 3
+    (tmp_path / "whole.yaml").write_text(yaml.safe_dump(config("whole", steps)))
+    assert main(["finetune", str(tmp_path / "whole.yaml"), "--no-progress"]) == 0
+    assert len(list((tmp_path / "whole" / "hidden_cache").glob("*.hidden.npy"))) == batches
+    (tmp_path / "part.yaml").write_text(yaml.safe_dump(config("part", steps)))
+    # a run that stopped after batches + 1 steps (its checkpoint there), then the same run to the end
+    assert main(["finetune", str(tmp_path / "part.yaml"), f"train.steps={batches + 1}", "--no-progress"]) == 0
+    assert main(["finetune", str(tmp_path / "part.yaml"), "--no-progress"]) == 0
+    a = nnx.to_pure_dict(nnx.state(gc.load_pretrained(tmp_path / "whole" / "final"), nnx.Param))["exit_heads"]
+    b = nnx.to_pure_dict(nnx.state(gc.load_pretrained(tmp_path / "part" / "final"), nnx.Param))["exit_heads"]
+    for name in a:
+        assert np.array_equal(np.asarray(a[name]), np.asarray(b[name])), name

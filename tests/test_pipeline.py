@@ -55,7 +55,7 @@ def test_every_shipped_config_loads_as_a_whole_pipeline(name):
     from greencode_jax.cli.pipeline import load_pipeline_config
     from greencode_jax.eval.spec import policy_choices
 
-    _, finetune, _, energy, rollouts, rl, evaluate = load_pipeline_config(CONFIGS / name, [])
+    _, finetune, _, energy, rollouts, rl, evaluate, _ = load_pipeline_config(CONFIGS / name, [])
     exits = tuple(finetune.model.exit_layers)
     choices = policy_choices(evaluate.policies, exits, have_base=True, have_policy=True)
     assert any(c.family == "full" for c in choices) and any(c.family == "learned" for c in choices)

@@ -20,7 +20,7 @@ def test_every_stage_runs_then_a_rerun_skips_them(stdlib_corpus, tmp_path, monke
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "chain"
-    for stage in ("finetune", "calibrate", "rollouts", "policy", "evaluate"):
+    for stage in ("finetune", "calibrate", "rollouts", "policy", "certify", "evaluate"):
         assert f"[{stage}] done in" in out, out
     summary = json.loads((run / "evaluate" / "summary.json").read_text())
     policies = summary["protocols"]["completion"]["policies"]
@@ -31,10 +31,11 @@ def test_every_stage_runs_then_a_rerun_skips_them(stdlib_corpus, tmp_path, monke
     # A rerun skips every stage; a change of the reward reruns only the policy and the evaluation.
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date") == 5, out
+    assert out.count("up to date") == 6, out
     assert main(["run", str(path), "rl.beta=2"]) == 0
     out = capsys.readouterr().out
     assert "[rollouts] up to date" in out and "[policy] done in" in out and "[evaluate] done in" in out, out
+    assert "[certify] done in" in out, out  # the policy changed: its certification is made again
     # A corrupt output of an earlier stage is named with its stage; the others stay for the rerun.
     (run / "eval.json").write_text('{"split": "te')
     assert main(["run", str(path), "rl.beta=2"]) == 2

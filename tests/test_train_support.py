@@ -55,6 +55,8 @@ def chain_config(corpus: Path, cost: Path, policies: str = "full; fixed:0; confi
         "rollouts": {"episodes": 8, "validation_episodes": 4, "batch_size": 4, "max_context": 40},
         "rl": {"num_envs": 8, "num_steps": 16, "minibatch_size": 64, "total_timesteps": timesteps, "hidden": [8, 8],
                "checkpoint_every": 2},
+        # a delta this loose certifies with the dozen dev documents of the corpus (n >= 7 at epsilon 0.1)
+        "certify": {"delta": 0.3, "batch_size": 4},
     }
 
 

@@ -48,13 +48,17 @@ def cmd_evaluate(args):
                        policies=args.policies, samples=args.samples, batch_size=args.batch_size,
                        protocols=args.protocols, cost_model=args.cost_model, energy_config=_energy_config(args.set),
                        config=config, progress=not args.no_progress,
-                       allow_foreign_policy=True if args.allow_foreign_policy else None)
+                       allow_foreign_policy=True if args.allow_foreign_policy else None, certified=args.certified)
     for protocol, proto in summary["protocols"].items():
         n = max((p["n"] for p in proto["policies"].values()), default=0)
         print(f"\n{protocol} ({n} samples; Pareto cost: {proto['pareto_cost'] or 'none'})")
         print(format_table(main_table(summary, protocol)))
     for name, reason in summary.get("unavailable", {}).items():
         print(f"{name} unavailable: {reason}")
+    if summary.get("certified"):
+        from greencode_jax.eval.report import certified_lines
+
+        print("\n".join(["", *certified_lines(summary["certified"])[2:]]))
     print()
     for name in ("samples.jsonl", "summary.json", "report.md", "pareto.png", "exits.png"):
         print(f"wrote {args.out}/{name}")
@@ -88,10 +92,62 @@ def register(subparsers):
                         "report says so")
     p.add_argument("--config", default=None, metavar="YAML", help="a config whose `eval` section gives the settings; "
                    "the options above override it")
+    p.add_argument("--certified", default=None, metavar="FILE", help="`greencode certify` JSON: adds the rows "
+                   "learned@certified and confidence@certified and their realised loss on the test split")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="EnergyConfig field override for the measured joules, repeatable: e.g. cpu_backend=off")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_certify(args):
+    import dataclasses
+
+    from greencode_jax.cli.config import apply_overrides, read_yaml, typed_section
+    from greencode_jax.eval.certify_run import CertifySection, certify
+    from greencode_jax.eval.config import EvalConfig
+
+    data = read_yaml(args.config) if args.config else {}
+    source = str(args.config or "certify")
+    data.setdefault("certify", {})
+    for item in args.overrides:
+        if not item.startswith("certify."):
+            raise GreencodeError(f"override {item!r}: certify takes certify.field=value overrides")
+    data = apply_overrides(data, list(args.overrides), source)
+    values = data.get("certify") or {}
+    if not isinstance(values, dict):
+        raise GreencodeError(f"{source}: section 'certify' must be a mapping of fields")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    section = typed_section(CertifySection, values, "certify", source)
+    config = EvalConfig.from_dict(data.get("eval") or {}, source=f"{source} (section 'eval')") if args.config \
+        else EvalConfig()
+    result = certify(args.checkpoint, args.data, args.out, policy_dir=args.policy,
+                     config=dataclasses.replace(config, certified=""), section=section, progress=not args.no_progress)
+    print(f"wrote {args.out}: delta {result['delta']:.4g} ({result['delta_rule']}), epsilon {result['epsilon']:g}, "
+          f"{result['n']} {result['split']} samples")
+    for family, entry in result["families"].items():
+        threshold = entry["certified"]
+        print(f"  {family}: {'none (never exit)' if threshold is None else threshold}")
+
+
+def register_certify(subparsers):
+    p = subparsers.add_parser(
+        "certify", help="the most aggressive exit threshold whose loss against Full() is <= delta with probability "
+                        ">= 1 - epsilon (Learn-then-Test), for the learned policy and confidence exits",
+        description="Certifies exit thresholds on a calibration split disjoint from the test split (dev by "
+                    "default): per-sample losses against the full model's own output (risk: ROUGE-L below the "
+                    "full model's; textual: any token differs), Hoeffding-Bentkus p-values, fixed-sequence testing "
+                    "from the most conservative threshold. Writes a JSON that `greencode evaluate --config` "
+                    "(eval.certified) turns into the rows learned@certified and confidence@certified. Every field of "
+                    "the certify section can be set as certify.field=value. See docs/evaluate.md.")
+    p.add_argument("checkpoint", help="greencode checkpoint (or Hugging Face model directory)")
+    p.add_argument("--data", required=True, help="directory written by `greencode prepare-data`")
+    p.add_argument("--out", required=True, help="the certification JSON to write")
+    p.add_argument("--policy", default=None, metavar="DIR", help="learned policy directory (the learned family)")
+    p.add_argument("--config", default=None, metavar="YAML", help="a config whose certify and eval sections are read")
+    p.add_argument("overrides", nargs="*", help="certify.field=value overrides, e.g. certify.epsilon=0.05")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_certify)
 
 
 def cmd_bench_eval(args):

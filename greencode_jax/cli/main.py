@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_energy(sub)
     rl_cmd.register(sub)
     eval_cmd.register(sub)
+    eval_cmd.register_certify(sub)
 
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

@@ -36,7 +36,7 @@ from greencode_jax.train.loop import check_run_directory
 
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")
 FINETUNE_SECTIONS = ("run", "model", "data", "train", "parallel", "checkpoint", "eval")
-PIPELINE_SECTIONS = ("energy", "rollouts", "rl")
+PIPELINE_SECTIONS = ("energy", "rollouts", "rl", "certify")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ def _section(cls, values, name, source):
 
 def load_pipeline_config(path, overrides):
     """(resolved mapping, FinetuneConfig, its resolved YAML, EnergySection, RolloutsSection,
-    RLSection, EvalConfig): every section checked before anything runs."""
+    RLSection, EvalConfig, CertifySection): every section checked before anything runs."""
     from greencode_jax.cli.config import apply_overrides
     from greencode_jax.cli.rl_cmd import rl_section_from_dict
     from greencode_jax.cli.train_cmd import finetune_config_from_dict
@@ -99,7 +99,10 @@ def load_pipeline_config(path, overrides):
     energy = _section(EnergySection, stage_part["energy"], "energy", source)
     rollouts = _section(RolloutsSection, stage_part["rollouts"], "rollouts", source)
     rl = rl_section_from_dict(stage_part["rl"], source)
-    return data, finetune, resolved, energy, rollouts, rl, evaluate
+    from greencode_jax.eval.certify_run import CertifySection
+
+    certify = _section(CertifySection, stage_part["certify"], "certify", source)
+    return data, finetune, resolved, energy, rollouts, rl, evaluate, certify
 
 
 def read_stage_json(path: Path, stage: str) -> dict:
@@ -187,7 +190,8 @@ def remove_stale_outputs(paths, stage_name: str):
 
 
 def run_pipeline(config_path, overrides):
-    data, finetune, resolved, energy, rollouts, rl, evaluate_cfg = load_pipeline_config(config_path, overrides)
+    data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, certify = load_pipeline_config(config_path,
+                                                                                                  overrides)
     run_dir = Path(finetune.run.out_dir) / finetune.run.name
     source = str(config_path or QUICKSTART)
     inputs = {"config": config_path, "data": finetune.data.path or None,
@@ -200,7 +204,7 @@ def run_pipeline(config_path, overrides):
         if ownership.read_manifest(run_dir) is None:
             ownership.write_manifest(run_dir, "run", inputs)
         try:
-            _run_stages(run_dir, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, source)
+            _run_stages(run_dir, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, certify, source)
         except BaseException:
             if set(os.listdir(run_dir)) <= {"pipeline.yaml", "pipeline.json", ownership.MANIFEST}:
                 for directory in new_dirs:  # failed before any stage made anything
@@ -208,7 +212,7 @@ def run_pipeline(config_path, overrides):
             raise
 
 
-def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, source: str):
+def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, certify, source: str):
     from greencode_jax.cli.train_cmd import print_evaluation
     from greencode_jax.train import train
 
@@ -295,9 +299,24 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
     stages.run("policy", pol_key, [policy_dir], do_policy,
                f"PPO, {rl_cfg.total_timesteps:,} timesteps, reward {rl_cfg.reward}", stale=[policy_dir])
 
+    certification = run_dir / "certify.json"
+    protocol = {k: evaluate_cfg.to_dict()[k] for k in ("context_fraction", "new_tokens", "max_context")}
+    cert_key = _digest(pol_key, dataclasses.asdict(certify), protocol)
+
+    def do_certify():
+        from greencode_jax.eval.certify_run import certify as run_certify
+
+        run_certify(final, data_dir, certification, policy_dir=policy_dir if "learned" in certify.families else None,
+                    config=evaluate_cfg, section=certify)
+
+    stages.run("certify", cert_key, [certification], do_certify,
+               f"Learn-then-Test on the {certify.split} split: {', '.join(certify.families)}, {certify.loss} loss, "
+               f"epsilon {certify.epsilon:g}", stale=[certification])
+
     eval_dir = run_dir / "evaluate"
     base = None if finetune.model.init == "scratch" else finetune.model.init
-    ev_key = _digest(pol_key, evaluate_cfg.to_dict(), str(base))
+    evaluate_cfg = dataclasses.replace(evaluate_cfg, certified=str(certification))
+    ev_key = _digest(pol_key, cert_key, evaluate_cfg.to_dict(), str(base))
 
     def do_evaluate():
         from greencode_jax.eval.run import evaluate

@@ -14,7 +14,8 @@ from greencode_jax.errors import GreencodeError
 
 # fields whose YAML value is not of their default's type (typed_section checks that), checked here instead
 PIPELINE_ONLY_SECTIONS = ("energy", "rollouts", "rl")  # read by `greencode run`'s later stages
-_SPECIAL_FIELDS = {("model", "exit_layers"), ("model", "config"), ("train", "exit_weights")}
+_SPECIAL_FIELDS = {("model", "exit_layers"), ("model", "config"), ("train", "exit_weights"),
+                   ("data", "prepare_split")}
 
 
 def load_finetune_config(path, overrides):
@@ -77,6 +78,12 @@ def _special(section: str, key: str, value, source: str):
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a list of 0-based layer indices")
         return tuple(value)
+    if key == "prepare_split":
+        from greencode_jax.yamlfile import as_float
+
+        if not isinstance(value, list) or len(value) != 3:
+            raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected three train, dev, test ratios")
+        return tuple(as_float(v) for v in value)
     if key == "config":
         if value is not None and not isinstance(value, dict):
             raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a mapping of Hugging Face "

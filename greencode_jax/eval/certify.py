@@ -75,7 +75,8 @@ class Certification:
     def to_dict(self) -> dict:
         return {"delta": self.delta, "epsilon": self.epsilon, "n": self.n, "bound": self.bound,
                 "certified": self.certified,
-                "candidates": [{"threshold": t, "risk": r, "p_value": p, "rejected": p is not None and p <= self.epsilon}
+                "candidates": [{"threshold": t, "risk": r, "p_value": p,
+                                "rejected": p is not None and p <= self.epsilon}
                                for t, r, p in zip(self.thresholds, self.risks, self.p_values)]}
 
 
@@ -94,7 +95,8 @@ def fixed_sequence(thresholds, losses, delta: float, epsilon: float, bound: str 
         raise GreencodeError(f"certify.bound={bound!r}: expected one of {BOUNDS}")
     losses = np.asarray(losses, dtype=np.float64)
     if losses.ndim != 2 or losses.shape[0] != len(thresholds) or losses.shape[1] == 0:
-        raise GreencodeError(f"losses of shape {list(losses.shape)}: expected [{len(thresholds)} thresholds, n samples]")
+        raise GreencodeError(f"losses of shape {list(losses.shape)}: expected [{len(thresholds)} thresholds, "
+                             "n samples]")
     if not np.all(np.isfinite(losses)) or losses.min() < 0 or losses.max() > 1:
         raise GreencodeError("per-sample losses must lie in [0, 1]")
     n = losses.shape[1]
@@ -102,7 +104,7 @@ def fixed_sequence(thresholds, losses, delta: float, epsilon: float, bound: str 
     if n < needed:
         raise GreencodeError(f"{n} calibration samples cannot certify any threshold at delta={delta:g}, "
                              f"epsilon={epsilon:g}: the {bound.replace('_', '-')} bound needs at least {needed} "
-                             "(raise certify.samples, or delta)")
+                             "(a larger calibration split, or a larger delta)")
     risks = tuple(float(r) for r in losses.mean(axis=1))
     p_values, certified = [], None
     for threshold, risk in zip(thresholds, risks):

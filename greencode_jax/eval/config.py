@@ -34,6 +34,7 @@ class EvalConfig:
     thresholds: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # grid of a bare `learned` item (1.0 is added)
     cost_model: str = ""  # `greencode energy calibrate --out` JSON for the modelled joules ("": none)
     allow_foreign_policy: bool = False  # evaluate a policy trained on another checkpoint (the report says so)
+    certified: str = ""  # `greencode certify` JSON: adds the rows learned@certified, confidence@certified ("": none)
 
     def __post_init__(self):
         sizes = (self.batch_size,) if isinstance(self.batch_size, int) else tuple(self.batch_size)
@@ -61,7 +62,7 @@ class EvalConfig:
                     or not 0.0 <= t <= 1.0 for t in values):
                 _bad(name, getattr(self, name), "a non-empty list of thresholds in 0..1")
             object.__setattr__(self, name, tuple(float(t) for t in values))
-        for name in ("policies", "split", "cost_model"):
+        for name in ("policies", "split", "cost_model", "certified"):
             if not isinstance(getattr(self, name), str):
                 _bad(name, getattr(self, name), "a string")
         if not isinstance(self.allow_foreign_policy, bool):

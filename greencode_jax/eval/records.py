@@ -46,8 +46,9 @@ def check_resumable(out: Path, settings: dict | None):
     if not isinstance(stored_settings, dict):
         raise GreencodeError(f"{path}: not the settings of an evaluation; choose a new --out directory")
     if settings is not None and stored_settings != settings:
-        raise GreencodeError(f"--out {out}: an evaluation with other settings ({_differences(stored_settings, settings)}"
-                             "); resume it with the same settings or choose a new directory")
+        differ = _differences(stored_settings, settings)
+        raise GreencodeError(f"--out {out}: an evaluation with other settings ({differ}); resume it with the same "
+                             "settings or choose a new directory")
 
 
 def _differences(before: dict, now: dict, prefix: str = "") -> str:

@@ -109,8 +109,23 @@ def render_markdown(summary: dict, header: dict) -> str:
         lines += ["", "No records were summarised."]
     for protocol, proto in summary["protocols"].items():
         lines += ["", *_protocol_section(protocol, proto)]
+    if summary.get("certified"):
+        lines += ["", *certified_lines(summary["certified"])]
     lines.append("")
     return "\n".join(lines)
+
+
+def certified_lines(certified: dict) -> list[str]:
+    """What each certified threshold promises and what the test split realised."""
+    lines = ["## Certified thresholds (Learn-then-Test)", ""]
+    for label, c in certified.items():
+        threshold = "none (never exits)" if c["threshold"] is None else f"{c['threshold']:g}"
+        realised = ", ".join(f"{k}: {v:.4g} ({'within' if c['within_delta'][k] else 'ABOVE'} delta)"
+                             for k, v in c["test_loss"].items())
+        lines.append(f"- {label}: threshold {threshold}; with probability >= {1 - c['epsilon']:g} its expected "
+                     f"{c['loss']} loss against Full() is <= {c['delta']:.4g} (calibrated on {c['calibration_n']} "
+                     f"{c['calibration_split']} samples); realised on test: {realised or 'not evaluated'}")
+    return lines
 
 
 def _protocol_section(protocol: str, proto: dict) -> list[str]:
@@ -310,8 +325,16 @@ def pareto_png(summary: dict) -> bytes:
             ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o", color=FAMILY_COLOURS.get(family, "tab:purple"),
                         label=family, capsize=2, markersize=5, linewidth=0.8)
             for (k, p, x, y) in mine:
-                ax.annotate(_label(p), (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
+                # labels only where they say something: the front, the certified rows, Full() and the base;
+                # a dozen labelled points overlap into one block (the table names every row)
+                certified = str(p.get("setting", "")).startswith("certified")
+                if certified:
+                    ax.scatter([x["mean"]], [y["mean"]], marker="*", s=160, color=FAMILY_COLOURS.get(family, "k"),
+                               edgecolors="black", linewidths=0.8, zorder=3)
+                if p.get("pareto") or certified or family in ("full", "base"):
+                    ax.annotate(k if certified or family in ("full", "base") else _label(p), (x["mean"], y["mean"]),
+                                textcoords="offset points", xytext=(5, 5), fontsize=7,
+                                fontweight="bold" if certified else "normal")
         front = sorted((x["mean"], y["mean"]) for k, p, x, y in points if p.get("pareto"))
         if front:
             ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="tab:red", linewidth=1.2,
@@ -321,7 +344,7 @@ def pareto_png(summary: dict) -> bytes:
         ax.set_title(protocol)
         ax.grid(True, alpha=0.3)
         if points:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, title="labelled: the front, certified (*), full, base", title_fontsize=7)
         else:
             ax.text(0.5, 0.5, "no policy has both a cost and ROUGE-L", ha="center", va="center",
                     transform=ax.transAxes)

@@ -157,6 +157,7 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
     from greencode_jax.data import PreparedData
     from greencode_jax.convert.fingerprint import check_corpus_tokenizer
     from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
+    from greencode_jax.eval.certify_run import load_certification
     from greencode_jax.eval.spec import policy_choices
     from greencode_jax.generate import _check_policy
     from greencode_jax.generate.policies import Learned, foreign_policy, read_policy_info
@@ -176,6 +177,9 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
     choices = policy_choices(cfg.policies or None, model.config.exit_layers, have_base=base_model is not None,
                              have_policy=learned is not None, confidence_grid=cfg.confidence_thresholds,
                              learned_grid=cfg.thresholds)
+    certification = load_certification(cfg.certified) if cfg.certified else None
+    if certification is not None:
+        choices += certified_choices(certification, have_policy=learned is not None, source=cfg.certified)
     policies = {}
     for choice in choices:
         policy = choice.build(learned)
@@ -226,6 +230,24 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
                                     "(at batch B: window / B); modelled joules per sample")
     return Plan(cfg, data, tokenizer, model, base_model, learned, choices, policies, protocols, cost, settings,
                 header)
+
+
+def certified_choices(certification: dict, *, have_policy: bool, source) -> list:
+    """The rows `learned@certified` and `confidence@certified` (softmax_max) at the thresholds a
+    certification holds; a family with none certified never exits (its row then equals Full())."""
+    from greencode_jax.eval.spec import NEVER_EXITS, PolicyChoice
+
+    choices = []
+    for family, entry in certification["families"].items():
+        if family == "learned" and not have_policy:
+            raise GreencodeError(f"{source}: certifies a learned threshold, but no --policy is given")
+        threshold = entry.get("certified")
+        never = NEVER_EXITS if family == "learned" else 2.0  # P(exit) > 1 and a top probability >= 2: never
+        setting = "certified: none (never exits)" if threshold is None else f"certified: {threshold:g}"
+        choices.append(PolicyChoice(f"{family}@certified", family, setting, "checkpoint",
+                                    measure="softmax_max" if family == "confidence" else None,
+                                    threshold=never if threshold is None else float(threshold)))
+    return choices
 
 
 def _batch(prompts: list, size: int, multiple: int, pad_id: int):
@@ -349,6 +371,32 @@ class _Runner:
         return records
 
 
+def realised_risks(certification: dict, records: list[dict]) -> dict:
+    """Per certified row: what was promised (δ, ε, the calibration's n) and what the test split
+    realised, the mean per-sample loss against Full() (ROUGE-L below the full model's, or any
+    differing output), per protocol and batch size."""
+    full = {(r["protocol"], r["batch_size"], r["sample"]): r for r in records if r["family"] == "full"}
+    out = {}
+    for family, entry in certification["families"].items():
+        label = f"{family}@certified"
+        losses = {}
+        for r in records:
+            if r["policy"] != label:
+                continue
+            ref = full[(r["protocol"], r["batch_size"], r["sample"])]
+            if certification["loss"] == "textual":
+                loss = float(r["token_ids"] != ref["token_ids"])
+            else:
+                loss = max(0.0, ref["metrics"]["rouge_l"] - r["metrics"]["rouge_l"])
+            losses.setdefault(f"{r['protocol']} (batch {r['batch_size']})", []).append(loss)
+        out[label] = {"threshold": entry.get("certified"), "delta": certification["delta"],
+                      "epsilon": certification["epsilon"], "calibration_n": certification["n"],
+                      "calibration_split": certification["split"], "loss": certification["loss"],
+                      "test_loss": {k: float(np.mean(v)) for k, v in losses.items()},
+                      "within_delta": {k: bool(np.mean(v) <= certification["delta"]) for k, v in losses.items()}}
+    return out
+
+
 def _header(plan: Plan, meter, runner: _Runner) -> dict:
     header = dict(plan.header)
     methods = "; ".join(f"{s.spec.key}: {s.backend.method} via {s.backend.name}" for s in meter.selections)
@@ -360,7 +408,7 @@ def _header(plan: Plan, meter, runner: _Runner) -> dict:
 @holds_output_lock("out_dir")
 def evaluate(checkpoint, data_dir, out_dir, *, policy_dir=None, base=None, policies=None, samples=None,
              batch_size=None, protocols=None, cost_model=None, energy_config=None, config: EvalConfig | None = None,
-             progress: bool = True, allow_foreign_policy: bool | None = None) -> dict:
+             progress: bool = True, allow_foreign_policy: bool | None = None, certified=None) -> dict:
     """Evaluates `checkpoint` on the prepared corpus `data_dir` into `out_dir`; returns the summary.
 
     Keyword arguments other than None replace the fields of `config` (default `EvalConfig()`):
@@ -380,11 +428,11 @@ def evaluate(checkpoint, data_dir, out_dir, *, policy_dir=None, base=None, polic
 
     given = {"policies": policies, "samples": samples, "batch_size": batch_size, "protocols": protocols,
              "cost_model": None if cost_model is None else str(cost_model),
-             "allow_foreign_policy": allow_foreign_policy}
+             "allow_foreign_policy": allow_foreign_policy, "certified": None if certified is None else str(certified)}
     cfg = dataclasses.replace(config or EvalConfig(), **{k: v for k, v in given.items() if v is not None})
     out = Path(out_dir)
     inputs = {"checkpoint": checkpoint, "data": data_dir, "policy": policy_dir, "base": base,
-              "cost_model": cfg.cost_model or None}
+              "cost_model": cfg.cost_model or None, "certified": cfg.certified or None}
     check_not_an_input(out, inputs, replacing=True)  # records are appended to it: never into an input
     check_resumable(out, None)
     plan = plan_evaluation(checkpoint, data_dir, policy_dir=policy_dir, base=base, config=cfg,
@@ -411,6 +459,10 @@ def evaluate(checkpoint, data_dir, out_dir, *, policy_dir=None, base=None, polic
         store.close()
         meter.close()
     summary = summarize(records, lang=plan.data.lang)
+    if cfg.certified:
+        from greencode_jax.eval.certify_run import load_certification
+
+        summary["certified"] = realised_risks(load_certification(cfg.certified), records)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_report(out, summary, records, header=_header(plan, meter, runner))
     return summary

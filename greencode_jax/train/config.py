@@ -40,6 +40,7 @@ class DataSection:
     prepare_vocab_size: int = 8192  # BPE vocabulary of that automatic preparation
     prepare_view: str = "codexglue"  # what the model reads: CodeXGLUE's space-joined tokens, or "raw" source text
     prepare_max_files: int = 0  # 0: every file
+    prepare_split: tuple = (0.8, 0.1, 0.1)  # train, dev, test ratios by path hash (dev: calibration and validation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TrainSection:
     head_rank: int = 64  # heads: the rank of a lowrank head
     kd_temperature: float = 1.0  # heads: the distillation temperature
     ce_weight: float = 0.0  # heads: weight of the next-token cross-entropy mixed into the distillation loss
+    cache_gb: float = 8.0  # heads, several epochs: cache the first epoch's hidden states if they fit in this many GB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,7 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["model"]["exit_layers"] = list(self.model.exit_layers)
+        out["data"]["prepare_split"] = list(self.data.prepare_split)
         if isinstance(self.train.exit_weights, tuple):
             out["train"]["exit_weights"] = list(self.train.exit_weights)
         return out

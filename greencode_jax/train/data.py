@@ -58,6 +58,16 @@ def _prepare_tokenizer(section: DataSection, model_init: str, source: str) -> st
     return str(resolve_model_dir(model_init))
 
 
+def _split(ratios, source: str) -> tuple:
+    """data.prepare_split as prepare-data's --split takes it (three ratios summing to 1)."""
+    from greencode_jax.data.split import parse_ratios
+
+    try:
+        return parse_ratios(",".join(str(r) for r in ratios))
+    except GreencodeError as error:
+        raise GreencodeError(f"{source}: data.prepare_split={list(ratios)}: {str(error).split(': ', 2)[-1]}") from None
+
+
 class TrainData:
     def __init__(self, section: DataSection, seed: int, source: str = "config", primary: bool = True,
                  progress: bool = False, model_init: str = "scratch"):
@@ -84,7 +94,8 @@ class TrainData:
                 with _new_parents(path):  # a failed preparation leaves no directory it created
                     prepare_data(PrepareOptions(lang=section.prepare_lang, out=str(path), tokenizer=tokenizer,
                                                 vocab_size=section.prepare_vocab_size, view=section.prepare_view,
-                                                max_files=section.prepare_max_files or None, progress=progress))
+                                                max_files=section.prepare_max_files or None,
+                                                split=_split(section.prepare_split, source), progress=progress))
             _barrier("greencode-prepare-data")
         elif not path.exists():
             raise GreencodeError(f"{source}: data.path={path}: no such directory; prepare it with `greencode "

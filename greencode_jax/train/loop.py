@@ -44,7 +44,7 @@ from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from greencode_jax.train.methods import METHODS, heads_config, make_method
 from greencode_jax.train.weights import exit_weights
 
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "eval.json", "final")
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "eval.json", "final", "hidden_cache")
 PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: the run stopped early, a checkpoint holds its progress
 
 
@@ -255,7 +255,10 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
     checkpoint_dir = checkpoints.directory
 
     feeder = BatchFeeder(mesh, t.grad_accum, t.batch_size, cfg.data.seq_len)
-    train_step = method.make_step(feeder)
+    cache_note = None
+    if method.name == "heads":
+        cache_note = method.use_cache(run_dir / "hidden_cache", total_steps, stream, t.cache_gb * 1e9)
+    train_step = method.make_any_step(feeder) if method.name == "heads" else method.make_step(feeder)
     evaluator = Evaluator(config, weights, cfg.model.compute_dtype, method.param_shardings(), mesh, data, cfg)
     meta_base = {"model": model_signature(config), "state": state_signature(abstract_state, config),
                  "config": cfg.to_dict(), "process_count": info.process_count, "exit_weights": weights}
@@ -267,6 +270,10 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
               f"{t.batch_size}x{t.grad_accum}x{cfg.data.seq_len} tokens on {mesh.size} device(s) "
               f"(data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}, {info.process_count} process(es)); "
               + where, flush=True)
+        if method.name == "heads":
+            print(f"  train.method=heads: {t.head} exit heads on the frozen backbone, distilled from the last layer "
+                  f"(temperature {t.kd_temperature:g}, cross-entropy weight {t.ce_weight:g}); {cache_note}",
+                  flush=True)
 
     from tqdm import tqdm
 

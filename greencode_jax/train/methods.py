@@ -169,8 +169,71 @@ class ExitHeadsTraining:
             self._hidden_jit = jax.jit(lambda frozen, tokens: jax.lax.map(lambda t: self._hidden(frozen, t), tokens))
         return self._hidden_jit(self.frozen, tokens)
 
+    def use_cache(self, directory, total_steps: int, stream, max_bytes: float) -> str:
+        """Replays hidden states from `directory` when the run reads its batches more than once and
+        they fit in `max_bytes`; returns what it decided, for the run's header."""
+        batches = stream.batches_per_epoch
+        if total_steps <= batches:
+            return "hidden states computed in each step (one pass over the data)"
+        c, t = self.config, self.cfg.train
+        per_batch = len(c.exit_layers) * t.batch_size * t.grad_accum * (self.cfg.data.seq_len - 1) * c.hidden_size * 4
+        if per_batch * batches > max_bytes:
+            return (f"hidden states computed in each step: {batches} batches would take "
+                    f"{per_batch * batches / 1e9:.1f} GB of cache (train.cache_gb={max_bytes / 1e9:g})")
+        self.cache = HiddenCache(directory, self.cfg.run.seed, batches)
+        return f"hidden states of the {batches} batches of an epoch cached once in {directory}, replayed after"
+
     def inputs(self, step: int, stream, feeder):
-        return feeder.tokens(next(stream)["tokens"])
+        if self.cache is None:
+            return feeder.tokens(next(stream)["tokens"])
+        index = self.cache.batch_of(step)
+        cached = self.cache.get(index)
+        if cached is None:
+            hidden, targets = self.backbone_hidden(feeder.tokens(stream.batch(index)["tokens"]))
+            cached = self.cache.put(index, np.asarray(hidden), np.asarray(targets))
+        return tuple(jnp.asarray(x) for x in cached)
+
+    def make_any_step(self, feeder):
+        """The step `inputs` feeds: on tokens, or on cached hidden states."""
+        return self.make_cached_step(feeder) if self.cache is not None else self.make_step(feeder)
+
+
+class HiddenCache:
+    """Per batch of the first epoch: the frozen backbone's exit states and next tokens, as .npy
+    files written atomically (memory-mapped when read). Later epochs replay the same batches in a
+    new order each epoch, drawn from the run's seed."""
+
+    def __init__(self, directory, seed: int, batches: int):
+        from pathlib import Path
+
+        self.directory, self.seed, self.batches = Path(directory), seed, batches
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def batch_of(self, step: int) -> int:
+        epoch, position = divmod(step, self.batches)
+        if epoch == 0:
+            return position
+        order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 0xCAC4E])).permutation(self.batches)
+        return int(order[position])
+
+    def _path(self, index: int, name: str):
+        return self.directory / f"{index:06d}.{name}.npy"
+
+    def get(self, index: int):
+        paths = [self._path(index, name) for name in ("hidden", "targets")]
+        if not all(p.is_file() for p in paths):
+            return None
+        return tuple(np.load(p, mmap_mode="r") for p in paths)
+
+    def put(self, index: int, hidden, targets):
+        import os
+
+        for name, array in (("targets", targets), ("hidden", hidden)):  # hidden last: it marks the batch done
+            path = self._path(index, name)
+            tmp = path.with_name(path.name + ".tmp.npy")
+            np.save(tmp, array)
+            os.replace(tmp, path)
+        return hidden, targets
 
 
 def _accumulate(grad_fn, micro_batches):
