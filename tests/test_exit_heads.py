@@ -234,3 +234,13 @@ def test_several_epochs_replay_cached_hidden_states_and_resume(pretrained, small
     b = nnx.to_pure_dict(nnx.state(gc.load_pretrained(tmp_path / "part" / "final"), nnx.Param))["exit_heads"]
     for name in a:
         assert np.array_equal(np.asarray(a[name]), np.asarray(b[name])), name
+
+
+def test_heads_asked_for_on_a_model_without_them_is_one_error(plain, tmp_path):
+    checkpoint = gc.save_checkpoint(plain, tmp_path / "full_finetune")
+    with pytest.raises(gc.GreencodeError, match=r"full_finetune: has no exit heads"):
+        gc.load_pretrained(checkpoint, exit_heads=True)
+    exported = gc.export_pretrained(with_heads(plain, scale=0.3), tmp_path / "hf")
+    attached = gc.load_pretrained(checkpoint, exit_heads=exported / "exit_heads.safetensors")
+    assert np.array_equal(np.asarray(attached.logits(np.arange(8)[None], layer=0)),
+                          np.asarray(gc.load_pretrained(exported).logits(np.arange(8)[None], layer=0)))

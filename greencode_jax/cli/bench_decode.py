@@ -28,9 +28,11 @@ HF_BOUND_GPU = 2.0  # on a GPU (bf16, ~1B Llama): >= 2x transformers' generate
 SMALL_MODEL_PARAMS = 20e6
 EXIT_RATIO_BOUND = 1.15  # t(FixedExit(k)) / t(Full()) within 1.15x of the ratio of bytes read
 LEARNED_BOUND = 1.03  # Learned adds <= 3 % to a full-depth token (against the same skip path)
+HEAD_BOUND = 1.02  # an exit head adds <= 2 % to a token that exits through it
 SKIP_PATH = "Skip path (never exits)"
 LEARNED = "Learned (never exits)"
-LEARNED_FUSED = "Learned, fused kernel"  # the same policy with kernel="pallas" (generate.policy_kernel)
+LEARNED_FUSED = "Learned, fused kernel"
+NO_HEAD = "Same exit, no head"  # the middle FixedExit row on the model without its exit heads  # the same policy with kernel="pallas" (generate.policy_kernel)
 
 
 class ReadBandwidth:
@@ -184,9 +186,9 @@ def run_bench_decode(args) -> dict:
         if kernel in kernels:
             policies[name] = (gc.policies.Learned(learned_params, threshold=2.0, kernel=kernel), None)
 
-    def ours(policy):
+    def ours(policy, on=model):
         return lambda n: jax.block_until_ready(
-            model.generate(ids, max_new_tokens=n, policy=policy, stop_tokens=()).tokens)
+            on.generate(ids, max_new_tokens=n, policy=policy, stop_tokens=()).tokens)
 
     torch_ids = torch.tensor(ids, device=device)
 
@@ -198,6 +200,16 @@ def run_bench_decode(args) -> dict:
         return tokens
 
     runners = {name: ours(policy) for name, (policy, _) in policies.items()}
+    headless = None
+    if model.exit_heads is not None and len(targets) > 1:  # what a head adds to a token that exits through it
+        from flax import nnx
+
+        headless = nnx.clone(model)
+        headless.exit_heads = nnx.data(None)
+        headless.config = config.replace(exit_head="", exit_head_rank=0)
+        middle = targets[len(targets) // 2]
+        runners[NO_HEAD] = ours(gc.policies.FixedExit(middle), headless)
+        policies[NO_HEAD] = (gc.policies.FixedExit(middle), middle)
     runners["transformers"] = transformers_generate
     for name, run in list(runners.items()):  # compile / warm up both lengths
         try:
@@ -219,6 +231,11 @@ def run_bench_decode(args) -> dict:
                           ratio_to_full=statistics.median(to_full),
                           ratio_to_full_quartiles=quartiles(to_full), bytes=weight_bytes(model, layer),
                           call_seconds=[statistics.median(calls) for calls in zip(*whole[name])])
+    if NO_HEAD in rows:
+        with_head = f"FixedExit({policies[NO_HEAD][1]})"
+        ratios = paired_ratios(samples, with_head, NO_HEAD)
+        rows[with_head]["ratio_to_no_head"] = statistics.median(ratios)
+        rows[with_head]["ratio_to_no_head_quartiles"] = quartiles(ratios)
     for name in learned_rows.keys() & rows.keys():
         ratios = paired_ratios(samples, name, SKIP_PATH)
         rows[name]["ratio_to_skip_path"] = statistics.median(ratios)
@@ -403,6 +420,8 @@ def _print(r: dict, hf_bound: float):
         ms = f"{name:23s} {row_ms:8.2f} ms/token = {_checked(time_ratio, 'Full()', row_ms, full_ms)}"
         if name == SKIP_PATH:
             print(f"  {ms}: FixedExit(last), a lax.cond after each of {len(r['exit_layers']) - 1} exit decisions")
+        elif name == NO_HEAD:
+            print(f"  {ms}: the same exit on the model with its exit heads removed")
         elif "ratio_to_skip_path" in row:  # a Learned row
             policy_cost, spread = row["ratio_to_skip_path"], row["ratio_to_skip_path_quartiles"]
             print(f"  {ms}, {_checked(policy_cost, 'the skip path', row_ms, skip_ms)} (rounds' quartiles "
@@ -413,3 +432,8 @@ def _print(r: dict, hf_bound: float):
             print(f"  {ms}, bytes {bytes_ratio:.3f}x -> {within:.2f}x the byte ratio (rounds' quartiles "
                   f"{spread[0]:.2f}-{spread[1]:.2f}; bound <= {EXIT_RATIO_BOUND}: "
                   f"{bounded_verdict(within, spread, EXIT_RATIO_BOUND)})")
+            if "ratio_to_no_head" in row:
+                head, spread = row["ratio_to_no_head"], row["ratio_to_no_head_quartiles"]
+                print(f"  {'':23s} through its exit head: {head:.3f}x the same exit without heads (rounds' quartiles "
+                      f"{spread[0]:.3f}-{spread[1]:.3f}; bound <= {HEAD_BOUND}: "
+                      f"{bounded_verdict(head, spread, HEAD_BOUND)})")

@@ -19,7 +19,6 @@ environment is keyed by its global index, so the environments too are the same.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax

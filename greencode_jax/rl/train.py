@@ -47,7 +47,7 @@ def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None
 
         fit = load_cost_model(cfg.cost_model, {**(architecture or {}), "num_layers": num_layers},
                               what="rl.cost_model")
-        a, b = fit["a_j"], fit["b_j_per_layer"]
+        b = fit["b_j_per_layer"]
         if b <= 0:
             raise GreencodeError(f"{cfg.cost_model}: {b:g} J per layer; an energy reward needs a cost that grows "
                                  "with depth (calibrate again, with longer windows)")
@@ -142,7 +142,6 @@ def _divergence(found, done: int, total: int, seeds, cfg: RLSection, work: Path,
 def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, overwrite: bool = False,
                  progress: bool = True, log=print) -> dict:
     import jax
-    import jax.numpy as jnp
 
     import greencode_jax as gc
     from greencode_jax.rl import env as E
