@@ -194,3 +194,24 @@ def test_modelled_joules_price_a_confidence_policy_s_heads():
     assert full == pytest.approx(2 * (0.2 + 0.1 + 0.08))
     assert confidence == pytest.approx((0.2 + 0.1 + 4 * 0.08 + 3 * 0.002) + (0.2 + 0.06 + 2 * 0.08 + 2 * 0.002))
     assert confidence > full  # it stopped early once, yet its heads cost more than they saved
+
+
+def test_a_price_that_comes_out_negative_is_fitted_at_zero():
+    """Decisions that cost nothing, measured with noise, can fit a small negative price; the
+    constrained fit holds it at zero and says so, and the other prices absorb the difference."""
+    from greencode_jax.energy.calibrate import fit_terms
+
+    for seed in range(40):
+        samples = _samples(0.2, 0.01, 0.08, 0.0, COUNTS, noise=0.004, seed=seed)
+        design = np.array([[1, *c] for c in COUNTS], float)
+        free, *_ = np.linalg.lstsq(design, [s.joules_per_token for s in samples], rcond=None)
+        if free[3] < 0:
+            break
+    else:
+        pytest.fail("no draw gave a negative decision price")
+    fit = fit_terms(samples)
+    assert fit.d_j_per_decision == 0.0 and any("d_j_per_decision came out negative" in w for w in fit.warnings)
+    # with the decision price at its bound, the others are the least squares of the remaining columns
+    rest, *_ = np.linalg.lstsq(design[:, :3], [s.joules_per_token for s in samples], rcond=None)
+    np.testing.assert_allclose([fit.a_j, fit.b_j_per_layer, fit.c_j_per_head], rest, rtol=1e-8, atol=1e-12)
+    assert fit.intervals["d_j_per_decision"][0] == 0.0

@@ -141,6 +141,19 @@ def fit_terms(samples: list[CostSample], terms=TERMS, workload: str = "") -> Cos
     if np.linalg.matrix_rank(design) < design.shape[1]:
         raise GreencodeError(f"the workloads do not vary {', '.join(terms)} independently; no fit")
     coefficients, *_ = np.linalg.lstsq(design, y, rcond=None)
+    unconstrained = coefficients.copy()
+    names = ["intercept", *terms]
+    negative = [i for i, name in enumerate(names) if name in ("heads", "decisions") and coefficients[i] < 0]
+    if negative:  # a price cannot be negative: refit with those terms held at zero or above
+        from scipy.optimize import lsq_linear
+
+        lower = np.full(len(names), -np.inf)
+        lower[[i for i, name in enumerate(names) if name in ("heads", "decisions")]] = 0.0
+        coefficients = lsq_linear(design, y, bounds=(lower, np.full(len(names), np.inf)), method="bvls").x
+        for i in negative:
+            warnings.append(f"{COEFFICIENTS[names[i]]} came out negative ({unconstrained[i]:.3g}) and is fitted at "
+                            f"{coefficients[i]:.3g}: a price is not below zero (what it prices costs less than this "
+                            "calibration can tell apart)")
     residuals = y - design @ coefficients
     total = float(np.sum((y - y.mean()) ** 2))
     r2 = None if total == 0 else 1.0 - float(np.sum(residuals**2)) / total
@@ -150,8 +163,10 @@ def fit_terms(samples: list[CostSample], terms=TERMS, workload: str = "") -> Cos
         variance = float(np.sum(residuals**2)) / free
         errors = np.sqrt(np.diag(variance * np.linalg.inv(design.T @ design)))
         width = student_t.ppf(0.975, free) * errors
-        for name, value, half in zip(["intercept", *terms], coefficients, width):
-            intervals[COEFFICIENTS[name]] = [float(value - half), float(value + half)]
+        for name, value, half in zip(names, coefficients, width):
+            low = float(value - half)
+            intervals[COEFFICIENTS[name]] = [max(low, 0.0) if name in ("heads", "decisions") else low,
+                                             float(value + half)]
     else:
         warnings.append("as many coefficients as samples: no confidence interval; use more repeats")
     fitted = dict(zip(["a_j", *(COEFFICIENTS[t] for t in terms)], map(float, coefficients)))
