@@ -129,8 +129,12 @@ def check_replaceable_dir(out: str | Path, kind: str, stage_name: str | None = N
     if entry.get("kind") != kind:
         raise GreencodeError(f"{out}: made by {_made_by(entry)}, not a {kind}; it is left as it is: choose another "
                              "output path")
+    _check_stage(out, entry, stage_name)
+
+
+def _check_stage(path: Path, entry: dict, stage_name: str | None):
     if stage_name is not None and entry.get("stage") != stage_name:
-        raise GreencodeError(f"{out}: made by {_made_by(entry)}, not by this run's {stage_name} stage; it is left "
+        raise GreencodeError(f"{path}: made by {_made_by(entry)}, not by this run's {stage_name} stage; it is left "
                              "as it is: move it away and rerun")
 
 
@@ -143,9 +147,7 @@ def check_stage_output(path: str | Path, stage_name: str):
     if entry is None:
         raise GreencodeError(f"{path}: in the way of this run's {stage_name} stage, and not made by greencode-jax; it "
                              "is left as it is: move it away and rerun")
-    if entry.get("stage") != stage_name:
-        raise GreencodeError(f"{path}: made by {_made_by(entry)}, not by this run's {stage_name} stage; it is left as "
-                             "it is: move it away and rerun")
+    _check_stage(path, entry, stage_name)
 
 
 def check_output_dir(out: str | Path, kind: str, *, inputs: dict | None = None, overwrite: bool = False):

@@ -55,3 +55,20 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
     if not isinstance(data, dict):
         raise GreencodeError(f"{path}: expected a mapping at the top level of the {what}")
     return data
+
+
+def read_json_mapping(path: str | Path, what: str, missing: str = "") -> dict:
+    """The JSON object in `path`; a missing file (with the hint `missing`), an unreadable one or
+    another JSON value is one error naming `what` the file should be."""
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GreencodeError(f"{path}: no such {what}" + (f" ({missing})" if missing else "")) from None
+    except (OSError, ValueError) as error:
+        raise GreencodeError(f"{path}: unreadable {what} ({error})") from None
+    if not isinstance(data, dict):
+        raise GreencodeError(f"{path}: not a {what} (expected a JSON object)")
+    return data

@@ -11,12 +11,11 @@ which refuses a fit made for another layer count or architecture.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 from greencode_jax.energy.calibrate import RELIABLE_R2
 from greencode_jax.errors import GreencodeError
+from greencode_jax.yamlfile import read_json_mapping
 
 ARCHITECTURE_FIELDS = ("family", "num_layers", "hidden_size", "vocab_size", "num_heads", "num_kv_heads",
                        "intermediate_size", "head_dim")
@@ -42,13 +41,9 @@ def load_cost_model(path, model: dict, *, what: str = "cost model") -> dict:
     (e.g. "--cost-model", "rl.cost_model")."""
     where = f"{what} {path}"
     try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise GreencodeError(f"{where}: no such file ({HOW_TO_MAKE})") from None
-    except (OSError, ValueError) as error:
-        raise GreencodeError(f"{where}: unreadable JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise GreencodeError(f"{where}: expected the JSON object `greencode energy calibrate --out` writes")
+        data = read_json_mapping(path, "cost model", HOW_TO_MAKE)
+    except GreencodeError as error:
+        raise GreencodeError(f"{what} {error}") from None
     for key in ("a_j", "b_j_per_layer"):
         value = data.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -21,8 +21,6 @@ come out otherwise in generation than in the recording; that is the only approxi
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
 
@@ -269,12 +267,9 @@ def _generate_texts(model, prompts, family, threshold, learned, protocol, batch_
 
 def load_certification(path) -> dict:
     """The JSON `certify` wrote, checked to be one."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise GreencodeError(f"{path}: no such certification (write one with `greencode certify`)") from None
-    except (OSError, ValueError) as error:
-        raise GreencodeError(f"{path}: unreadable certification ({error})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("families"), dict):
+    from greencode_jax.yamlfile import read_json_mapping
+
+    data = read_json_mapping(path, "certification", "write one with `greencode certify`")
+    if not isinstance(data.get("families"), dict):
         raise GreencodeError(f"{path}: not a certification (expected the JSON `greencode certify` writes)")
     return data
