@@ -278,7 +278,7 @@ def test_bad_input_raises_one_error_and_writes_nothing(env, tmp_path):
          r"--policy .*trained on exit layers \[0, 1, 2, 3\]"),
         (dict(policies="full; greedy@0.9"), "unknown policy family 'greedy'"),
         (dict(policies="fixed:5"), r"layer 5 is not one of the model's exit layers \[0, 1, 2\]"),
-        (dict(cost_model=tmp_path / "absent.json"), "--cost-model .*no such file"),
+        (dict(cost_model=tmp_path / "absent.json"), "--cost-model .*no such cost model"),
     ]
     for kwargs, match in cases:
         with pytest.raises(GreencodeError, match=match):

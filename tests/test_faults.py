@@ -155,7 +155,11 @@ def test_run_reruns_a_stage_whose_entry_is_missing_over_its_own_outputs(world, c
     (world / "runs/chain/evaluate/samples.jsonl").write_text("")  # it is ours: removed and made again
     assert main(["run", "chain.yaml"]) == 0
     assert "[evaluate] done in" in capsys.readouterr().out
-    assert (world / "runs/chain/evaluate/samples.jsonl").read_text().count("\n") == 9  # 3 samples x 3 policies
+    rows = [json.loads(line) for line in (world / "runs/chain/evaluate/samples.jsonl").read_text().splitlines()]
+    pairs = [(row["sample"], row["policy"]) for row in rows]
+    policies = {policy for _, policy in pairs}
+    assert {"full", "learned@certified"} <= policies  # the certify stage's row is evaluated too
+    assert sorted(pairs) == sorted((s, p) for s in range(3) for p in policies)  # made again: once each, no duplicate
 
 
 def test_finetune_never_writes_over_a_users_directory(world, capsys):

@@ -178,6 +178,41 @@ def test_abandoned_orbax_task_logged_by_asyncio_is_filtered(caplog):
         logging.getLogger("asyncio").removeFilter(ckpt._quiet_asyncio_log)
 
 
+
+def test_abandoned_future_reading_a_failed_checkpoint_is_filtered(checkpoint, tmp_path, caplog):
+    """A bare TensorStore future (no Orbax frame, no Orbax in its text) that read the directory whose
+    restore failed, collected with its exception unread: dropped; one naming another path: logged."""
+    import asyncio
+    import gc as garbage
+
+    from greencode_jax.convert import checkpoint as ckpt
+
+    corrupt = corrupt_copy(checkpoint, tmp_path)
+    previous_hook = sys.unraisablehook
+    try:
+        with pytest.raises(gc.GreencodeError, match="corrupt or incomplete"):
+            gc.load_pretrained(corrupt)
+
+        def abandon(text):
+            loop = asyncio.new_event_loop()
+            future = loop.create_future()
+            future.set_exception(ValueError(text))
+            loop.close()
+            del future
+            garbage.collect()
+
+        with caplog.at_level("ERROR", logger="asyncio"):
+            caplog.clear()
+            abandon(f'OUT_OF_RANGE: Error reading "x" in OCDBT database at local file "{corrupt}/params/": '
+                    "Requested byte range [1944, 5773) is not valid for value of size 50")
+            assert not [r for r in caplog.records if r.name == "asyncio"]
+            abandon(f'OUT_OF_RANGE: Error reading "x" at local file "{tmp_path}/elsewhere/"')
+            assert [r for r in caplog.records if "Future exception was never retrieved" in r.getMessage()]
+    finally:
+        sys.unraisablehook = previous_hook
+        logging.getLogger("asyncio").removeFilter(ckpt._quiet_asyncio_log)
+
+
 # ---- exported files' modes ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shards", [1, 3])

@@ -30,13 +30,14 @@ import yaml
 from greencode_jax import interrupts, ownership
 from greencode_jax.atomic import atomic_write_text, partial_path, write_json_output
 from greencode_jax.cli.config import _hint, read_yaml, typed_section
+from greencode_jax.cli.train_cmd import PIPELINE_ONLY_SECTIONS
 from greencode_jax.errors import GreencodeError
 from greencode_jax.locks import output_lock
 from greencode_jax.train.loop import check_run_directory
 
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")
 FINETUNE_SECTIONS = ("run", "model", "data", "train", "parallel", "checkpoint", "eval")
-PIPELINE_SECTIONS = ("energy", "rollouts", "rl", "certify")
+PIPELINE_SECTIONS = PIPELINE_ONLY_SECTIONS  # the sections only `run` reads; one list, train_cmd's
 
 
 @dataclasses.dataclass(frozen=True)

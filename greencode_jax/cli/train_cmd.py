@@ -13,7 +13,7 @@ from greencode_jax.cli.config import finite_float
 from greencode_jax.errors import GreencodeError
 
 # fields whose YAML value is not of their default's type (typed_section checks that), checked here instead
-PIPELINE_ONLY_SECTIONS = ("energy", "rollouts", "rl")  # read by `greencode run`'s later stages
+PIPELINE_ONLY_SECTIONS = ("energy", "rollouts", "rl", "certify")  # read by `greencode run`'s later stages
 _SPECIAL_FIELDS = {("model", "exit_layers"), ("model", "config"), ("train", "exit_weights"),
                    ("data", "prepare_split")}
 

@@ -118,8 +118,12 @@ def restore_params(directory, abstract_params) -> dict:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
     previous_hook = _quiet_abandoned_reads()
-    with _checkpointer() as checkpointer:
-        restored = checkpointer.restore(directory, target)
+    try:
+        with _checkpointer() as checkpointer:
+            restored = checkpointer.restore(directory, target)
+    except BaseException:
+        _FAILED_DIRECTORIES.add(str(directory))
+        raise
     # Succeeded: no read was abandoned. After a failure the filter stays, as abandoned reads report
     # themselves later (when they finish, or at interpreter exit).
     if previous_hook is not None and sys.unraisablehook is _quiet_hook:
@@ -145,14 +149,19 @@ def _quiet_hook(unraisable):
 
 
 def _quiet_asyncio_log(record: logging.LogRecord) -> bool:
-    """The third way an abandoned read reports itself: a failed Orbax task, or the future gathering
-    several of them, garbage-collected with its exception unread, which asyncio logs ("Task
-    exception was never retrieved", "_GatheringFuture exception was never retrieved")."""
+    """The third way an abandoned read reports itself: a failed Orbax task, the future gathering
+    several of them, or a bare TensorStore future reading the failed directory, garbage-collected
+    with its exception unread, which asyncio logs ("Task exception was never retrieved",
+    "Future exception was never retrieved"); only those naming Orbax or a directory whose restore
+    failed are dropped."""
     message = record.getMessage()
-    return not ("exception was never retrieved" in message.splitlines()[0] and "orbax" in message)
+    if "exception was never retrieved" not in message.splitlines()[0]:
+        return True
+    return not ("orbax" in message or any(directory in message for directory in _FAILED_DIRECTORIES))
 
 
 _outer_hook = sys.__unraisablehook__
+_FAILED_DIRECTORIES: set[str] = set()  # checkpoints whose restore failed: their reads may still report
 _ASYNCIO_LOG = logging.getLogger("asyncio")
 
 
@@ -160,11 +169,11 @@ def _quiet_abandoned_reads():
     """Installs `_quiet_hook` as sys.unraisablehook and `_quiet_asyncio_log` on asyncio's logger
     (unless already installed); returns the hook it replaced, or None."""
     global _outer_hook
+    _ASYNCIO_LOG.addFilter(_quiet_asyncio_log)  # a no-op when present; always, should someone have removed it
     if sys.unraisablehook is _quiet_hook:
         return None
     _outer_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_hook
-    _ASYNCIO_LOG.addFilter(_quiet_asyncio_log)
     return _outer_hook
 
 
