@@ -18,7 +18,7 @@ import greencode_jax as gc
 from greencode_jax.cli.main import main
 from greencode_jax.eval.certify import fixed_sequence
 from greencode_jax.eval.certify_run import CertifySection, certify, changed_samples
-from greencode_jax.eval.config import EvalConfig
+from greencode_jax.config import EvalConfig
 from greencode_jax.generate.policies import Learned
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -21,7 +21,7 @@ import transformers
 import greencode_jax as gc
 from conftest import assert_no_output, randomize_
 from greencode_jax.errors import GreencodeError
-from greencode_jax.eval.config import EvalConfig
+from greencode_jax.config import EvalConfig
 
 SAMPLES = 5
 EXITS = (0, 1)  # + the last layer, 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from greencode_jax.errors import GreencodeError
-from greencode_jax.eval.config import EvalConfig, finetune_fields
+from greencode_jax.config import EvalConfig
 from greencode_jax.eval.spec import parse_spec, policy_choices
 
 EXITS = (1, 3, 5, 7)  # a model with 8 layers: exits after 1, 3, 5 and the last
@@ -88,15 +88,14 @@ def test_parse_keeps_what_was_written():
 
 
 def test_one_eval_section_serves_finetune_and_evaluate():
-    from greencode_jax.cli.config import typed_section
-    from greencode_jax.train.config import EvalSection
+    from greencode_jax.config import EvalSection, build_section as typed_section
 
     section = {"split": "dev", "batches": 4, "every": 100, "samples": 50, "batch_size": [1, 8],
                "policies": "full; learned@0.9", "protocols": ["completion"], "context_fraction": "2e-1"}
     ours = EvalConfig.from_dict(section)
     assert ours.samples == 50 and ours.batch_size == (1, 8) and ours.split == "dev"
     assert ours.protocols == ("completion",) and ours.context_fraction == 0.2
-    theirs = typed_section(EvalSection, finetune_fields(section), "eval", "config")
+    theirs = typed_section(EvalSection, section, "eval", "config")  # one class: fine-tuning reads its fields of it
     assert (theirs.split, theirs.batches, theirs.every) == ("dev", 4, 100)
 
 

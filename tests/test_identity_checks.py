@@ -208,7 +208,7 @@ def test_evaluate_refuses_a_foreign_policy_and_with_the_flag_says_so_in_the_repo
     assert main(argv) == 0
     capsys.readouterr()
     with pytest.raises(GreencodeError, match="field 'eval.allow_foreign_policy' is 'yes', expected true or false"):
-        from greencode_jax.eval.config import EvalConfig
+        from greencode_jax.config import EvalConfig
 
         EvalConfig.from_dict({"allow_foreign_policy": "yes"})
 

@@ -24,7 +24,7 @@ from greencode_jax import interrupts
 from greencode_jax.interrupts import Interrupted, SafePoints
 from greencode_jax.locks import lock_path
 from greencode_jax.models import ModelConfig, init_model
-from greencode_jax.rl.config import RLSection
+from greencode_jax.config import RLSection
 from greencode_jax.rl.store import RolloutStore
 from greencode_jax.rl.train import train_policy
 

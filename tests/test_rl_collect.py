@@ -16,7 +16,7 @@ from greencode_jax.generate.record import record_jit
 from greencode_jax.models import ModelConfig, init_model
 from greencode_jax.rl import store as st
 from greencode_jax.rl.collect import collect_rollouts
-from greencode_jax.rl.config import RLSection
+from greencode_jax.config import RLSection
 from greencode_jax.rl.networks import actor_logits
 from greencode_jax.rl.store import RolloutStore
 from greencode_jax.rl.train import train_policy

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 import greencode_jax as gc
 from greencode_jax.interrupts import Interrupted
 from greencode_jax.rl import ppo
-from greencode_jax.rl.config import RLSection
+from greencode_jax.config import RLSection
 from greencode_jax.rl.train import train_policy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -151,7 +151,7 @@ def test_eight_devices_train_the_same_parameters_as_one():
         import jax, numpy as np
         from rl_helpers import synthetic_arrays
         from greencode_jax.rl import env as E
-        from greencode_jax.rl.config import RLSection
+        from greencode_jax.config import RLSection
         from greencode_jax.rl.ppo import Trainer
         a = synthetic_arrays(episodes=64)
         env = E.make_env(a["hidden"], a["agree"], [1, 3, 5, 7], {{}})

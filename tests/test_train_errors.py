@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import greencode_jax as gc
-from greencode_jax.cli.config import typed_section
+from greencode_jax.config import build_section as typed_section
 from greencode_jax.cli.train_cmd import load_finetune_config
 from greencode_jax.cli.train_cmd import main as train_main
 from greencode_jax.errors import GreencodeError

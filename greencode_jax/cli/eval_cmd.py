@@ -22,7 +22,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def _protocols(text: str) -> list[str]:
-    from greencode_jax.eval.config import PROTOCOLS
+    from greencode_jax.config import PROTOCOLS
 
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names or not set(names) <= set(PROTOCOLS):
@@ -32,16 +32,11 @@ def _protocols(text: str) -> list[str]:
 
 def cmd_evaluate(args):
     from greencode_jax.cli.energy_cmd import _energy_config
-    from greencode_jax.eval.config import EvalConfig
+    from greencode_jax.config import EvalConfig, load_sections
     from greencode_jax.eval.report import format_table, main_table
     from greencode_jax.eval.run import evaluate
 
-    config = EvalConfig()
-    if args.config is not None:
-        from greencode_jax.yamlfile import read_yaml
-
-        data = read_yaml(args.config)
-        config = EvalConfig.from_dict(data.get("eval") or {}, source=f"{args.config} (section 'eval')")
+    config = load_sections(args.config, [], ("eval",), "evaluate").eval if args.config is not None else EvalConfig()
     if args.samples is not None and args.samples < 0:
         raise GreencodeError(f"--samples {args.samples}: expected 0 (all) or more")
     summary = evaluate(args.checkpoint, args.data, args.out, policy_dir=args.policy, base=args.base,
@@ -103,24 +98,11 @@ def register(subparsers):
 def cmd_certify(args):
     import dataclasses
 
-    from greencode_jax.cli.config import apply_overrides, read_yaml, typed_section
-    from greencode_jax.eval.certify_run import CertifySection, certify
-    from greencode_jax.eval.config import EvalConfig
+    from greencode_jax.config import load_sections
+    from greencode_jax.eval.certify_run import certify
 
-    data = read_yaml(args.config) if args.config else {}
-    source = str(args.config or "certify")
-    data.setdefault("certify", {})
-    for item in args.overrides:
-        if not item.startswith("certify."):
-            raise GreencodeError(f"override {item!r}: certify takes certify.field=value overrides")
-    data = apply_overrides(data, list(args.overrides), source)
-    values = data.get("certify") or {}
-    if not isinstance(values, dict):
-        raise GreencodeError(f"{source}: section 'certify' must be a mapping of fields")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    section = typed_section(CertifySection, values, "certify", source)
-    config = EvalConfig.from_dict(data.get("eval") or {}, source=f"{source} (section 'eval')") if args.config \
-        else EvalConfig()
+    loaded = load_sections(args.config, args.overrides, ("certify", "eval"), "certify")
+    section, config = loaded.certify, loaded.eval
     result = certify(args.checkpoint, args.data, args.out, policy_dir=args.policy,
                      config=dataclasses.replace(config, certified=""), section=section, progress=not args.no_progress)
     print(f"wrote {args.out}: delta {result['delta']:.4g} ({result['delta_rule']}), epsilon {result['epsilon']:g}, "

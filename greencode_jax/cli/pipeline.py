@@ -11,7 +11,7 @@ or between stages; the same command continues.
 One YAML file holds every stage's section: finetune's (run, model, data, train, parallel,
 checkpoint, eval) plus `energy` (calibration), `rollouts` (collection) and `rl` (PPO). The
 `eval` section serves both finetune (its held-out loss: split, batches, every) and the
-evaluation (eval.config.EvalConfig: samples, policies, protocols, ...).
+evaluation (config.EvalSection: samples, policies, protocols, ...).
 """
 
 from __future__ import annotations
@@ -29,81 +29,20 @@ import yaml
 
 from greencode_jax import interrupts, ownership
 from greencode_jax.atomic import atomic_write_text, partial_path, write_json_output
-from greencode_jax.cli.config import _hint, read_yaml, typed_section
-from greencode_jax.cli.train_cmd import PIPELINE_ONLY_SECTIONS
+from greencode_jax.config import load_config
 from greencode_jax.errors import GreencodeError
 from greencode_jax.locks import output_lock
 from greencode_jax.train.loop import check_run_directory
 
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")
-FINETUNE_SECTIONS = ("run", "model", "data", "train", "parallel", "checkpoint", "eval")
-PIPELINE_SECTIONS = PIPELINE_ONLY_SECTIONS  # the sections only `run` reads; one list, train_cmd's
-
-
-@dataclasses.dataclass(frozen=True)
-class EnergySection:
-    """`greencode energy calibrate` on the fine-tuned checkpoint (decode workload)."""
-    repeats: int = 2
-    min_seconds: float = 1.0
-    tokens: int = 16
-    new_tokens: int = 32
-    batch: int = 1
-    set: tuple = ()  # EnergyConfig overrides, e.g. [cpu_backend=estimate]
-    cost_model: str = ""  # use this fit (`energy calibrate --out` JSON, e.g. from the target GPU) instead of calibrating
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutsSection:
-    """`greencode collect-rollouts`: a training and a validation store."""
-    episodes: int = 512
-    validation_episodes: int = 128
-    validation_split: str = "dev"
-    batch_size: int = 16
-    hidden_dtype: str = "float32"
-    max_context: int = 0  # 0: what the model's positions allow
-    seed: int = 0
-
-
-def split_config(data: dict, source: str) -> tuple[dict, dict]:
-    unknown = [s for s in data if s not in FINETUNE_SECTIONS + PIPELINE_SECTIONS]
-    if unknown:
-        raise GreencodeError(f"{source}: unknown section '{unknown[0]}'"
-                             f"{_hint(unknown[0], FINETUNE_SECTIONS + PIPELINE_SECTIONS)}; expected "
-                             f"{list(FINETUNE_SECTIONS + PIPELINE_SECTIONS)}")
-    return ({k: v for k, v in data.items() if k in FINETUNE_SECTIONS},
-            {k: (data.get(k) or {}) for k in PIPELINE_SECTIONS})
-
-
-def _section(cls, values, name, source):
-    if not isinstance(values, dict):
-        raise GreencodeError(f"{source}: section '{name}' must be a mapping of fields")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return typed_section(cls, values, name, source)
 
 
 def load_pipeline_config(path, overrides):
     """(resolved mapping, FinetuneConfig, its resolved YAML, EnergySection, RolloutsSection,
     RLSection, EvalConfig, CertifySection): every section checked before anything runs."""
-    from greencode_jax.cli.config import apply_overrides
-    from greencode_jax.cli.rl_cmd import rl_section_from_dict
-    from greencode_jax.cli.train_cmd import finetune_config_from_dict
-    from greencode_jax.eval.config import EvalConfig
-
-    source = str(path or QUICKSTART)
-    data = read_yaml(path or QUICKSTART)
-    for name in FINETUNE_SECTIONS + PIPELINE_SECTIONS:
-        data.setdefault(name, {})
-    data = apply_overrides(data, list(overrides), source)
-    finetune_part, stage_part = split_config(data, source)
-    evaluate = EvalConfig.from_dict(finetune_part.get("eval") or {}, source)
-    finetune, resolved = finetune_config_from_dict(finetune_part, source)  # reads its own part of `eval`
-    energy = _section(EnergySection, stage_part["energy"], "energy", source)
-    rollouts = _section(RolloutsSection, stage_part["rollouts"], "rollouts", source)
-    rl = rl_section_from_dict(stage_part["rl"], source)
-    from greencode_jax.eval.certify_run import CertifySection
-
-    certify = _section(CertifySection, stage_part["certify"], "certify", source)
-    return data, finetune, resolved, energy, rollouts, rl, evaluate, certify
+    config = load_config(path or QUICKSTART, list(overrides))
+    return (config.mapping, config.finetune, config.finetune_yaml, config.energy, config.rollouts, config.rl,
+            config.eval, config.certify)
 
 
 def read_stage_json(path: Path, stage: str) -> dict:

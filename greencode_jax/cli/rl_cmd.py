@@ -8,29 +8,10 @@ from greencode_jax.errors import GreencodeError
 
 
 def rl_config(config_path, overrides, source_name="train-policy"):
-    """The `rl` section of a YAML file (other sections ignored) with `rl.field=value` overrides."""
-    from greencode_jax.cli.config import apply_overrides, read_yaml
+    """The `rl` section of a YAML file (other sections not read) with `rl.field=value` overrides."""
+    from greencode_jax.config import load_sections
 
-    data = read_yaml(config_path) if config_path else {}
-    source = str(config_path or source_name)
-    data.setdefault("rl", {})
-    if not isinstance(data["rl"], dict):
-        raise GreencodeError(f"{source}: section 'rl' is not a mapping")
-    for item in overrides:
-        if not item.startswith("rl."):
-            raise GreencodeError(f"override {item!r}: train-policy takes rl.field=value overrides")
-    return rl_section_from_dict(apply_overrides(data, overrides, source)["rl"], source)
-
-
-def rl_section_from_dict(values: dict, source: str):
-    """RLSection from an `rl` mapping (YAML lists for its tuple fields; misspelt fields named)."""
-    from greencode_jax.cli.config import typed_section
-    from greencode_jax.rl.config import RLSection
-
-    if not isinstance(values, dict):
-        raise GreencodeError(f"{source}: section 'rl' is not a mapping")
-    values = {k: tuple(v) if k in ("hidden", "thresholds") and isinstance(v, list) else v for k, v in values.items()}
-    return typed_section(RLSection, values, "rl", source)
+    return load_sections(config_path, list(overrides), ("rl",), source_name).rl
 
 
 def cmd_collect_rollouts(args):

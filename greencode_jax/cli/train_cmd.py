@@ -10,93 +10,20 @@ import dataclasses
 import sys
 
 from greencode_jax.cli.config import finite_float
+from greencode_jax.config import FINETUNE_SECTIONS, load_config
 from greencode_jax.errors import GreencodeError
 
-# fields whose YAML value is not of their default's type (typed_section checks that), checked here instead
-PIPELINE_ONLY_SECTIONS = ("energy", "rollouts", "rl", "certify")  # read by `greencode run`'s later stages
-_SPECIAL_FIELDS = {("model", "exit_layers"), ("model", "config"), ("train", "exit_weights"),
-                   ("data", "prepare_split")}
-
-
 def load_finetune_config(path, overrides):
-    """YAML + overrides -> (FinetuneConfig, the resolved YAML text)."""
-    from greencode_jax.cli.config import apply_overrides, read_yaml
-    from greencode_jax.train.config import SECTION_CLASSES
-
-    source = str(path)
-    data = read_yaml(path)
-    for name in SECTION_CLASSES:  # every section has defaults, so an override may name one the file leaves out
-        if data.get(name) is None:
-            data[name] = {}
-    return finetune_config_from_dict(apply_overrides(data, list(overrides), source), source)
+    """YAML + overrides -> (FinetuneConfig, the resolved YAML text). A whole-pipeline config (greencode
+    run) also holds the later stages' sections: finetune reads only its own."""
+    config = load_config(path, list(overrides), sections=FINETUNE_SECTIONS)
+    return config.finetune, config.finetune_yaml
 
 
 def finetune_config_from_dict(data: dict, source: str):
     """A config mapping (overrides applied) -> (FinetuneConfig, the resolved YAML text)."""
-    import yaml
-
-    from greencode_jax.cli.config import _hint, typed_section
-    from greencode_jax.yamlfile import check_finite
-    from greencode_jax.train.config import SECTION_CLASSES, FinetuneConfig
-
-    data = dict(data)
-    # A whole-pipeline config (greencode run) also holds the later stages' sections, and the
-    # evaluation's fields in `eval`: finetune reads only its own.
-    from greencode_jax.eval.config import EvalConfig, finetune_fields
-
-    for name in PIPELINE_ONLY_SECTIONS:
-        data.pop(name, None)
-    if isinstance(data.get("eval"), dict):
-        EvalConfig.from_dict(data["eval"], source)  # a misspelt field is still named
-        data["eval"] = finetune_fields(data["eval"])
-    sections = {}
-    for name, values in data.items():
-        if name not in SECTION_CLASSES:
-            raise GreencodeError(f"{source}: unknown section '{name}'{_hint(name, SECTION_CLASSES)}; expected "
-                                 f"{list(SECTION_CLASSES)}")
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise GreencodeError(f"{source}: section '{name}' must be a mapping of fields")
-        plain = {k: v for k, v in values.items() if (name, k) not in _SPECIAL_FIELDS}
-        section = typed_section(SECTION_CLASSES[name], plain, name, source)
-        special = {k: _special(name, k, v, source) for k, v in values.items() if (name, k) in _SPECIAL_FIELDS}
-        sections[name] = dataclasses.replace(section, **special)
-        try:
-            check_finite(sections[name], name)  # the list fields too (train.exit_weights)
-        except GreencodeError as error:
-            raise GreencodeError(f"{source}: {error}") from None
-    config = FinetuneConfig(**sections)
-    return config, yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-def _special(section: str, key: str, value, source: str):
-    field = f"{section}.{key}"
-    if key == "exit_layers":
-        if value is None:
-            return ()
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a list of 0-based layer indices")
-        return tuple(value)
-    if key == "prepare_split":
-        from greencode_jax.yamlfile import as_float
-
-        if not isinstance(value, list) or len(value) != 3:
-            raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected three train, dev, test ratios")
-        return tuple(as_float(v) for v in value)
-    if key == "config":
-        if value is not None and not isinstance(value, dict):
-            raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a mapping of Hugging Face "
-                                 "config.json fields")
-        return value
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        from greencode_jax.yamlfile import as_float
-
-        return tuple(as_float(v) if isinstance(v, str) else v for v in value)  # `[1e-1, ...]`: YAML 1.1 strings
-    raise GreencodeError(f"{source}: field '{field}' is {value!r}, expected a scheme name (greencode, uniform, "
-                         "linear) or a list of weights")
+    config = load_config(mapping=data, source=source, sections=FINETUNE_SECTIONS)
+    return config.finetune, config.finetune_yaml
 
 
 def cmd_finetune(args):

@@ -6,7 +6,7 @@ Every figure says how it was obtained (`counter`, `integrated_power`, `estimated
 """
 
 from greencode_jax.energy.calibrate import CostModel, CostSample, fit_cost_model, fit_line, window_measure
-from greencode_jax.energy.config import EnergyConfig
+from greencode_jax.config import EnergyConfig
 from greencode_jax.energy.devices import DeviceSpec
 from greencode_jax.energy.meter import EnergyMeter
 from greencode_jax.energy.probe import format_probe, probe

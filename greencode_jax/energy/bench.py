@@ -30,7 +30,7 @@ def _per_window_s(meter, windows: int, rounds: int = 5) -> float:
 
 
 def run_bench_energy(args) -> dict:
-    from greencode_jax.energy.config import EnergyConfig
+    from greencode_jax.config import EnergyConfig
     from greencode_jax.energy.meter import EnergyMeter
     from greencode_jax.energy.select import select_backends
 

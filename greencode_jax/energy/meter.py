@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from greencode_jax.energy.config import EnergyConfig
+from greencode_jax.config import EnergyConfig
 from greencode_jax.energy.result import WindowResult
 from greencode_jax.energy.select import select_backends
 from greencode_jax.errors import GreencodeError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from greencode_jax.energy.config import EnergyConfig
+from greencode_jax.config import EnergyConfig
 from greencode_jax.energy.meter import EnergyMeter
 from greencode_jax.energy.result import UNAVAILABLE
 

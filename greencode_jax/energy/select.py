@@ -15,7 +15,7 @@ import os
 
 from greencode_jax.energy import nvml as nvml_mod
 from greencode_jax.energy.backend import Backend, Unavailable
-from greencode_jax.energy.config import EnergyConfig
+from greencode_jax.config import EnergyConfig
 from greencode_jax.energy.devices import DeviceSpec, host_cpu, jax_accelerators
 from greencode_jax.energy.estimate import ConstantPower, CpuTime
 from greencode_jax.energy.rapl import Rapl, RaplUnavailable, rapl_zones

@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 
 from greencode_jax.energy.backend import Polled, Unavailable
-from greencode_jax.energy.config import EnergyConfig, tpu_power_constants
+from greencode_jax.config import EnergyConfig
+from greencode_jax.energy.config import tpu_power_constants
 from greencode_jax.energy.estimate import duty_cycle_power_w
 from greencode_jax.energy.poller import PowerPoller
 from greencode_jax.energy.result import ESTIMATED, INTEGRATED_POWER

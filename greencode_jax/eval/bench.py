@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from greencode_jax.eval.config import EvalConfig
+from greencode_jax.config import EvalConfig
 
 
 def run_bench_eval(checkpoint, data_dir, *, samples: int = 20, policy: str = "full", policy_dir=None,

@@ -20,6 +20,7 @@ import math
 import numpy as np
 from scipy.stats import binom
 
+from greencode_jax.config import check_levels
 from greencode_jax.errors import GreencodeError
 
 BOUNDS = ("hoeffding_bentkus", "hoeffding")
@@ -78,12 +79,6 @@ class Certification:
                 "candidates": [{"threshold": t, "risk": r, "p_value": p,
                                 "rejected": p is not None and p <= self.epsilon}
                                for t, r, p in zip(self.thresholds, self.risks, self.p_values)]}
-
-
-def check_levels(delta: float, epsilon: float):
-    for name, value in (("delta", delta), ("epsilon", epsilon)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            raise GreencodeError(f"certify.{name}={value!r}: expected a number strictly between 0 and 1")
 
 
 def fixed_sequence(thresholds, losses, delta: float, epsilon: float, bound: str = "hoeffding_bentkus"

@@ -25,53 +25,8 @@ import dataclasses
 import numpy as np
 
 from greencode_jax.errors import GreencodeError
-from greencode_jax.eval.certify import check_levels, fixed_sequence, min_samples
-from greencode_jax.eval.config import EvalConfig
-
-LOSSES = ("risk", "textual")
-FAMILIES = ("learned", "confidence")
-GRID = (1.0, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
-
-
-@dataclasses.dataclass(frozen=True)
-class CertifySection:
-    """The `certify` config section (and `greencode certify`'s flags)."""
-    split: str = "dev"  # the calibration split: disjoint from evaluate's test split
-    samples: int = 0  # calibration samples (0: every document of the split that gives one)
-    loss: str = "risk"  # risk (ROUGE-L below the full model's) or textual (any token differs)
-    delta: float = 0.0  # the bound on the expected loss; 0: delta_relative x the full model's mean ROUGE-L (risk)
-    delta_relative: float = 0.02
-    epsilon: float = 0.1  # the guarantee holds with probability >= 1 - epsilon
-    bound: str = "hoeffding_bentkus"
-    families: tuple = FAMILIES  # learned (needs a policy) and/or confidence (softmax_max)
-    thresholds: tuple = GRID  # candidates; walked from the largest (the most conservative)
-    batch_size: int = 16
-
-    def __post_init__(self):
-        from greencode_jax.yamlfile import check_finite
-
-        check_finite(self, "certify")
-        if self.loss not in LOSSES:
-            raise GreencodeError(f"certify.loss={self.loss!r}: expected one of {LOSSES}")
-        if self.delta:
-            check_levels(self.delta, self.epsilon)
-        else:
-            check_levels(self.delta_relative, self.epsilon)
-            if self.loss == "textual":
-                raise GreencodeError("certify.loss=textual needs certify.delta (no ROUGE-L to scale delta_relative)")
-        families = (self.families,) if isinstance(self.families, str) else tuple(self.families)
-        if not families or not set(families) <= set(FAMILIES):
-            raise GreencodeError(f"certify.families={self.families!r}: expected a list of {FAMILIES}")
-        object.__setattr__(self, "families", families)
-        grid = tuple(sorted({float(t) for t in self.thresholds}, reverse=True))
-        if not grid or not all(0.0 <= t <= 1.0 for t in grid):
-            raise GreencodeError(f"certify.thresholds={self.thresholds!r}: expected thresholds in 0..1")
-        object.__setattr__(self, "thresholds", grid)
-        for name in ("samples", "batch_size"):
-            if getattr(self, name) < (0 if name == "samples" else 1):
-                raise GreencodeError(f"certify.{name}={getattr(self, name)!r}: expected a "
-                                     + ("non-negative" if name == "samples" else "positive") + " integer")
-
+from greencode_jax.eval.certify import fixed_sequence, min_samples
+from greencode_jax.config import CertifySection, EvalConfig
 
 def _decide(family: str, threshold: float, scores):
     """[n, tokens, exits] bool: whether the policy at `threshold` exits at each decision exit, from

@@ -28,7 +28,7 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
 from greencode_jax.ownership import check_not_an_input
-from greencode_jax.eval.config import EvalConfig
+from greencode_jax.config import EvalConfig
 from greencode_jax.eval.records import RecordFile, check_resumable, record_key
 
 LINE_BREAKS = ("<EOL>", "</s>")  # CodeXGLUE markers a decoded line is cut at; spaced so split() sees them

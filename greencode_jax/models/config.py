@@ -9,18 +9,17 @@ naming the field instead of silently producing a different model.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import numbers
 from typing import Any, Mapping
 
+from greencode_jax.config import HEAD_KINDS, did_you_mean
 from greencode_jax.errors import GreencodeError
 from greencode_jax.yamlfile import as_float
 
 FAMILIES = ("opt", "llama")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 ROPE_TYPES = ("default", "linear", "llama3")
-HEAD_KINDS = ("affine", "lowrank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +133,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise GreencodeError(f"{source}: unknown model config field '{unknown[0]}'{hint}")
+            raise GreencodeError(f"{source}: unknown model config field '{unknown[0]}'{did_you_mean(unknown[0], known)}")
         if isinstance(data.get("rope_scaling"), Mapping):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         for key in ("exit_layers", "eos_token_id"):

@@ -26,7 +26,7 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
 from greencode_jax.ownership import check_output_dir
-from greencode_jax.rl.config import RLSection
+from greencode_jax.config import RLSection
 from greencode_jax.rl.store import RolloutStore
 
 

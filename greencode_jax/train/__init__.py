@@ -6,7 +6,7 @@ Orbax checkpoints with exact resume, and the run loop.
     result = train(config)          # what `greencode finetune CONFIG` runs
 """
 
-from greencode_jax.train.config import FinetuneConfig
+from greencode_jax.config import FinetuneConfig
 from greencode_jax.train.loop import PREEMPTED_EXIT_STATUS, TrainResult, train
 from greencode_jax.train.weights import SCHEMES, exit_weights, greencode_weights
 

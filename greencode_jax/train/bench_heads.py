@@ -42,7 +42,7 @@ def run_bench_heads(model, *, batch: int, seq_len: int, repeats: int, seed: int 
     from flax import nnx
 
     from greencode_jax.parallel import make_mesh
-    from greencode_jax.train.config import FinetuneConfig, ModelSection, TrainSection
+    from greencode_jax.config import FinetuneConfig, ModelSection, TrainSection
     from greencode_jax.train.feed import BatchFeeder
     from greencode_jax.train.methods import ExitHeadsTraining, FullFinetune, heads_config
     from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from greencode_jax.errors import GreencodeError
-from greencode_jax.train.config import DataSection
+from greencode_jax.config import DataSection
 
 PREPARE_LANGS = ("python", "java")  # data.prepare_lang: the stdlib, or a JDK's sources
 UNIGRAM_SAMPLE_TOKENS = 50_000_000  # the most frequent token is counted over at most this many train tokens

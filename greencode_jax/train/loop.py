@@ -26,13 +26,12 @@ from greencode_jax.atomic import atomic_write_text
 from greencode_jax.errors import GreencodeError
 from greencode_jax.interrupts import Interrupted, SafePoints
 from greencode_jax.locks import output_lock
-from greencode_jax.models.heads import HEAD_KINDS
 from greencode_jax.ownership import check_not_an_input, check_replaceable_dir, read_manifest, write_manifest
 from greencode_jax.parallel import initialize_distributed, make_mesh
 from greencode_jax.train.checkpointing import (
     TrainCheckpoints, abstract_like, check_same_model, check_same_state, model_signature, state_signature,
 )
-from greencode_jax.train.config import FinetuneConfig
+from greencode_jax.config import FinetuneConfig
 from greencode_jax.train.data import TrainData
 from greencode_jax.train.evaluate import Evaluator, evaluation_plan
 from greencode_jax.train.export import save_final
@@ -41,7 +40,7 @@ from greencode_jax.train.metrics import MetricsLog
 from greencode_jax.train.model_source import ModelSource, check_model_section
 from greencode_jax.train.monitor import StepMonitor
 from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from greencode_jax.train.methods import METHODS, heads_config, make_method
+from greencode_jax.train.methods import heads_config, make_method
 from greencode_jax.train.weights import exit_weights
 
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "eval.json", "final", "hidden_cache")
@@ -87,29 +86,6 @@ def place_host_tree(host_tree, shardings):
                         host_tree, shardings)
 
 
-def _validate(cfg: FinetuneConfig, source: str):
-    t = cfg.train
-    for field, value in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-                         ("run.log_every", cfg.run.log_every), ("checkpoint.every", cfg.checkpoint.every)):
-        if value <= 0:
-            raise GreencodeError(f"{source}: {field}={value}; expected a positive integer")
-    if t.method not in METHODS:
-        raise GreencodeError(f"{source}: train.method={t.method!r}; expected one of {list(METHODS)}")
-    if t.method == "heads":
-        if cfg.model.init == "scratch":
-            raise GreencodeError(f"{source}: train.method=heads trains exit heads on a frozen, pretrained backbone; "
-                                 "model.init must be a model directory, GGUF file or checkpoint, not scratch")
-        if t.head not in HEAD_KINDS or t.head_rank < 1 or t.kd_temperature <= 0 or t.ce_weight < 0:
-            raise GreencodeError(f"{source}: train.head={t.head!r} (expected one of {list(HEAD_KINDS)}), "
-                                 f"train.head_rank={t.head_rank} (>= 1), train.kd_temperature={t.kd_temperature} "
-                                 f"(> 0), train.ce_weight={t.ce_weight} (>= 0): one of them is out of range")
-    if t.steps < 0 or (t.steps == 0 and t.epochs <= 0):
-        raise GreencodeError(f"{source}: train.steps={t.steps}, train.epochs={t.epochs}; give a positive number of "
-                             "steps, or steps: 0 and a positive number of epochs")
-    if cfg.checkpoint.resume not in ("auto", "never"):
-        raise GreencodeError(f"{source}: checkpoint.resume={cfg.checkpoint.resume!r}; expected auto or never")
-
-
 def _finished_evaluation(run_dir: Path, data, cfg: FinetuneConfig) -> tuple[dict | None, str]:
     """A finished run's evaluation (eval.json) if it is there, beside final/, and covers what this
     config asks for; else None and why not."""
@@ -145,7 +121,6 @@ def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None
     `re_evaluate`, or unless eval.json is missing or covers another split or number of batches.
     """
     started = time.perf_counter()
-    _validate(cfg, source)
     check_model_section(cfg.model, source)  # a bad model.init is named before any data is prepared
     info = initialize_distributed(cfg.parallel.distributed)  # before anything touches the devices
     run_dir = Path(cfg.run.out_dir) / cfg.run.name

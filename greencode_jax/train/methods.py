@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from greencode_jax.config import METHODS
 from greencode_jax.errors import GreencodeError
 from greencode_jax.models import abstract_model
 from greencode_jax.models.heads import ExitHeads
@@ -30,7 +31,6 @@ from greencode_jax.train.distill import distill_metrics
 from greencode_jax.train.sharding import replicated, tree_shardings
 from greencode_jax.train.step import cast_tree, compute_graphdef, init_state, make_train_step, state_shardings
 
-METHODS = ("full", "heads")
 HEADS = "exit_heads"
 
 

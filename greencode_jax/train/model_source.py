@@ -13,7 +13,7 @@ from flax import nnx
 from greencode_jax.errors import GreencodeError
 from greencode_jax.models import ModelConfig, init_model
 from greencode_jax.models.config import load_json
-from greencode_jax.train.config import ModelSection
+from greencode_jax.config import ModelSection
 
 HOST_DTYPES = ("float32", "bfloat16")
 
