@@ -52,7 +52,7 @@ def test_finetune_reads_its_own_sections_of_a_whole_pipeline_config():
 def test_every_shipped_config_loads_as_a_whole_pipeline(name):
     """A shipped config that a field rename broke would only fail after its corpus and fine-tune:
     each one loads through the pipeline's loader and its policy list expands on its own exits."""
-    from greencode_jax.cli.pipeline import load_pipeline_config
+    from greencode_jax.pipeline import load_pipeline_config
     from greencode_jax.eval.spec import policy_choices
 
     _, finetune, _, energy, rollouts, rl, evaluate, _ = load_pipeline_config(CONFIGS / name, [])

@@ -94,12 +94,12 @@ def cmd_bench_decode(args):
 
 
 def cmd_run(args):
-    from greencode_jax.cli.pipeline import run_pipeline
+    from greencode_jax.cli.pipeline import cmd_run as run_and_print
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):
         config, overrides = None, [config, *overrides]  # `greencode run a.b=c`: overrides of the default
-    run_pipeline(config, overrides)
+    run_and_print(config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

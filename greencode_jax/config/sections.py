@@ -207,6 +207,11 @@ class EvalSection(Section):
         if not isinstance(self.allow_foreign_policy, bool):
             _bad_eval("allow_foreign_policy", self.allow_foreign_policy, "true or false")
 
+    def evaluation_fields(self) -> dict:
+        """What the evaluation reads of this section (a pipeline stage's key: fine-tuning's own fields
+        do not change the evaluation)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("batches", "every")}
+
     def finetune_fields(self) -> dict:
         """What fine-tuning reads of this section (and writes into its resolved config.yaml)."""
         return {"split": self.split, "batches": self.batches, "every": self.every}
