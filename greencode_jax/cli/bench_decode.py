@@ -151,11 +151,11 @@ def run_bench_decode(args) -> dict:
     import torch
 
     import greencode_jax as gc
-    from greencode_jax.cli.bench_forward import bench_models, bench_source, synchronize, torch_device
+    from greencode_jax.bench.zoo import bench_models, bench_source, synchronize, torch_device
 
     if args.prompt <= 0 or args.new < 2 or args.repeats <= 0:
         raise GreencodeError("--prompt and --repeats must be positive and --new at least 2")
-    shape, model_path = bench_source(args)
+    shape, model_path = bench_source(args.shape, args.model)
     device = torch_device(args.torch_device)
     with bench_models(shape, model_path, args.dtype, exit_layers=args.exit_layers, scan_layers=False) as loaded:
         model, reference, label = loaded.model, loaded.reference.to(device), loaded.label
