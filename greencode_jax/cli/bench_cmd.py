@@ -30,3 +30,19 @@ def cmd_bench_forward(args) -> dict:
     print("\n".join(format_bench_forward(results)))
     write_figures(args.json, results)
     return results
+
+
+def cmd_bench_decode(args) -> dict:
+    from greencode_jax.bench.decode import run_bench_decode
+    from greencode_jax.bench.decode_profile import profile_decode
+    from greencode_jax.bench.decode_report import format_bench_decode
+
+    run = run_bench_decode(shape=args.shape, model=args.model, prompt=args.prompt, new=args.new, dtype=args.dtype,
+                           exit_layers=args.exit_layers, repeats=args.repeats, learned_kernels=args.learned_kernels,
+                           torch_device=args.torch_device, progress=echo)
+    print("\n".join(format_bench_decode(run.results, run.hf_bound)))
+    write_figures(args.json, run.results)  # the timings are kept even if tracing fails
+    if args.profile:
+        profile_decode(run, args.profile, progress=echo)
+        write_figures(args.json, run.results)
+    return run.results
