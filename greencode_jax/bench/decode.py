@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from greencode_jax.bench.zoo import (Progress, bench_models, bench_source, printer, runtime_label, seconds,
-                                     synchronize, torch_device as choose_torch_device)
+from greencode_jax.bench.report import Progress, printer
+from greencode_jax.bench.zoo import (bench_models, bench_source, runtime_label, seconds, synchronize,
+                                     torch_device as choose_torch_device)
 from greencode_jax.errors import GreencodeError
 from greencode_jax.generate.policies import FixedExit, Full, Learned
 from greencode_jax.models.model import param_arrays

@@ -12,7 +12,7 @@ import jax
 
 from greencode_jax.bench.decode import LEARNED, LEARNED_FUSED, LEARNED_ROWS, SKIP_PATH, DecodeRun
 from greencode_jax.bench.trace_summary import command_buffer_events, summarize_trace
-from greencode_jax.bench.zoo import Progress, printer
+from greencode_jax.bench.report import Progress, printer
 
 
 def profile_decode(run: DecodeRun, out_dir: str, progress: Progress | None = None) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from greencode_jax.bench.decode import (EXIT_RATIO_BOUND, FLOOR_BOUND, HEAD_BOUND, LEARNED_BOUND, NO_HEAD, SKIP_PATH,
                                         SMALL_MODEL_PARAMS)
-from greencode_jax.bench.zoo import verdict
+from greencode_jax.bench.report import verdict
 
 
 def bounded_verdict(value: float, spread: tuple[float, float], bound: float) -> str:

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from greencode_jax.bench.zoo import (Progress, bench_models, bench_source, build_reference, interleaved_seconds,
-                                     printer, runtime_label, synchronize, torch_device as choose_torch_device,
-                                     verdict, weight_file_bytes)
+from greencode_jax.bench.report import Progress, printer, verdict
+from greencode_jax.bench.zoo import (bench_models, bench_source, build_reference, interleaved_seconds, runtime_label,
+                                     synchronize, torch_device as choose_torch_device, weight_file_bytes)
 from greencode_jax.convert import load_pretrained, save_checkpoint
 from greencode_jax.convert.hf_export import quiet_transformers
 from greencode_jax.errors import GreencodeError

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from greencode_jax.bench.zoo import interleaved_seconds, torch_device as choose_torch_device, verdict
+from greencode_jax.bench.report import verdict
+from greencode_jax.bench.zoo import interleaved_seconds, torch_device as choose_torch_device
 from greencode_jax.convert import load_pretrained
 from greencode_jax.convert.hf_export import quiet_transformers
 from greencode_jax.errors import GreencodeError

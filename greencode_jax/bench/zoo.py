@@ -1,5 +1,5 @@
-"""What the benchmarks share: the built-in model shapes, the PyTorch reference on the same weights
-and the device it runs on, interleaved timing, and the progress callback's default.
+"""What the model benchmarks share: the built-in model shapes, the PyTorch reference on the same
+weights and the device it runs on, and interleaved timing.
 
 `bench_models` gives our model and transformers' on the same weights: a built-in random shape,
 or a Hugging Face directory or greencode checkpoint (`--model DIR`).
@@ -12,7 +12,6 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -42,18 +41,6 @@ SHAPES = {
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)),
 }
 DEFAULT_SHAPE = "opt-125m"
-
-Progress = Callable[[str], None]
-
-
-def printer(progress: Progress | None) -> Progress:
-    """Where a benchmark sends the lines it prints while it measures: `progress`, or nowhere."""
-    return progress if progress is not None else (lambda line: None)
-
-
-def verdict(ok: bool) -> str:
-    return "meets" if ok else "MISSES"
-
 
 def shape_fields(shape: str) -> tuple[str, dict]:
     """(family, a copy of the transformers config fields) of a built-in shape."""
