@@ -14,7 +14,6 @@ import sys
 
 from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, train_cmd
 from greencode_jax.cli.bench_cmd import cmd_bench_decode, cmd_bench_forward
-from greencode_jax.cli.bench_rl import register_bench as register_bench_rl
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
 from greencode_jax import interrupts
 from greencode_jax.locks import output_lock
@@ -168,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register_bench(bench_sub)
     train_cmd.register_bench(bench_sub)
     register_bench_energy(bench_sub)
-    register_bench_rl(bench_sub)
+    rl_cmd.register_bench(bench_sub)
     eval_cmd.register_bench(bench_sub)
     return parser
 
