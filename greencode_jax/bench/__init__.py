@@ -2,7 +2,7 @@
 
 Each module holds one benchmark: a `run_bench_*` function with keyword arguments that returns
 its figures (a dict, as written by `--json`), a `format_bench_*` function that turns them into
-the lines the command prints, and an optional `progress` callback that receives the lines a
+the text the command prints, and an optional `progress` callback that receives the lines a
 long run prints while it measures (`report.py`). `zoo.py` holds what the model benchmarks
 share: the built-in model shapes, the PyTorch reference and its device, and interleaved timing.
 

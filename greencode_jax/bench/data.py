@@ -72,7 +72,7 @@ def _probe(options: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def format_bench_data(r: dict) -> list[str]:
+def format_bench_data(r: dict) -> str:
     """Each size's rate and peak memory, the stages' seconds beside the target, the memory ratio."""
     mib = 1024**2
     full = r["full"]
@@ -97,4 +97,4 @@ def format_bench_data(r: dict) -> list[str]:
     if r["load_average_before"] > 0.5 * (r["cpus"] or 1):
         lines.append(f"  note: load average was {r['load_average_before']:.1f} before the run: other work shared the "
                      "CPUs")
-    return lines
+    return "\n".join(lines)

@@ -28,13 +28,13 @@ def _ms(value: float) -> str:
     return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.3g}"
 
 
-def format_bench_decode(r: dict, hf_bound: float) -> list[str]:
+def format_bench_decode(r: dict, hf_bound: float) -> str:
     """The figures of `run_bench_decode` (its `results` and `hf_bound`), a line per row."""
     lines = _summary_lines(r, hf_bound)
     for name, row in r["rows"].items():
         if name != "Full()":
             lines += _row_lines(name, row, r)
-    return lines
+    return "\n".join(lines)
 
 
 def _summary_lines(r: dict, hf_bound: float) -> list[str]:

@@ -79,6 +79,6 @@ def _row_line(row: dict) -> str:
             f"{TARGET_OVERHEAD_S * 1e6:.0f} µs)")
 
 
-def format_bench_energy(r: dict) -> list[str]:
+def format_bench_energy(r: dict) -> str:
     """The lines `run_bench_energy` sends to its progress callback, from its figures."""
-    return [_header(r["windows"])] + [_row_line(row) for row in r["rows"]]
+    return "\n".join([_header(r["windows"])] + [_row_line(row) for row in r["rows"]])

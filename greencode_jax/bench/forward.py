@@ -128,7 +128,7 @@ def import_memory(model_dir, dtype: str, checkpoint_bytes: int, family: str, is_
             "import_growth_bytes": growth, "growth_ratio": growth / checkpoint_bytes, "target": TARGET_MEMORY_RATIO}
 
 
-def format_bench_forward(r: dict) -> list[str]:
+def format_bench_forward(r: dict) -> str:
     """The figures of `run_bench_forward`, each beside its bound."""
     mib = 1024**2
     tokens = r["batch"] * r["tokens"]
@@ -144,4 +144,4 @@ def format_bench_forward(r: dict) -> list[str]:
                   f"  import peak RSS growth     {m['import_growth_bytes'] / mib:10.1f} MiB  = {m['growth_ratio']:.2f} x "
                   f"checkpoint (target <= {m['target']:.1f} x: {verdict(m['growth_ratio'] <= m['target'])}); "
                   f"process peak {m['peak_rss'] / mib:.0f} MiB over a {m['baseline_rss'] / mib:.0f} MiB baseline"]
-    return lines
+    return "\n".join(lines)

@@ -131,7 +131,7 @@ def time_heads(model, *, batch: int, seq_len: int, repeats: int, seed: int = 0) 
             "target_ratio": TARGET_RATIO}
 
 
-def format_bench_heads(r: dict) -> list[str]:
+def format_bench_heads(r: dict) -> str:
     """The header, each step's tokens/s beside the multiply-accumulates' prediction, and the target."""
     lines = [f"bench heads: {r['model']}; exits {r['exit_layers']}; batch {r['batch']} x {r['seq_len']} tokens; "
              f"{r['repeats']} interleaved rounds on {r['device']} (medians)"]
@@ -148,4 +148,4 @@ def format_bench_heads(r: dict) -> list[str]:
     best = max(r["ratio"].values())
     verdict = "meets" if best >= r["target_ratio"] else "misses"
     lines.append(f"  target >= {r['target_ratio']:.0f}x: {verdict} ({best:.2f}x at best)")
-    return lines
+    return "\n".join(lines)

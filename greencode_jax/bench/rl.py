@@ -235,7 +235,7 @@ def _oracle(held, layers, rewards) -> dict:
             "agreement": row["agreement"]}
 
 
-def format_bench_rl(r: dict) -> list[str]:
+def format_bench_rl(r: dict) -> str:
     """The settings of both sides, a row per training run and the oracle's, and the targets. A run at
     SB3's budget that is the full run itself (`results["ours_equal"] is results["ours"]`) is shown once."""
     cfg = r["rl"]
@@ -270,7 +270,7 @@ def format_bench_rl(r: dict) -> list[str]:
                  f"{o['exit_accuracy']:9.3f} {o['mean_exit_layer']:10.2f}")
     lines.append(f"  ours: {ours['updates']} updates, compile {ours['compile_s']:.1f} s + run {ours['run_s']:.1f} s + "
                  f"setup {ours['init_s']:.1f} s = {ours['wall_s']:.1f} s wall")
-    return lines + _target_lines(r)
+    return "\n".join(lines + _target_lines(r))
 
 
 def _target_lines(r: dict) -> list[str]:

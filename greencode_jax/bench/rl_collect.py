@@ -104,7 +104,7 @@ def _alternating_rounds(fns: dict, rounds: int) -> dict:
     return times
 
 
-def format_bench_collect(r: dict) -> list[str]:
+def format_bench_collect(r: dict) -> str:
     """The header, both sides' tokens/s quartiles and first call, their ratio beside the target."""
     m = r["model"]
     lines = [f"bench rl --collect: {r['checkpoint']} ({m['family']}, {m['num_layers']} layers, hidden "
@@ -120,4 +120,4 @@ def format_bench_collect(r: dict) -> list[str]:
     lines.append(f"  ratio generate / collection: {q['generate'][1]:,.0f} / {q['collect'][1]:,.0f} tokens/s = "
                  f"{r['ratio']:.2f} (target <= {r['target_ratio']}: {verdict(r['ratio'] <= r['target_ratio'])}); "
                  f"greedy tokens identical: {'yes' if r['same_tokens'] else 'NO'}")
-    return lines
+    return "\n".join(lines)

@@ -229,7 +229,7 @@ def _rates(model, seconds: dict, batch: int, seq_len: int, peak: float | None) -
     return rates
 
 
-def format_bench_train(r: dict) -> list[str]:
+def format_bench_train(r: dict) -> str:
     """The header and figures of `run_bench_train`, each beside its target."""
     tokens = r["batch"] * r["seq_len"]
     torch_side = "" if r["torch_device"] is None else (
@@ -254,4 +254,4 @@ def format_bench_train(r: dict) -> list[str]:
         lines.append(f"  model FLOPs utilisation  {100 * r['mfu']:10.1f} %   ({achieved / 1e12:.1f} of "
                      f"{r['peak_flops'] / 1e12:.1f} TFLOP/s, {r['flops_per_token'] / 1e9:.2f} GFLOP/token; aim >= "
                      f"{100 * r['target_mfu']:.0f} %: {verdict(r['mfu'] >= r['target_mfu'])})")
-    return lines
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ def cmd_bench_forward(args) -> dict:
     results = run_bench_forward(shape=args.shape, model=args.model, tokens=args.tokens, batch=args.batch,
                                 dtype=args.dtype, repeats=args.repeats, torch_device=args.torch_device,
                                 skip_memory=args.skip_memory, progress=echo)
-    print("\n".join(format_bench_forward(results)))
+    print(format_bench_forward(results))
     write_figures(args.json, results)
     return results
 
@@ -40,7 +40,7 @@ def cmd_bench_decode(args) -> dict:
     run = run_bench_decode(shape=args.shape, model=args.model, prompt=args.prompt, new=args.new, dtype=args.dtype,
                            exit_layers=args.exit_layers, repeats=args.repeats, learned_kernels=args.learned_kernels,
                            torch_device=args.torch_device, progress=echo)
-    print("\n".join(format_bench_decode(run.results, run.hf_bound)))
+    print(format_bench_decode(run.results, run.hf_bound))
     write_figures(args.json, run.results)  # the timings are kept even if tracing fails
     if args.profile:
         profile_decode(run, args.profile, progress=echo)

@@ -132,6 +132,6 @@ def cmd_bench_data(args) -> dict:
     results = run_bench_data(lang=args.lang, source=args.source, workers=args.workers, tokenizer=args.tokenizer,
                              vocab_size=args.vocab_size, view=args.view, max_files=args.max_files,
                              half=not args.no_half, progress=echo)
-    print("\n".join(format_bench_data(results)))
+    print(format_bench_data(results))
     write_figures(args.json, results)
     return results

@@ -105,7 +105,7 @@ def cmd_bench_rl(args):
             raise GreencodeError("--collect CHECKPOINT needs --data DIR (the prepared corpus to draw prompts from)")
         results = run_bench_collect(args.collect, args.data, batch_size=args.batch_size, rounds=args.rounds,
                                     seed=args.seed, split=args.split)
-        lines = format_bench_collect(results)
+        text = format_bench_collect(results)
     else:
         from greencode_jax.bench.rl import format_bench_rl, run_bench_rl
 
@@ -114,8 +114,8 @@ def cmd_bench_rl(args):
         cfg = rl_config(None, overrides, "bench rl")
         results = run_bench_rl(cfg, hidden_size=args.hidden, episodes=args.episodes, held_out=args.held_out,
                                sb3_timesteps=args.sb3_timesteps, seed=args.seed, progress=echo)
-        lines = format_bench_rl(results)
-    print("\n".join(lines))
+        text = format_bench_rl(results)
+    print(text)
     if args.json:
         write_json_output(args.json, json.loads(json.dumps(results, default=str)), "benchmark")
         print(f"wrote {args.json}")

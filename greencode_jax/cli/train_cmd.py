@@ -170,7 +170,7 @@ def cmd_bench_train(args):
                               exits=args.exit_layers, repeats=args.repeats, dtype=args.dtype,
                               layouts=args.layouts, reference=not args.no_reference, torch_device=args.torch_device,
                               peak=None if args.peak_tflops is None else args.peak_tflops * 1e12)
-    print("\n".join(format_bench_train(results)))
+    print(format_bench_train(results))
     write_figures(args.json, results)
     return results
 
@@ -180,7 +180,7 @@ def cmd_bench_heads(args):
 
     results = run_bench_heads(model=args.model, shape=args.shape, exit_layers=args.exit_layers, batch=args.batch,
                               seq_len=args.seq_len, repeats=args.repeats)
-    print("\n".join(format_bench_heads(results)))
+    print(format_bench_heads(results))
     write_figures(args.json, results)
     return results
 
