@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import greencode_jax as gc
-from greencode_jax.cli.bench_decode import _ms
+from greencode_jax.bench.decode_report import _ms
 from greencode_jax.cli.main import main
 
 TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_attention_heads=4,

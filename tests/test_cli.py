@@ -89,7 +89,7 @@ def test_bench_decode_names_an_exit_layer_the_model_lacks(capsys):
 
 
 def test_bench_decode_ratios_are_per_round_with_their_quartiles():
-    from greencode_jax.cli.bench_decode import paired_ratio, paired_ratios, quartiles
+    from greencode_jax.bench.decode import paired_ratio, paired_ratios, quartiles
 
     samples = {"policy": [2.0, 3.0, 4.0, 10.0], "base": [1.0, 1.0, 2.0, 2.0]}
     assert paired_ratios(samples, "policy", "base") == [2.0, 3.0, 2.0, 5.0]  # round by round, not medians' ratio
@@ -100,7 +100,8 @@ def test_bench_decode_ratios_are_per_round_with_their_quartiles():
 
 
 def test_bench_decode_verdicts_say_when_noise_decides_them():
-    from greencode_jax.cli.bench_decode import bounded_verdict, erratic_rounds
+    from greencode_jax.bench.decode import erratic_rounds
+    from greencode_jax.bench.decode_report import bounded_verdict
 
     assert bounded_verdict(1.02, (1.00, 1.025), 1.03) == "meets"
     assert bounded_verdict(1.10, (1.05, 1.20), 1.15) == "meets, within noise: its rounds' quartiles straddle the bound"
@@ -115,7 +116,7 @@ def test_bench_decode_verdicts_say_when_noise_decides_them():
 def test_bench_decode_times_each_pair_of_calls_without_garbage_collection():
     import gc
 
-    from greencode_jax.cli.bench_decode import interleaved_per_token
+    from greencode_jax.bench.decode import interleaved_per_token
 
     calls = []
 
@@ -139,7 +140,7 @@ def test_bench_decode_times_each_pair_of_calls_without_garbage_collection():
 
 def test_bench_decode_compares_each_round_with_its_own_floor():
     """A round at 20 GB/s and one at 40 GB/s: 1 GB per token takes 50 ms and 25 ms at their floors."""
-    from greencode_jax.cli.bench_decode import floor_ratios
+    from greencode_jax.bench.decode import floor_ratios
 
     assert floor_ratios([0.060, 0.030], [20e9, 40e9], 10**9) == pytest.approx([1.2, 1.2])
     assert floor_ratios([0.050, 0.050], [20e9, 40e9], 10**9) == pytest.approx([1.0, 2.0])
@@ -148,7 +149,7 @@ def test_bench_decode_compares_each_round_with_its_own_floor():
 
 
 def test_bench_decode_device_time_per_token_leaves_out_the_prompt_and_op_lines():
-    from greencode_jax.cli.bench_decode import device_per_token
+    from greencode_jax.bench.decode_profile import device_per_token
 
     def summary(stream_us, copy_us, reads):  # two streams and XLA's op line, which repeats the kernels
         return {"/device:GPU:0 Stream #14(Compute)": {"busy_us": stream_us, "copies": {"MemcpyD2H": reads}},

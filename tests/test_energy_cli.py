@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from greencode_jax.cli.energy_cmd import register, register_bench
-from greencode_jax.energy.bench import TARGET_OVERHEAD_S
+from greencode_jax.bench.energy import TARGET_OVERHEAD_S
 from greencode_jax.errors import GreencodeError
 
 

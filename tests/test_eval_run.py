@@ -331,7 +331,7 @@ def test_the_command_refuses_bad_input_in_one_line(env, tmp_path, capsys):
 
 
 def test_bench_eval_times_the_loop_and_bare_generate_on_the_same_samples(env):
-    from greencode_jax.eval.bench import format_bench_eval, run_bench_eval
+    from greencode_jax.bench.eval import format_bench_eval, run_bench_eval
 
     result = run_bench_eval(env["checkpoint"], env["data"], samples=3, policy="learned@0.5", policy_dir=env["policy"],
                             repeats=1, config=CONFIG)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from greencode_jax.cli.trace_summary import command_buffer_events, summarize_trace
+from greencode_jax.bench.trace_summary import command_buffer_events, summarize_trace
 from greencode_jax.errors import GreencodeError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from greencode_jax.cli.bench_forward import SHAPES
-from greencode_jax.train.bench import run_bench_train
+from greencode_jax.bench.train import run_bench_train
+from greencode_jax.bench.zoo import SHAPES
 
 
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-opt"])
@@ -40,7 +40,7 @@ def test_train_flops_count_matches_a_hand_count_of_tiny_llama():
     import transformers
 
     import greencode_jax as gc
-    from greencode_jax.train.bench import peak_flops, train_flops_per_token
+    from greencode_jax.bench.train import peak_flops, train_flops_per_token
 
     family, fields = SHAPES["tiny-llama"]
     torch.manual_seed(0)

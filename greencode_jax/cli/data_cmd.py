@@ -7,16 +7,10 @@ Heavy imports happen inside the handlers, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
 
+from greencode_jax.cli.bench_cmd import echo, write_figures
 from greencode_jax.cli.config import finite_float
 from greencode_jax.errors import GreencodeError
-
-TARGET_SECONDS = 60.0  # issue 3: the whole Python standard library prepared in <= 60 s on 2 cores
 
 
 def _ratios(text: str):
@@ -122,31 +116,6 @@ def print_summary(summary: dict):
 
 # ---------------------------------------------------------------------------------------------- bench
 
-_PROBE = r"""
-import json, resource, sys, time
-from greencode_jax.data import PrepareOptions, prepare_data
-options = json.loads(sys.argv[1])
-start = time.perf_counter()
-summary = prepare_data(PrepareOptions(**options))
-seconds = time.perf_counter() - start
-# VmHWM: this process's own peak; ru_maxrss of the children: the largest worker's peak.
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "files": summary["stats"]["files_found"],
-                  "stage_seconds": summary["stats"]["stage_seconds"],
-                  "documents": summary["stats"]["documents_total"],
-                  "model_tokens": sum(summary["stats"]["model_tokens"].values()),
-                  "source": summary["source"], "peak_rss": peak, "worker_peak_rss": workers}))
-"""
-
-
-def _probe(options: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(options)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        raise GreencodeError(f"bench data: preparation failed: {lines[-1] if lines else proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def register_bench(bench_subparsers):
     p = bench_subparsers.add_parser(
@@ -158,56 +127,11 @@ def register_bench(bench_subparsers):
 
 
 def cmd_bench_data(args) -> dict:
-    from greencode_jax.data.prepare import default_workers
-    from greencode_jax.data.sources import resolve_source
+    from greencode_jax.bench.data import format_bench_data, run_bench_data
 
-    source = resolve_source(args.source, args.lang)
-    if source.kind != "files":
-        raise GreencodeError("bench data times preprocessing of source files: pass stdlib, jdk, or a directory or "
-                             ".zip of source files")
-    files = min(len(source.refs), args.max_files or len(source.refs))
-    workers = args.workers or default_workers()
-    print(f"bench data: {args.lang} from {source.description}; {files} files, {workers} workers, tokenizer "
-          f"{args.tokenizer}, view {args.view}; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs", flush=True)
-    results = {"lang": args.lang, "source": source.description, "workers": workers, "target_seconds": TARGET_SECONDS,
-               "target_applies": (args.source in (None, "stdlib") and args.lang == "python"
-                                  and files == len(source.refs)),
-               "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
-    sizes = [("full", files)] + ([] if args.no_half else [("half", files // 2)])
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, count in sizes:
-            options = dict(lang=args.lang, source=args.source, out=os.path.join(tmp, name), workers=workers,
-                           tokenizer=args.tokenizer, vocab_size=args.vocab_size, view=args.view, max_files=count,
-                           progress=False)
-            results[name] = _probe(options)
-    _print_bench(results)
-    if args.json:
-        from greencode_jax.atomic import write_json_output
-
-        write_json_output(args.json, results, "benchmark")
+    results = run_bench_data(lang=args.lang, source=args.source, workers=args.workers, tokenizer=args.tokenizer,
+                             vocab_size=args.vocab_size, view=args.view, max_files=args.max_files,
+                             half=not args.no_half, progress=echo)
+    print(format_bench_data(results))
+    write_figures(args.json, results)
     return results
-
-
-def _print_bench(r: dict):
-    mib = 1024**2
-    full = r["full"]
-    if r["target_applies"]:
-        verdict = f"target <= {r['target_seconds']:.0f} s: " + ("meets" if full["seconds"] <= r["target_seconds"]
-                                                              else "MISSES")
-    else:
-        verdict = "the 60 s target is for the whole Python standard library"
-    for name in ("full", "half"):
-        if name in r:
-            x = r[name]
-            rate, tokens = x["files"] / x["seconds"], x["model_tokens"] / x["seconds"] / 1e3
-            peak, worker = x["peak_rss"] / mib, x["worker_peak_rss"] / mib
-            print(f"  {name:<5} {x['files']:6d} files  {x['seconds']:7.1f} s  {rate:7.1f} files/s  {tokens:7.0f}k "
-                  f"model tokens/s  peak RSS {peak:6.0f} MiB (largest worker {worker:.0f} MiB)")
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in full["stage_seconds"].items())
-    print(f"  total {full['seconds']:.1f} s for {full['files']} files ({verdict}); {stages}")
-    if "half" in r:
-        ratio = full["peak_rss"] / r["half"]["peak_rss"]
-        print(f"  peak memory full / half corpus: {ratio:.2f} x ({full['peak_rss'] / mib:.0f} vs "
-              f"{r['half']['peak_rss'] / mib:.0f} MiB)")
-    if r["load_average_before"] > 0.5 * (r["cpus"] or 1):
-        print(f"  note: load average was {r['load_average_before']:.1f} before the run: other work shared the CPUs")

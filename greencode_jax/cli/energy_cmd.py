@@ -210,9 +210,12 @@ def _printing(measure):
 
 
 def cmd_bench_energy(args):
-    from greencode_jax.energy.bench import run_bench_energy
+    from greencode_jax.bench.energy import run_bench_energy
+    from greencode_jax.cli.bench_cmd import echo, write_figures
 
-    return run_bench_energy(args)
+    results = run_bench_energy(windows=args.windows, progress=echo)
+    write_figures(args.json, results)
+    return results
 
 
 def _add_set(parser):

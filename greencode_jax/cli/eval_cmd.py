@@ -133,17 +133,13 @@ def register_certify(subparsers):
 
 
 def cmd_bench_eval(args):
-    from greencode_jax.eval.bench import format_bench_eval, run_bench_eval
+    from greencode_jax.bench.eval import format_bench_eval, run_bench_eval
+    from greencode_jax.cli.bench_cmd import write_figures
 
-    if args.samples < 1 or args.repeats < 1:
-        raise GreencodeError("--samples and --repeats must be positive")
     result = run_bench_eval(args.checkpoint, args.data, samples=args.samples, policy=args.policies,
                             policy_dir=args.policy, repeats=args.repeats)
     print(format_bench_eval(result))
-    if args.json:
-        from greencode_jax.atomic import write_json_output
-
-        write_json_output(args.json, result, "benchmark")
+    write_figures(args.json, result)
 
 
 def register_bench(bench_subparsers):

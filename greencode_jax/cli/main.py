@@ -13,7 +13,7 @@ import os
 import sys
 
 from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, train_cmd
-from greencode_jax.cli.bench_rl import register_bench as register_bench_rl
+from greencode_jax.cli.bench_cmd import cmd_bench_decode, cmd_bench_forward
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
 from greencode_jax import interrupts
 from greencode_jax.locks import output_lock
@@ -79,18 +79,6 @@ def cmd_export_hf(args):
 def _add_torch_device(parser):
     parser.add_argument("--torch-device", choices=["cpu", "cuda"], default=None,
                         help="where the transformers reference runs (default: cuda when JAX runs on a GPU, else cpu)")
-
-
-def cmd_bench_forward(args):
-    from greencode_jax.cli.bench_forward import run_bench_forward
-
-    run_bench_forward(args)
-
-
-def cmd_bench_decode(args):
-    from greencode_jax.cli.bench_decode import run_bench_decode
-
-    run_bench_decode(args)
 
 
 def cmd_run(args):
@@ -179,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register_bench(bench_sub)
     train_cmd.register_bench(bench_sub)
     register_bench_energy(bench_sub)
-    register_bench_rl(bench_sub)
+    rl_cmd.register_bench(bench_sub)
     eval_cmd.register_bench(bench_sub)
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from greencode_jax.cli.bench_cmd import write_figures
 from greencode_jax.cli.config import finite_float
 from greencode_jax.config import FINETUNE_SECTIONS, load_config
 from greencode_jax.errors import GreencodeError
@@ -88,51 +89,26 @@ def register(subparsers):
 
 
 def cmd_bench_train(args):
-    from greencode_jax.cli.bench_forward import SHAPES
-    from greencode_jax.train.bench import print_bench_train, run_bench_train
+    from greencode_jax.bench.train import format_bench_train, run_bench_train
+    from greencode_jax.bench.zoo import shape_fields
 
-    if args.shape not in SHAPES:
-        raise GreencodeError(f"--shape {args.shape!r}: unknown; choose one of {sorted(SHAPES)}")
-    family, fields = SHAPES[args.shape]
-    results = run_bench_train(family, dict(fields), args.shape, batch=args.batch, seq_len=args.seq_len,
+    family, fields = shape_fields(args.shape)
+    results = run_bench_train(family, fields, args.shape, batch=args.batch, seq_len=args.seq_len,
                               exits=args.exit_layers, repeats=args.repeats, dtype=args.dtype,
                               layouts=args.layouts, reference=not args.no_reference, torch_device=args.torch_device,
                               peak=None if args.peak_tflops is None else args.peak_tflops * 1e12)
-    print_bench_train(results)
-    if args.json:
-        from greencode_jax.atomic import write_json_output
-
-        write_json_output(args.json, results, "benchmark")
+    print(format_bench_train(results))
+    write_figures(args.json, results)
     return results
 
 
 def cmd_bench_heads(args):
-    import greencode_jax as gc
-    from greencode_jax.cli.bench_forward import SHAPES
-    from greencode_jax.models import ModelConfig, init_model
-    from greencode_jax.train.bench_heads import print_bench_heads, run_bench_heads
+    from greencode_jax.bench.heads import format_bench_heads, run_bench_heads
 
-    if (args.model is None) == (args.shape is None):
-        raise GreencodeError("give --model DIR (a model directory, GGUF file or checkpoint) or --shape NAME")
-    for name in ("batch", "seq_len", "repeats"):
-        if getattr(args, name) < 1:
-            raise GreencodeError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
-    if args.model is not None:
-        model = gc.load_pretrained(args.model, exit_layers=args.exit_layers, scan_layers=True)
-    else:
-        if args.shape not in SHAPES:
-            raise GreencodeError(f"--shape {args.shape!r}: unknown; choose one of {sorted(SHAPES)}")
-        family, fields = SHAPES[args.shape]
-        config = ModelConfig.from_hf({"model_type": family, **fields}, exit_layers=args.exit_layers)
-        model = init_model(config)
-    if len(model.config.exit_layers) < 2:
-        raise GreencodeError("the model has no exit before its last layer: pass --exit-layers")
-    results = run_bench_heads(model, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats)
-    print_bench_heads(results)
-    if args.json:
-        from greencode_jax.atomic import write_json_output
-
-        write_json_output(args.json, results, "benchmark")
+    results = run_bench_heads(model=args.model, shape=args.shape, exit_layers=args.exit_layers, batch=args.batch,
+                              seq_len=args.seq_len, repeats=args.repeats)
+    print(format_bench_heads(results))
+    write_figures(args.json, results)
     return results
 
 

@@ -14,7 +14,21 @@ import dataclasses
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from greencode_jax.bench.zoo import shape_fields
+from greencode_jax.convert import load_pretrained
+from greencode_jax.errors import GreencodeError
+from greencode_jax.models import ModelConfig, init_model
+from greencode_jax.parallel import make_mesh
+from greencode_jax.config import FinetuneConfig, ModelSection, TrainSection
+from greencode_jax.train.feed import BatchFeeder
+from greencode_jax.train.methods import ExitHeadsTraining, FullFinetune, heads_config
+from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from greencode_jax.train.weights import exit_weights
 
 TARGET_RATIO = 5.0  # exit-head training >= 5x the full fine-tune's tokens/s, same model and batch
 
@@ -36,18 +50,28 @@ def step_macs(config, heads: int) -> dict:
             "heads_cached": head + 2 * heads * head}
 
 
-def run_bench_heads(model, *, batch: int, seq_len: int, repeats: int, seed: int = 0) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+def run_bench_heads(*, model: str | None = None, shape: str | None = None, exit_layers=None, batch: int = 8,
+                    seq_len: int = 128, repeats: int = 3, seed: int = 0) -> dict:
+    """The heads step (frozen backbone; also on cached hidden states) against the full fine-tune's on
+    the same model, exits and tokens: `model` (a model directory, GGUF file or checkpoint) or a random
+    model of the built-in `shape`, with `exit_layers` (default: the model's own)."""
+    if (model is None) == (shape is None):
+        raise GreencodeError("give --model DIR (a model directory, GGUF file or checkpoint) or --shape NAME")
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("repeats", repeats)):
+        if value < 1:
+            raise GreencodeError(f"--{name.replace('_', '-')} {value}: expected a positive number")
+    if model is not None:
+        lm = load_pretrained(model, exit_layers=exit_layers, scan_layers=True)
+    else:
+        family, fields = shape_fields(shape)
+        lm = init_model(ModelConfig.from_hf({"model_type": family, **fields}, exit_layers=exit_layers))
+    if len(lm.config.exit_layers) < 2:
+        raise GreencodeError("the model has no exit before its last layer: pass --exit-layers")
+    return time_heads(lm, batch=batch, seq_len=seq_len, repeats=repeats, seed=seed)
 
-    from greencode_jax.parallel import make_mesh
-    from greencode_jax.config import FinetuneConfig, ModelSection, TrainSection
-    from greencode_jax.train.feed import BatchFeeder
-    from greencode_jax.train.methods import ExitHeadsTraining, FullFinetune, heads_config
-    from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer
-    from greencode_jax.train.weights import exit_weights
 
+def time_heads(model, *, batch: int, seq_len: int, repeats: int, seed: int = 0) -> dict:
+    """Interleaved timing of the three steps on `model` (an EarlyExitLM with at least two exits)."""
     model.set_scan_layers(True)
     config = model.config
     cfg = FinetuneConfig(model=ModelSection(init="bench", scan_layers=True),
@@ -107,19 +131,21 @@ def run_bench_heads(model, *, batch: int, seq_len: int, repeats: int, seed: int 
             "target_ratio": TARGET_RATIO}
 
 
-def print_bench_heads(r: dict):
-    print(f"bench heads: {r['model']}; exits {r['exit_layers']}; batch {r['batch']} x {r['seq_len']} tokens; "
-          f"{r['repeats']} interleaved rounds on {r['device']} (medians)")
+def format_bench_heads(r: dict) -> str:
+    """The header, each step's tokens/s beside the multiply-accumulates' prediction, and the target."""
+    lines = [f"bench heads: {r['model']}; exits {r['exit_layers']}; batch {r['batch']} x {r['seq_len']} tokens; "
+             f"{r['repeats']} interleaved rounds on {r['device']} (medians)"]
     full = r["tokens_per_s"]["full"]
     for name, label in (("full", "full fine-tune (every parameter)"), ("heads", "exit heads, frozen backbone"),
                         ("heads_cached", "exit heads on cached hidden states")):
         rate = r["tokens_per_s"][name]
         ratio = "" if name == "full" else (f"  {rate / full:5.2f}x the full fine-tune  (MACs predict "
                                            f"{r['mac_ratio'][name]:.2f}x)")
-        print(f"  {label:<38} {rate:9,.0f} tokens/s{ratio}")
+        lines.append(f"  {label:<38} {rate:9,.0f} tokens/s{ratio}")
     m = r["macs_per_token"]
-    print(f"  per token: a layer {m['layer'] / 1e6:.2f}M MACs, the LM head {m['lm_head'] / 1e6:.2f}M; full "
-          f"{m['full'] / 1e6:.0f}M, heads {m['heads'] / 1e6:.0f}M, heads cached {m['heads_cached'] / 1e6:.0f}M")
+    lines.append(f"  per token: a layer {m['layer'] / 1e6:.2f}M MACs, the LM head {m['lm_head'] / 1e6:.2f}M; full "
+                 f"{m['full'] / 1e6:.0f}M, heads {m['heads'] / 1e6:.0f}M, heads cached {m['heads_cached'] / 1e6:.0f}M")
     best = max(r["ratio"].values())
     verdict = "meets" if best >= r["target_ratio"] else "misses"
-    print(f"  target >= {r['target_ratio']:.0f}x: {verdict} ({best:.2f}x at best)")
+    lines.append(f"  target >= {r['target_ratio']:.0f}x: {verdict} ({best:.2f}x at best)")
+    return "\n".join(lines)

@@ -1,7 +1,7 @@
-"""`greencode bench rl`: our PPO against Stable-Baselines3's on the same cached episodes, and
-rollout collection against `generate`.
+"""`greencode bench rl`: our PPO against Stable-Baselines3's on the same cached episodes
+(`--collect`, rollout collection against `generate`, is in rl_collect.py).
 
-(a) PPO. One synthetic set of episodes (`synthetic_episodes`: hidden states from a random
+One synthetic set of episodes (`synthetic_episodes`: hidden states from a random
 projection of a per-token margin, so a linear-ish rule decides where l* is) is split into
 training and held-out episodes. Our PPO (rl.ppo.Trainer: one compiled program, vectorised
 environments) and SB3's PPO (`MlpPolicy` on rl.gym_env.ExitEnv, the same environment as a
@@ -11,26 +11,27 @@ held-out episodes: mean episode reward and exit accuracy (tokens that exit at l*
 SB3 is slow, so it runs a smaller budget (--sb3-timesteps); our PPO runs that budget too,
 as its own run with the same learning-rate schedule, so quality is compared at equal
 timesteps, and its full budget (--timesteps) for throughput and the 60 s target.
-
-(b) Collection (`--collect CHECKPOINT --data DIR`): the recorder rl.collect uses (the
-recording mode of generation, arrays copied to the host) against `model.generate` with
-`Full()` and no stop tokens, 15 new tokens, on the same model, prompts and batch; timed in
-interleaved rounds, medians with quartiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from greencode_jax.bench.report import Progress, printer, verdict
 from greencode_jax.errors import GreencodeError
+from greencode_jax.rl import env as E, validate as V
+from greencode_jax.config import RLSection
+from greencode_jax.rl.networks import actor_logits
+from greencode_jax.rl.ppo import Trainer
+from greencode_jax.rl.train import reward_parameters
 
 TARGET_SPEEDUP = 20.0  # issue 17: >= 20x SB3's timesteps/s in the same run
 TARGET_SECONDS, TARGET_SECONDS_HIDDEN = 60.0, 576  # 500k timesteps, compile included, for hidden <= 576
-TARGET_COLLECT_RATIO = 1.2  # collection's time per token within 1.2x generate Full()'s
 # Llama-3.2-3B's exits in GREEN-CODE (REFERENCE §1): 9 decision exits, the last layer 27
 GREENCODE_LAYERS = (3, 5, 7, 9, 11, 13, 17, 21, 25, 27)
 
@@ -94,8 +95,6 @@ def evaluate(decide, hidden, agree, layers, rewards, batch: int = 8192) -> dict:
     """A deterministic policy on every (episode, token, decision) of a set of episodes, the
     same code for both sides. `decide(raw states [M, E]) -> exit? [M]`; a token exits at its
     first decision that says exit, else runs to the last layer."""
-    from greencode_jax.rl import validate as V
-
     flat = hidden.reshape(-1, hidden.shape[-1])
     exits = np.concatenate([np.asarray(decide(flat[i:i + batch]), bool) for i in range(0, len(flat), batch)])
     exits = exits.reshape(hidden.shape[:-1])
@@ -107,9 +106,7 @@ def evaluate(decide, hidden, agree, layers, rewards, batch: int = 8192) -> dict:
 
 def oracle_decide(agree, layers):
     """The exit-at-l* decisions, for the oracle row (not a policy of observations)."""
-    from greencode_jax.rl.env import first_agreeing
-
-    lstar = first_agreeing(agree, layers)
+    lstar = E.first_agreeing(agree, layers)
     return np.asarray(layers)[:-1] == lstar[..., None]
 
 
@@ -135,13 +132,6 @@ def sb3_kwargs(cfg) -> dict:
 
 def run_ours(cfg, train, stats, layers, reward_kwargs, held_out, held_rewards) -> dict:
     """Our PPO for cfg.total_timesteps in one compiled block; compile timed apart (AOT)."""
-    import jax
-    import jax.numpy as jnp
-
-    from greencode_jax.rl import env as E
-    from greencode_jax.rl.networks import actor_logits
-    from greencode_jax.rl.ppo import Trainer
-
     start = time.perf_counter()
     env = E.make_env(train[0], train[1], layers, reward_kwargs)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
@@ -170,6 +160,7 @@ def run_ours(cfg, train, stats, layers, reward_kwargs, held_out, held_rewards) -
 
 
 def run_sb3(cfg, train, stats, layers, reward_kwargs, held_out, held_rewards) -> dict:
+    """Stable-baselines3's PPO (MlpPolicy) on the gymnasium wrapper of the same environment."""
     import torch
     from stable_baselines3 import PPO
 
@@ -193,14 +184,13 @@ def run_sb3(cfg, train, stats, layers, reward_kwargs, held_out, held_rewards) ->
             "held_out": evaluate(decide, *held_out, layers, held_rewards)}
 
 
-def run_bench_rl(cfg, hidden_size: int = 576, episodes: int = 512, held_out: int | None = None,
-                 sb3_timesteps: int = 50_000, seed: int = 0, log=print) -> dict:
-    """(a): ours at cfg.total_timesteps and at SB3's budget, SB3 at its budget (0: no SB3)."""
-    import jax
-
-    from greencode_jax.rl.env import reward_table
-    from greencode_jax.rl.train import reward_parameters
-
+def run_bench_rl(cfg: RLSection, *, hidden_size: int = 576, episodes: int = 512, held_out: int | None = None,
+                 sb3_timesteps: int = 50_000, seed: int = 0, progress: Progress | None = None) -> dict:
+    """Ours at cfg.total_timesteps and at SB3's budget, SB3 at its budget (0: no SB3), on `episodes`
+    synthetic training episodes of `hidden_size`, judged on `held_out` more (default
+    max(16, episodes / 4)).
+    A line per training run goes to `progress`."""
+    log = printer(progress)
     held_out = max(16, episodes // 4) if held_out is None else held_out
     if episodes < 1 or held_out < 1:
         raise GreencodeError(f"--episodes {episodes} / --held-out {held_out}: expected positive numbers")
@@ -214,7 +204,7 @@ def run_bench_rl(cfg, hidden_size: int = 576, episodes: int = 512, held_out: int
     train = (hidden[:episodes], agree[:episodes])
     held = (hidden[episodes:], agree[episodes:])
     stats = observation_stats(train[0])
-    held_rewards = reward_table(held[1], layers, **reward_kwargs)
+    held_rewards = E.reward_table(held[1], layers, **reward_kwargs)
     step = cfg.steps_per_update
     sb3_updates = 0 if sb3_timesteps == 0 else min(max(1, round(sb3_timesteps / step)), cfg.num_updates)
     results = {"hidden": hidden_size, "episodes": episodes, "held_out_episodes": held_out, "tokens": hidden.shape[1],
@@ -238,8 +228,6 @@ def run_bench_rl(cfg, hidden_size: int = 576, episodes: int = 512, held_out: int
 
 
 def _oracle(held, layers, rewards) -> dict:
-    from greencode_jax.rl import validate as V
-
     exits = oracle_decide(held[1], layers)
     row = V.table_row(V.exits_at(exits), held[1], layers)
     return {"episode_reward": V.deterministic_return(exits.astype(np.float32), rewards),
@@ -247,29 +235,28 @@ def _oracle(held, layers, rewards) -> dict:
             "agreement": row["agreement"]}
 
 
-def _verdict(ok: bool) -> str:
-    return "meets" if ok else "MISSES"
-
-
-def print_bench_rl(r: dict):
+def format_bench_rl(r: dict) -> str:
+    """The settings of both sides, a row per training run and the oracle's, and the targets. A run at
+    SB3's budget that is the full run itself (`results["ours_equal"] is results["ours"]`) is shown once."""
     cfg = r["rl"]
     step = cfg["num_envs"] * cfg["num_steps"]
-    print(f"bench rl: synthetic episodes, hidden {r['hidden']}, {r['episodes']} training + {r['held_out_episodes']} "
-          f"held-out episodes x {r['tokens']} tokens, decisions at layers {r['layers'][:-1]} (last {r['layers'][-1]}), "
-          f"reward {r['reward']['reward']}; {r['device']} x {r['devices']}"
-          + (f", torch {r['sb3']['torch_threads']} threads" if "sb3" in r else ""))
-    print(f"  PPO, both sides: {step} steps per update (ours {cfg['num_envs']} envs x {cfg['num_steps']} steps, SB3 1 "
-          f"env x {step}), minibatch {cfg['minibatch_size']}, {cfg['epochs']} epochs, lr {cfg['learning_rate']:g} "
-          f"linear, gamma {cfg['discount']}, lambda {cfg['gae_lambda']}, clip {cfg['clip']}, vf {cfg['value_coef']}, "
-          f"ent {cfg['entropy_coef']}, grad norm {cfg['max_grad_norm']}, MLPs {list(cfg['hidden'])} tanh")
-    print("  held-out figures: deterministic policies (argmax), the same episodes, the same code")
-    print(f"  {'':34s}{'timesteps':>10s} {'timesteps/s':>12s} {'compile s':>10s} {'wall s':>8s} | "
-          f"{'reward':>8s} {'exit acc':>9s} {'exit layer':>10s}")
+    lines = [f"bench rl: synthetic episodes, hidden {r['hidden']}, {r['episodes']} training + {r['held_out_episodes']} "
+             f"held-out episodes x {r['tokens']} tokens, decisions at layers {r['layers'][:-1]} (last "
+             f"{r['layers'][-1]}), reward {r['reward']['reward']}; {r['device']} x {r['devices']}"
+             + (f", torch {r['sb3']['torch_threads']} threads" if "sb3" in r else ""),
+             f"  PPO, both sides: {step} steps per update (ours {cfg['num_envs']} envs x {cfg['num_steps']} steps, SB3 1 "
+             f"env x {step}), minibatch {cfg['minibatch_size']}, {cfg['epochs']} epochs, lr {cfg['learning_rate']:g} "
+             f"linear, gamma {cfg['discount']}, lambda {cfg['gae_lambda']}, clip {cfg['clip']}, vf {cfg['value_coef']}, "
+             f"ent {cfg['entropy_coef']}, grad norm {cfg['max_grad_norm']}, MLPs {list(cfg['hidden'])} tanh",
+             "  held-out figures: deterministic policies (argmax), the same episodes, the same code",
+             f"  {'':34s}{'timesteps':>10s} {'timesteps/s':>12s} {'compile s':>10s} {'wall s':>8s} | "
+             f"{'reward':>8s} {'exit acc':>9s} {'exit layer':>10s}"]
 
     def row(name, x, compile_s="-"):
         h = x["held_out"]
-        print(f"  {name:34s}{x['timesteps']:10d} {x['timesteps_per_s']:12,.0f} {compile_s:>10s} {x['wall_s']:8.1f} | "
-              f"{h['episode_reward']:8.2f} {h['exit_accuracy']:9.3f} {h['mean_exit_layer']:10.2f}")
+        lines.append(f"  {name:34s}{x['timesteps']:10d} {x['timesteps_per_s']:12,.0f} {compile_s:>10s} "
+                     f"{x['wall_s']:8.1f} | {h['episode_reward']:8.2f} {h['exit_accuracy']:9.3f} "
+                     f"{h['mean_exit_layer']:10.2f}")
 
     ours = r["ours"]
     row("greencode-jax PPO", ours, f"{ours['compile_s']:.1f}")
@@ -279,112 +266,32 @@ def print_bench_rl(r: dict):
             row("greencode-jax PPO, SB3's budget", eq, f"{eq['compile_s']:.1f}")
         row("stable-baselines3 PPO", sb3)
     o = r["oracle"]
-    print(f"  {'oracle (exit at l*)':34s}{'':10s} {'':12s} {'':10s} {'':8s} | {o['episode_reward']:8.2f} "
-          f"{o['exit_accuracy']:9.3f} {o['mean_exit_layer']:10.2f}")
-    print(f"  ours: {ours['updates']} updates, compile {ours['compile_s']:.1f} s + run {ours['run_s']:.1f} s + setup "
-          f"{ours['init_s']:.1f} s = {ours['wall_s']:.1f} s wall")
-    if r["hidden"] <= TARGET_SECONDS_HIDDEN and cfg["total_timesteps"] >= 500_000:
-        print(f"  {ours['timesteps']} timesteps in {ours['wall_s']:.1f} s incl. compile (target <= {TARGET_SECONDS:.0f} s "
-              f"for hidden <= {TARGET_SECONDS_HIDDEN}: {_verdict(ours['wall_s'] <= TARGET_SECONDS)})")
-    if "sb3" in r:
-        eq, sb3 = r["ours_equal"], r["sb3"]
-        print(f"  speed ratio ours / SB3: {ours['timesteps_per_s']:,.0f} / {sb3['timesteps_per_s']:,.0f} timesteps/s = "
-              f"{r['speedup']:.1f} x (target >= {TARGET_SPEEDUP:.0f} x: {_verdict(r['speedup'] >= TARGET_SPEEDUP)}; "
-              f"ours without compile, SB3 over its learn())")
-        print(f"  exit accuracy at equal timesteps ({sb3['timesteps']}): ours {eq['held_out']['exit_accuracy']:.3f} vs "
-              f"SB3 {sb3['held_out']['exit_accuracy']:.3f}; reward {eq['held_out']['episode_reward']:.2f} vs "
-              f"{sb3['held_out']['episode_reward']:.2f}")
-        if eq is not ours:
-            ok = ours["held_out"]["exit_accuracy"] >= sb3["held_out"]["exit_accuracy"]
-            print(f"  exit accuracy, ours at {ours['timesteps']} vs SB3 at {sb3['timesteps']}: "
-                  f"{ours['held_out']['exit_accuracy']:.3f} vs {sb3['held_out']['exit_accuracy']:.3f} "
-                  f"(target: at least SB3's: {_verdict(ok)})")
+    lines.append(f"  {'oracle (exit at l*)':34s}{'':10s} {'':12s} {'':10s} {'':8s} | {o['episode_reward']:8.2f} "
+                 f"{o['exit_accuracy']:9.3f} {o['mean_exit_layer']:10.2f}")
+    lines.append(f"  ours: {ours['updates']} updates, compile {ours['compile_s']:.1f} s + run {ours['run_s']:.1f} s + "
+                 f"setup {ours['init_s']:.1f} s = {ours['wall_s']:.1f} s wall")
+    return "\n".join(lines + _target_lines(r))
 
 
-# ---- (b) collection against generate
-
-
-def _quartiles(values) -> list[float]:
-    if len(values) < 2:
-        return [values[0]] * 3
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return [q1, q2, q3]
-
-
-def run_bench_collect(checkpoint, data_dir, batch_size: int = 16, rounds: int = 7, seed: int = 0,
-                      split: str = "train", new_tokens: int = 15, log=print) -> dict:
-    import jax
-
-    import greencode_jax as gc
-    from greencode_jax.data.prepared import PreparedData
-    from greencode_jax.generate.policies import Full
-    from greencode_jax.rl.collect import _doc, _Recorder, plan_episodes
-
-    if batch_size < 1 or rounds < 1:
-        raise GreencodeError(f"--batch-size {batch_size} / --rounds {rounds}: expected positive numbers")
-    tokens = PreparedData(data_dir).tokens(split)
-    if len(tokens) == 0:
-        raise GreencodeError(f"{data_dir}: split '{split}' is empty")
-    model = gc.load_pretrained(checkpoint, scan_layers=False)
-    config = model.config
-    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
-    max_context = config.max_position_embeddings - new_tokens  # as collect-rollouts caps it
-    plan = plan_episodes(tokens, eos, batch_size, seed, new_tokens, max_context)
-    prompts = [_doc(tokens, int(d))[:int(c)] for d, c in plan]
-    width = max(len(p) for p in prompts)
-    ids = np.zeros((batch_size, width), np.int32)
-    mask = np.zeros((batch_size, width), bool)
-    for i, p in enumerate(prompts):  # left padding, as the recorder pads
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, True
-    recorder = _Recorder(model, new_tokens, "float32")
-
-    def record():
-        return recorder(prompts, batch_size)["tokens"]
-
-    def generate():
-        return np.asarray(model.generate(ids, mask, max_new_tokens=new_tokens, policy=Full(), stop_tokens=()).tokens)
-
-    fns = {"collect": record, "generate": generate}
-    first, outputs = {}, {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        outputs[name] = fn()
-        first[name] = time.perf_counter() - t0
-    for _ in range(2):  # warm-up
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for r in range(rounds):  # interleaved, alternating the order, so background load hits both alike
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()  # returns host arrays: the work has finished
-            times[name].append(time.perf_counter() - t0)
-    per_step = batch_size * new_tokens
-    rates = {name: [per_step / t for t in ts] for name, ts in times.items()}
-    quart = {name: _quartiles(v) for name, v in rates.items()}
-    ratio = quart["generate"][1] / quart["collect"][1]
-    return {"checkpoint": str(checkpoint), "data": str(data_dir), "split": split, "batch": batch_size,
-            "new_tokens": new_tokens, "prompt_lengths": [len(p) for p in prompts], "rounds": rounds,
-            "model": {"family": config.family, "num_layers": config.num_layers, "hidden_size": config.hidden_size,
-                      "exit_layers": list(config.exit_layers)},
-            "device": jax.devices()[0].device_kind, "devices": jax.local_device_count(),
-            "first_call_s": first, "seconds": times, "tokens_per_s_quartiles": quart, "ratio": ratio,
-            "same_tokens": bool(np.array_equal(outputs["collect"], outputs["generate"])),
-            "target_ratio": TARGET_COLLECT_RATIO}
-
-
-def print_bench_collect(r: dict):
-    m = r["model"]
-    print(f"bench rl --collect: {r['checkpoint']} ({m['family']}, {m['num_layers']} layers, hidden {m['hidden_size']}, "
-          f"exits {m['exit_layers']}), batch {r['batch']} prompts of '{r['split']}' ({min(r['prompt_lengths'])}-"
-          f"{max(r['prompt_lengths'])} tokens) x {r['new_tokens']} new tokens, {r['rounds']} interleaved rounds, "
-          f"{r['device']} x {r['devices']}")
-    print(f"  {'':36s}{'tokens/s: q1':>14s} {'median':>9s} {'q3':>9s}   first call s")
-    names = {"collect": "collection (recorder, arrays on host)", "generate": "generate Full(), no stop tokens"}
-    for name, label in names.items():
-        q = r["tokens_per_s_quartiles"][name]
-        print(f"  {label:36s}{q[0]:14,.0f} {q[1]:9,.0f} {q[2]:9,.0f}   {r['first_call_s'][name]:.1f}")
-    q = r["tokens_per_s_quartiles"]
-    print(f"  ratio generate / collection: {q['generate'][1]:,.0f} / {q['collect'][1]:,.0f} tokens/s = {r['ratio']:.2f} "
-          f"(target <= {r['target_ratio']}: {_verdict(r['ratio'] <= r['target_ratio'])}); greedy tokens identical: "
-          f"{'yes' if r['same_tokens'] else 'NO'}")
+def _target_lines(r: dict) -> list[str]:
+    """Our wall time against the 60 s target, the speed ratio and the exit accuracies against SB3's."""
+    lines, ours = [], r["ours"]
+    if r["hidden"] <= TARGET_SECONDS_HIDDEN and r["rl"]["total_timesteps"] >= 500_000:
+        lines.append(f"  {ours['timesteps']} timesteps in {ours['wall_s']:.1f} s incl. compile (target <= "
+                     f"{TARGET_SECONDS:.0f} s for hidden <= {TARGET_SECONDS_HIDDEN}: "
+                     f"{verdict(ours['wall_s'] <= TARGET_SECONDS)})")
+    if "sb3" not in r:
+        return lines
+    eq, sb3 = r["ours_equal"], r["sb3"]
+    lines.append(f"  speed ratio ours / SB3: {ours['timesteps_per_s']:,.0f} / {sb3['timesteps_per_s']:,.0f} timesteps/s "
+                 f"= {r['speedup']:.1f} x (target >= {TARGET_SPEEDUP:.0f} x: {verdict(r['speedup'] >= TARGET_SPEEDUP)}; "
+                 f"ours without compile, SB3 over its learn())")
+    lines.append(f"  exit accuracy at equal timesteps ({sb3['timesteps']}): ours {eq['held_out']['exit_accuracy']:.3f} "
+                 f"vs SB3 {sb3['held_out']['exit_accuracy']:.3f}; reward {eq['held_out']['episode_reward']:.2f} vs "
+                 f"{sb3['held_out']['episode_reward']:.2f}")
+    if eq is not ours:
+        ok = ours["held_out"]["exit_accuracy"] >= sb3["held_out"]["exit_accuracy"]
+        lines.append(f"  exit accuracy, ours at {ours['timesteps']} vs SB3 at {sb3['timesteps']}: "
+                     f"{ours['held_out']['exit_accuracy']:.3f} vs {sb3['held_out']['exit_accuracy']:.3f} "
+                     f"(target: at least SB3's: {verdict(ok)})")
+    return lines
