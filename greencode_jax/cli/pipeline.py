@@ -16,7 +16,6 @@ evaluation (eval.config.EvalConfig: samples, policies, protocols, ...).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import os
@@ -237,7 +236,7 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
     cal_key = _digest(ft_key, dataclasses.asdict(energy))
 
     def do_calibrate():
-        from greencode_jax.cli.energy_cmd import cmd_energy_calibrate
+        from greencode_jax.energy.calibrate_run import calibrate
 
         if energy.cost_model:
             from greencode_jax.convert import load_model_config
@@ -253,11 +252,9 @@ def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, e
             return
 
         for attempt in range(3):  # a noisy machine can fit a non-positive slope: measure again, longer
-            args = argparse.Namespace(model=str(final), depths=None, workload="decode", tokens=energy.tokens,
-                                      new_tokens=energy.new_tokens, batch=energy.batch, repeats=energy.repeats,
-                                      min_seconds=energy.min_seconds * (attempt + 1), idle_seconds=0.0,
-                                      dtype="float32", seed=0, out=str(cost), set=list(energy.set))
-            fit = cmd_energy_calibrate(args)
+            fit = calibrate(str(final), tokens=energy.tokens, new_tokens=energy.new_tokens, batch=energy.batch,
+                            repeats=energy.repeats, min_seconds=energy.min_seconds * (attempt + 1), out=str(cost),
+                            energy_overrides=list(energy.set))
             if fit.b_j_per_layer > 0:
                 return
             print(f"  the fit's J per layer is {fit.b_j_per_layer:.3g}: calibrating again with longer windows")
