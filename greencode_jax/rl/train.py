@@ -28,6 +28,7 @@ from greencode_jax.locks import holds_output_lock
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.rl.config import RLSection
 from greencode_jax.rl.store import RolloutStore
+from greencode_jax.state_checkpoints import StateCheckpoints
 
 
 def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None = None,
@@ -65,28 +66,6 @@ def _settings(store: RolloutStore, cfg: RLSection, validation: RolloutStore | No
     return {"rollouts": str(store.root.resolve()), "model": store.model,
             "validation": None if validation is None else str(validation.root.resolve()),
             "rl": dataclasses.asdict(cfg), "devices": devices}
-
-
-class _Checkpoints:
-    def __init__(self, directory: Path):
-        import orbax.checkpoint as ocp
-
-        self.ocp = ocp
-        # cleanup_tmp_directories: a save cut by SIGKILL leaves N.orbax-checkpoint-tmp, removed at the next open
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
-
-    def latest(self):
-        return self.manager.latest_step()
-
-    def save(self, step, state):
-        self.manager.save(step, args=self.ocp.args.StandardSave(state), force=True)
-
-    def restore(self, step, abstract):
-        return self.manager.restore(step, args=self.ocp.args.StandardRestore(abstract))
-
-    def close(self):
-        self.manager.close()
 
 
 def _kept(latest, total: int, work: Path) -> str:
@@ -173,8 +152,9 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     state = trainer.init(env, seeds)
     # everything checked: the work directory starts here
     work, resumed = resumable_directory(out, settings, "training", kind="policy", inputs=inputs, overwrite=overwrite)
-    checkpoints = _Checkpoints(work / "checkpoints")
-    done = checkpoints.latest() or 0
+    # cleanup_tmp: a save cut by SIGKILL leaves N.orbax-checkpoint-tmp, removed at the next open
+    checkpoints = StateCheckpoints(work / "checkpoints", keep=1, async_save=False, cleanup_tmp=True)
+    done = checkpoints.latest_step() or 0
     metrics_path = work / "metrics.jsonl"
     if done:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
@@ -195,7 +175,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     try:
         with SafePoints() as stop:  # a signal stops after a block and its checkpoint, never inside either
             while done < total:
-                stop.check(lambda: _kept(checkpoints.latest(), total, work))
+                stop.check(lambda: _kept(checkpoints.latest_step(), total, work))
                 n = min(cfg.checkpoint_every, total - done)
                 t0 = time.perf_counter()
                 state, metrics = trainer.block(state, env, n)
@@ -223,11 +203,11 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
                                     f"layer {last['mean_exit_layer']:.2f} {rate:,.0f} ts/s")
             if diverged is None:
                 stop.check()  # a signal during the last block
-        kept = checkpoints.latest()
+        kept = checkpoints.latest_step()
     except KeyboardInterrupt as error:  # a second Ctrl-C, at once: still say what is kept
         if isinstance(error, Interrupted):
             raise
-        raise interrupted(_kept(checkpoints.latest(), total, work)) from None
+        raise interrupted(_kept(checkpoints.latest_step(), total, work)) from None
     finally:
         bar.close()
         checkpoints.close()
