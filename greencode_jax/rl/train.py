@@ -25,6 +25,7 @@ from greencode_jax.atomic import atomic_write_text, resumable_directory
 from greencode_jax.errors import GreencodeError
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
+from greencode_jax.metrics_log import append_metrics, trim_metrics
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.rl.config import RLSection
 from greencode_jax.rl.store import RolloutStore
@@ -160,8 +161,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
                                 trainer.state_shardings(state))
         state = checkpoints.restore(done, abstract)
-        kept = metrics_path.read_text().splitlines()[:done * cfg.seeds] if metrics_path.exists() else []
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+        trim_metrics(metrics_path, "update", done)
     total = cfg.num_updates
     log(f"train-policy: {store.episodes} episodes x {agree.shape[1]} tokens, decisions at layers "
         f"{list(store.decision_layers)}, reward {cfg.reward}; {total} updates of {cfg.steps_per_update} steps "
@@ -187,13 +187,11 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
                 if compile_s is None:
                     compile_s = seconds  # includes compiling; reported apart from the throughput
                 rate = n * cfg.steps_per_update * cfg.seeds / seconds
-                with open(metrics_path, "a") as f:
-                    for u in range(n):
-                        for k, seed in enumerate(seeds):
-                            row = {"update": done + u + 1, "seed": seed,
-                                   "timesteps": (done + u + 1) * cfg.steps_per_update,
-                                   **{name: float(v[k, u]) for name, v in metrics.items()}, "timesteps_per_s": rate}
-                            f.write(json.dumps(row) + "\n")
+                append_metrics(metrics_path, ({"update": done + u + 1, "seed": seed,
+                                               "timesteps": (done + u + 1) * cfg.steps_per_update,
+                                               **{name: float(v[k, u]) for name, v in metrics.items()},
+                                               "timesteps_per_s": rate}
+                                              for u in range(n) for k, seed in enumerate(seeds)))
                 with stop.critical():  # even a second Ctrl-C waits: no half-written checkpoint
                     checkpoints.save(done + n, state)
                 done += n
