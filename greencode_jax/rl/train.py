@@ -27,6 +27,7 @@ from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
 from greencode_jax.metrics_log import append_metrics, trim_metrics
 from greencode_jax.ownership import check_output_dir
+from greencode_jax.parallel import make_mesh
 from greencode_jax.rl.config import RLSection
 from greencode_jax.rl.store import RolloutStore
 from greencode_jax.state_checkpoints import StateCheckpoints
@@ -143,7 +144,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     layers = list(store.decision_layers) + [store.model["num_layers"] - 1]
     reward_kwargs, reward_record = reward_parameters(cfg, store.model["num_layers"], store.architecture,
                                                      store.decision_layers)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = make_mesh()  # (data, fsdp): every device on `data`
     settings = _settings(store, cfg, validation, jax.device_count())
 
     hidden, agree = store.array("hidden"), store.array("agree")
