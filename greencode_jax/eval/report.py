@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-from greencode_jax.atomic import atomic_write_text
+from greencode_jax.atomic import atomic_write_bytes, atomic_write_text
 from greencode_jax.eval.summary import policy_keys
 
 FAMILIES = ("base", "full", "fixed", "confidence", "learned")
@@ -391,20 +389,6 @@ def exits_png(summary: dict, records: list[dict]) -> bytes:
     return _png(fig)
 
 
-def _atomic_write_bytes(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_report(out_dir, summary: dict, records: list[dict], *, header: dict) -> dict[str, Path]:
     """Writes report.md, pareto.png and exits.png into `out_dir` (created with its parents).
 
@@ -419,6 +403,6 @@ def write_report(out_dir, summary: dict, records: list[dict], *, header: dict) -
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report": out / "report.md", "pareto": out / "pareto.png", "exits": out / "exits.png"}
     atomic_write_text(paths["report"], text)
-    _atomic_write_bytes(paths["pareto"], pareto)
-    _atomic_write_bytes(paths["exits"], exits)
+    atomic_write_bytes(paths["pareto"], pareto)
+    atomic_write_bytes(paths["exits"], exits)
     return paths
