@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from greencode_jax.cli.args import comma_list
 from greencode_jax.cli.config import finite_float
 from greencode_jax.errors import GreencodeError
 
@@ -16,10 +17,7 @@ MAX_DEFAULT_DEPTHS = 8  # energy/calibrate_run.py's; repeated here so that `--he
 
 
 def _depths(text: str) -> list[int]:
-    try:
-        depths = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of layers such as 1,4,8, got {text!r}")
+    depths = comma_list(text, int, expected="comma-separated numbers of layers such as 1,4,8")
     if not depths:
         raise argparse.ArgumentTypeError("expected at least two numbers of layers such as 1,4,8")
     return depths
