@@ -19,16 +19,24 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
 from greencode_jax.atomic import atomic_write_text, resumable_directory
+from greencode_jax.energy.cost_model import joules_per_token, load_cost_model
 from greencode_jax.errors import GreencodeError
+from greencode_jax.generate.policies import Learned
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
 from greencode_jax.metrics_log import append_metrics, trim_metrics
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.parallel import make_mesh
+from greencode_jax.rl import env as exit_env
+from greencode_jax.rl import validate
 from greencode_jax.rl.config import RLSection
+from greencode_jax.rl.networks import learned_params
+from greencode_jax.rl.ppo import Trainer
 from greencode_jax.rl.store import RolloutStore
 from greencode_jax.state_checkpoints import StateCheckpoints
 
@@ -46,8 +54,6 @@ def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None
         if not cfg.cost_model:
             raise GreencodeError("rl.reward=energy needs a cost model: set rl.cost_model to the JSON of "
                                  "`greencode energy calibrate MODEL --out FILE`")
-        from greencode_jax.energy.cost_model import joules_per_token, load_cost_model
-
         fit = load_cost_model(cfg.cost_model, {**(architecture or {}), "num_layers": num_layers},
                               what="rl.cost_model")
         b = fit["b_j_per_layer"]
@@ -81,8 +87,6 @@ def _kept(latest, total: int, work: Path) -> str:
 def _first_non_finite(metrics: dict, params) -> tuple | None:
     """(update in the block, seed index, what, value) of the first NaN or inf in a block's metrics
     [seeds, updates], else in the parameters after it (charged to its last update); None if none."""
-    import jax
-
     first = None
     for name, values in metrics.items():
         bad = np.argwhere(~np.isfinite(values))
@@ -122,14 +126,6 @@ def _divergence(found, done: int, total: int, seeds, cfg: RLSection, work: Path,
 @holds_output_lock("out_dir")
 def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, overwrite: bool = False,
                  progress: bool = True, log=print) -> dict:
-    import jax
-
-    import greencode_jax as gc
-    from greencode_jax.rl import env as E
-    from greencode_jax.rl import validate as V
-    from greencode_jax.rl.networks import learned_params
-    from greencode_jax.rl.ppo import Trainer
-
     out = Path(out_dir)
     inputs = {"rollouts": rollouts_dir, "validation": validation_dir, "cost_model": cfg.cost_model or None}
     check_output_dir(out, "policy", inputs=inputs, overwrite=overwrite)
@@ -148,7 +144,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     settings = _settings(store, cfg, validation, jax.device_count())
 
     hidden, agree = store.array("hidden"), store.array("agree")
-    env = E.make_env(hidden, agree, layers, reward_kwargs)
+    env = exit_env.make_env(hidden, agree, layers, reward_kwargs)
     trainer = Trainer(cfg, store.model["hidden_size"], store.obs_mean, store.obs_std, mesh)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     state = trainer.init(env, seeds)
@@ -168,8 +164,6 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
         f"{list(store.decision_layers)}, reward {cfg.reward}; {total} updates of {cfg.steps_per_update} steps "
         f"({total * cfg.steps_per_update} timesteps), {cfg.seeds} seed(s), {jax.device_count()} device(s)"
         + (f"; resuming after update {done}" if done else ""))
-    from tqdm import tqdm
-
     bar = tqdm(total=total, initial=done, unit="upd", disable=not progress, dynamic_ncols=True, desc="PPO")
     start, compile_s = time.perf_counter(), None
     diverged = None
@@ -220,17 +214,17 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     v_hidden = judge.array("hidden") if judge is not store else hidden
     v_agree = judge.array("agree") if judge is not store else agree
     v_conf = judge.array("confidence")
-    v_rewards = E.reward_table(v_agree, layers, **reward_kwargs)
-    probs = [V.exit_probabilities(a, obs_mean, obs_std, v_hidden) for a in actors]
-    returns = [V.deterministic_return(p, v_rewards) for p in probs]
+    v_rewards = exit_env.reward_table(v_agree, layers, **reward_kwargs)
+    probs = [validate.exit_probabilities(a, obs_mean, obs_std, v_hidden) for a in actors]
+    returns = [validate.deterministic_return(p, v_rewards) for p in probs]
     best = int(np.argmax(returns))
-    table = V.validation_table(probs[best], v_agree, v_conf, layers, cfg.thresholds)
+    table = validate.validation_table(probs[best], v_agree, v_conf, layers, cfg.thresholds)
     final = {name: float(np.asarray(v)[best, -1]) for name, v in metrics.items()} if total else {}
     result = {"seed": seeds[best], "validation_return": returns[best], "seed_returns": returns,
               "judged_on": "validation" if validation is not None else "training", "updates": total,
               "timesteps": total * cfg.steps_per_update, "seconds": seconds, "first_block_seconds": compile_s,
               "final_metrics": final}
-    policy = gc.policies.Learned(learned_params(actors[best], obs_mean, obs_std), exit_layers=tuple(store.exit_layers))
+    policy = Learned(learned_params(actors[best], obs_mean, obs_std), exit_layers=tuple(store.exit_layers))
     metadata = {"trained_on": {"rollouts": str(store.root.resolve()), "model": store.model,
                                "validation": None if validation is None else str(validation.root.resolve())},
                 "decision_layers": list(store.decision_layers), **reward_record, "rl": dataclasses.asdict(cfg),
@@ -244,7 +238,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
         shutil.rmtree(out)
     os.replace(staged, out)
     shutil.rmtree(work, ignore_errors=True)
-    log(V.format_table(table))
+    log(validate.format_table(table))
     log(f"train-policy: seed {seeds[best]} kept (validation return {returns[best]:.3f} on the "
         f"{result['judged_on']} store); {total} updates in {seconds:.1f} s -> {out}")
     return {"policy": str(out), "validation": table, **result}
