@@ -1,6 +1,6 @@
 """`greencode collect-rollouts`: the model at full depth, once, recording what the exit
-policy will be trained on (GREEN-CODE's episodes, REFERENCE §1: a document of the split, a
-context of a U(0.2, 0.5) fraction of its tokens, 15 greedy tokens).
+policy will be trained on (GREEN-CODE's episodes: a document of the split, a context of a
+U(0.2, 0.5) fraction of its tokens, 15 greedy tokens).
 
 Episodes are planned up front from the seed, so the store does not depend on the batch
 size or the device count. They are grouped in chunks; process p of a multi-host run
