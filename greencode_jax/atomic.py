@@ -121,12 +121,21 @@ def usual_permissions(path: str | Path, directory: bool = False):
 def atomic_write_text(path: str | Path, text: str):
     """Writes `text` to `path` through a temporary sibling; missing parents are created (and
     removed again if the write fails)."""
+    _write_through_sibling(path, text, "w")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes):
+    """`atomic_write_text` for bytes (a PNG, say)."""
+    _write_through_sibling(path, data, "wb")
+
+
+def _write_through_sibling(path: str | Path, data, mode: str):
     path = Path(path)
     with output_parents(path):
         fd, tmp = _temporary(tempfile.mkstemp, path)
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
+            with os.fdopen(fd, mode) as f:
+                f.write(data)
             usual_permissions(tmp)  # mkstemp makes it owner-only
             os.replace(tmp, path)
         finally:

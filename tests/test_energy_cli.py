@@ -40,6 +40,14 @@ def test_help(argv, text, capsys):
     assert exit_.value.code == 0 and text in capsys.readouterr().out
 
 
+def test_help_names_the_default_depth_limit_calibrate_uses():
+    """`--help` states the limit without importing the calibration (and JAX): the two must agree."""
+    from greencode_jax.cli import energy_cmd
+    from greencode_jax.energy import calibrate_run
+
+    assert energy_cmd.MAX_DEFAULT_DEPTHS == calibrate_run.MAX_DEFAULT_DEPTHS
+
+
 def test_probe_prints_each_device_and_why(tmp_path, capsys):
     out = tmp_path / "probe.json"
     run(["energy", "probe", "--sample-seconds", "0.05", "--json", str(out),
@@ -129,7 +137,7 @@ def test_decode_depths_stop_only_at_exit_layers(tiny_model, capsys):
     """A depth that is not an exit layer + 1 (or the full depth) is refused before anything is
     measured, naming the depths this model's exits give."""
     import greencode_jax as gc
-    from greencode_jax.cli.energy_cmd import check_depth
+    from greencode_jax.energy.calibrate_run import check_depth
 
     config = gc.load_pretrained(tiny_model, exit_layers=[0], scan_layers=False).config  # exits after layers 0, 2
     for layers in (1, 3):

@@ -137,3 +137,36 @@ def test_generate_with_the_loaded_policy_decides_as_the_actor_on_the_cached_stat
                 break
             assert out.tokens[0, n] == tokens[e, n]
     assert compared >= 16 and 0 < exits, (compared, exits)
+
+
+def test_a_batch_split_over_eight_devices_records_what_one_device_records():
+    """The recorder's data mesh (parallel.make_mesh over the local devices) splits the batch; the
+    model's forward then runs per device without collectives: the same record, to float rounding."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import jax, numpy as np
+        from greencode_jax.models import ModelConfig, init_model
+        from greencode_jax.rl.collect import _Recorder
+        config = ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=128), exit_layers=[0, 1, 2])
+        model = init_model(config, seed=3)
+        model.set_scan_layers(False)
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(3, 64, n).astype(np.int32) for n in (5, 17, 9, 30, 2, 11)]
+        eight = _Recorder(model, 4, "float32")
+        one = _Recorder(model, 4, "float32")
+        one.devices, one.batch_sharding = 1, None
+        a, b = eight(prompts, 8), one(prompts, 8)
+        same = all(np.array_equal(a[k], b[k]) for k in ("tokens", "agree"))
+        close = all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-5) for k in ("hidden", "confidence"))
+        print("DEVICES", eight.devices, "SAME", same, "CLOSE", close)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    assert "DEVICES 8 SAME True CLOSE True" in proc.stdout, proc.stdout

@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 
 import greencode_jax as gc
-from greencode_jax.train.metrics import read_metrics
+from greencode_jax.metrics_log import read_metrics
 from test_train_support import (  # noqa: F401 (fixtures)
     FINISHED_STEPS, REPO, cli_command, compile_cache, finished_tiny_run, flat_leaves, model_params,
     restore_train_state, run_cli, stdlib_corpus, subprocess_env, write_config,

@@ -9,7 +9,7 @@ import numpy as np
 import yaml
 
 import greencode_jax as gc
-from greencode_jax.train.metrics import read_metrics
+from greencode_jax.metrics_log import read_metrics
 from test_train_support import (  # noqa: F401 (fixtures)
     FINISHED_STEPS, compile_cache, finished_tiny_run, stdlib_corpus,
 )

@@ -210,7 +210,7 @@ def assert_equivalent_runs(reference: Path, other: Path):
     import numpy as np
 
     import greencode_jax as gc
-    from greencode_jax.train.metrics import read_metrics
+    from greencode_jax.metrics_log import read_metrics
 
     ref = [r for r in read_metrics(reference / "metrics.jsonl") if "loss" in r]
     got = [r for r in read_metrics(other / "metrics.jsonl") if "loss" in r]

@@ -18,7 +18,7 @@ from greencode_jax.data.prepare import default_workers
 from greencode_jax.data.sources import resolve_source
 from greencode_jax.errors import GreencodeError
 
-TARGET_SECONDS = 60.0  # issue 3: the whole Python standard library prepared in <= 60 s on 2 cores
+TARGET_SECONDS = 60.0  # the whole Python standard library prepared in <= 60 s on 2 cores
 
 _PROBE = r"""
 import json, resource, sys, time

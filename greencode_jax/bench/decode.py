@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
+import gc as garbage_collector
 import statistics
 
 import jax
@@ -29,7 +29,7 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.generate.policies import FixedExit, Full, Learned
 from greencode_jax.models.model import param_arrays
 
-# issue 4's bounds
+# the decode bounds
 FLOOR_BOUND = 1.25  # Full(): time per token <= 1.25x the memory floor
 HF_BOUND = 1.0  # Full(): tokens/s >= 1.0x transformers' generate
 HF_BOUND_SMALL = 3.0  # ... >= 3x for a ~10M-parameter model, whose cost is overhead
@@ -113,12 +113,12 @@ def interleaved_per_token(runners: dict, new_tokens: int, repeats: int, each_rou
 def _no_garbage_collection():
     """Collects first, then keeps Python's collector out of the timed calls (as timeit does):
     a collection inside one of a pair's two calls would be charged to the tokens."""
-    gc.collect()
-    gc.disable()
+    garbage_collector.collect()
+    garbage_collector.disable()
     try:
         yield
     finally:
-        gc.enable()
+        garbage_collector.enable()
 
 
 def floor_ratios(seconds_per_token: list[float], bandwidths: list[float], nbytes: int) -> list[float]:

@@ -15,7 +15,7 @@ from greencode_jax.energy.meter import EnergyMeter
 from greencode_jax.energy.select import select_backends
 from greencode_jax.errors import GreencodeError
 
-TARGET_OVERHEAD_S = 1e-3  # issue 5: meter overhead per window <= 1 ms on CPU
+TARGET_OVERHEAD_S = 1e-3  # meter overhead per window <= 1 ms on CPU
 
 
 def _per_window_s(meter, windows: int, rounds: int = 5) -> float:

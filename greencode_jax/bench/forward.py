@@ -25,8 +25,8 @@ from greencode_jax.convert import load_pretrained, save_checkpoint
 from greencode_jax.convert.hf_export import quiet_transformers
 from greencode_jax.errors import GreencodeError
 
-TARGET_SPEED_RATIO = 1.0  # issue 2: our prefill tokens/s >= 1.0x PyTorch's (opt-125m, 512 tokens, fp32, CPU)
-TARGET_MEMORY_RATIO = 1.5  # issue 2: import peak RSS <= 1.5x the checkpoint's size
+TARGET_SPEED_RATIO = 1.0  # our prefill tokens/s >= 1.0x PyTorch's (opt-125m, 512 tokens, fp32, CPU)
+TARGET_MEMORY_RATIO = 1.5  # import peak RSS <= 1.5x the checkpoint's size
 
 _MEMORY_PROBE = r"""
 import json, sys, psutil

@@ -24,15 +24,17 @@ import numpy as np
 
 from greencode_jax.bench.report import Progress, printer, verdict
 from greencode_jax.errors import GreencodeError
-from greencode_jax.rl import env as E, validate as V
+from greencode_jax.parallel import make_mesh
+from greencode_jax.rl import env as exit_env
+from greencode_jax.rl import validate
 from greencode_jax.config import RLSection
 from greencode_jax.rl.networks import actor_logits
 from greencode_jax.rl.ppo import Trainer
 from greencode_jax.rl.train import reward_parameters
 
-TARGET_SPEEDUP = 20.0  # issue 17: >= 20x SB3's timesteps/s in the same run
+TARGET_SPEEDUP = 20.0  # >= 20x SB3's timesteps/s in the same run
 TARGET_SECONDS, TARGET_SECONDS_HIDDEN = 60.0, 576  # 500k timesteps, compile included, for hidden <= 576
-# Llama-3.2-3B's exits in GREEN-CODE (REFERENCE §1): 9 decision exits, the last layer 27
+# Llama-3.2-3B's exits in GREEN-CODE's paper: 9 decision exits, the last layer 27
 GREENCODE_LAYERS = (3, 5, 7, 9, 11, 13, 17, 21, 25, 27)
 
 
@@ -98,15 +100,15 @@ def evaluate(decide, hidden, agree, layers, rewards, batch: int = 8192) -> dict:
     flat = hidden.reshape(-1, hidden.shape[-1])
     exits = np.concatenate([np.asarray(decide(flat[i:i + batch]), bool) for i in range(0, len(flat), batch)])
     exits = exits.reshape(hidden.shape[:-1])
-    row = V.table_row(V.exits_at(exits), agree, layers)
-    return {"episode_reward": V.deterministic_return(exits.astype(np.float32), rewards),
+    row = validate.table_row(validate.exits_at(exits), agree, layers)
+    return {"episode_reward": validate.deterministic_return(exits.astype(np.float32), rewards),
             "exit_accuracy": row["exit_accuracy"], "mean_exit_layer": row["mean_exit_layer"],
             "agreement": row["agreement"]}
 
 
 def oracle_decide(agree, layers):
     """The exit-at-l* decisions, for the oracle row (not a policy of observations)."""
-    lstar = E.first_agreeing(agree, layers)
+    lstar = exit_env.first_agreeing(agree, layers)
     return np.asarray(layers)[:-1] == lstar[..., None]
 
 
@@ -133,8 +135,8 @@ def sb3_kwargs(cfg) -> dict:
 def run_ours(cfg, train, stats, layers, reward_kwargs, held_out, held_rewards) -> dict:
     """Our PPO for cfg.total_timesteps in one compiled block; compile timed apart (AOT)."""
     start = time.perf_counter()
-    env = E.make_env(train[0], train[1], layers, reward_kwargs)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    env = exit_env.make_env(train[0], train[1], layers, reward_kwargs)
+    mesh = make_mesh()  # (data, fsdp): every device on `data`, as train-policy builds it
     trainer = Trainer(cfg, train[0].shape[-1], stats[0], stats[1], mesh)
     state = trainer.init(env, [cfg.seed])
     jax.block_until_ready(state)
@@ -151,7 +153,7 @@ def run_ours(cfg, train, stats, layers, reward_kwargs, held_out, held_rewards) -
     wall_s = time.perf_counter() - start
     actor = jax.tree.map(lambda a: a[0], state.params["actor"])
     mean, std = jnp.asarray(stats[0]), jnp.asarray(stats[1])
-    decide = jax.jit(lambda h: jnp.argmax(actor_logits(actor, mean, std, h), -1) == E.EXIT)
+    decide = jax.jit(lambda h: jnp.argmax(actor_logits(actor, mean, std, h), -1) == exit_env.EXIT)
     timesteps = updates * cfg.steps_per_update
     return {"timesteps": timesteps, "updates": updates, "init_s": init_s, "compile_s": compile_s, "run_s": run_s,
             "wall_s": wall_s, "timesteps_per_s": timesteps / run_s,
@@ -204,7 +206,7 @@ def run_bench_rl(cfg: RLSection, *, hidden_size: int = 576, episodes: int = 512,
     train = (hidden[:episodes], agree[:episodes])
     held = (hidden[episodes:], agree[episodes:])
     stats = observation_stats(train[0])
-    held_rewards = E.reward_table(held[1], layers, **reward_kwargs)
+    held_rewards = exit_env.reward_table(held[1], layers, **reward_kwargs)
     step = cfg.steps_per_update
     sb3_updates = 0 if sb3_timesteps == 0 else min(max(1, round(sb3_timesteps / step)), cfg.num_updates)
     results = {"hidden": hidden_size, "episodes": episodes, "held_out_episodes": held_out, "tokens": hidden.shape[1],
@@ -229,8 +231,8 @@ def run_bench_rl(cfg: RLSection, *, hidden_size: int = 576, episodes: int = 512,
 
 def _oracle(held, layers, rewards) -> dict:
     exits = oracle_decide(held[1], layers)
-    row = V.table_row(V.exits_at(exits), held[1], layers)
-    return {"episode_reward": V.deterministic_return(exits.astype(np.float32), rewards),
+    row = validate.table_row(validate.exits_at(exits), held[1], layers)
+    return {"episode_reward": validate.deterministic_return(exits.astype(np.float32), rewards),
             "exit_accuracy": row["exit_accuracy"], "mean_exit_layer": row["mean_exit_layer"],
             "agreement": row["agreement"]}
 

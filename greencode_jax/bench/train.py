@@ -29,8 +29,8 @@ from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from greencode_jax.train.step import init_state, make_train_step, state_shardings
 from greencode_jax.train.weights import exit_weights
 
-TARGET_RATIO = 1.0  # issue 6: our train-step tokens/s >= 1.0x PyTorch's on this CPU
-TARGET_MFU = 0.35  # issue 6, on a GPU: bf16 train step of a ~1B Llama, aim >= 35 % MFU
+TARGET_RATIO = 1.0  # our train-step tokens/s >= 1.0x PyTorch's on this CPU
+TARGET_MFU = 0.35  # on a GPU: bf16 train step of a ~1B Llama, aim >= 35 % MFU
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 
 # Dense bf16 peak FLOP/s by JAX device_kind prefix (vendor data sheets; SXM parts)

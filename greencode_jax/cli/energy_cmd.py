@@ -8,22 +8,16 @@ answers at once; user mistakes raise `GreencodeError`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 
+from greencode_jax.cli.args import comma_list
 from greencode_jax.cli.config import finite_float
 from greencode_jax.errors import GreencodeError
-from greencode_jax.locks import output_lock
-from greencode_jax.ownership import check_output_file
 
-MAX_DEFAULT_DEPTHS = 8
+MAX_DEFAULT_DEPTHS = 8  # energy/calibrate_run.py's; repeated here so that `--help` imports no JAX
 
 
 def _depths(text: str) -> list[int]:
-    try:
-        depths = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of layers such as 1,4,8, got {text!r}")
+    depths = comma_list(text, int, expected="comma-separated numbers of layers such as 1,4,8")
     if not depths:
         raise argparse.ArgumentTypeError("expected at least two numbers of layers such as 1,4,8")
     return depths
@@ -50,163 +44,13 @@ def cmd_energy_probe(args):
     return report
 
 
-def check_depth(layers: int, config, decode: bool):
-    """A calibration depth (layers computed) that the workload can run on a model of `config`."""
-    if not 1 <= layers <= config.num_layers:
-        raise GreencodeError(f"depth {layers}: expected a number of layers in 1..{config.num_layers}")
-    if decode and layers < config.num_layers and layers - 1 not in config.exit_layers:
-        depths = [e + 1 for e in config.exit_layers]
-        raise GreencodeError(f"depth {layers}: decoding stops only at an exit layer; this model's exits give "
-                             f"depths {depths} (or use --workload prefill)")
-
-
-def prefill_workload(model, tokens: int, batch: int, seed: int = 0):
-    """`workload(layers) -> (step, tokens_per_step)`: prefill of random ids through decoder
-    layers 0..layers-1 and the exit head (any depth, exit layer or not)."""
-    import numpy as np
-
-    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, tokens), dtype=np.int32)
-
-    def workload(layers: int):
-        check_depth(layers, model.config, decode=False)
-        return (lambda: model.logits(ids, layer=layers - 1)), batch * tokens
-
-    return workload
-
-
-def default_depths(config) -> list[int]:
-    """Layers computed at each exit (exit layer + 1), thinned to at most MAX_DEFAULT_DEPTHS, ends kept."""
-    depths = [layer + 1 for layer in config.exit_layers]
-    if len(depths) > MAX_DEFAULT_DEPTHS:
-        picks = {round(i * (len(depths) - 1) / (MAX_DEFAULT_DEPTHS - 1)) for i in range(MAX_DEFAULT_DEPTHS)}
-        depths = [depths[i] for i in sorted(picks)]
-    if len(set(depths)) < 2:
-        depths = sorted({1, config.num_layers})
-    return depths
-
-
 def cmd_energy_calibrate(args):
-    from greencode_jax.convert import load_model_config
+    from greencode_jax.energy.calibrate_run import calibrate
 
-    decode = args.workload == "decode"
-    if args.tokens is None:
-        args.tokens = 16 if decode else 128
-    for name in ("tokens", "batch", "repeats"):
-        if getattr(args, name) <= 0:
-            raise GreencodeError(f"--{name} {getattr(args, name)}: expected a positive number")
-    if args.min_seconds <= 0 or args.idle_seconds < 0:
-        raise GreencodeError("--min-seconds must be positive and --idle-seconds 0 or more")
-    if args.new_tokens < 2:
-        raise GreencodeError(f"--new-tokens {args.new_tokens}: expected 2 or more")
-    config = _energy_config(args.set)
-    if args.out:  # every argument is checked before the model loads and the measuring starts
-        check_output_file(args.out, "cost-model", inputs={"model": args.model})
-    model_config = load_model_config(args.model)
-    depths = args.depths
-    for layers in depths or default_depths(model_config):
-        check_depth(layers, model_config, decode)
-    with output_lock(args.out) if args.out else contextlib.nullcontext():
-        return _calibrate(args, config, depths, decode)
-
-
-def _calibrate(args, config, depths: list[int] | None, decode: bool):
-    import greencode_jax as gc
-    from greencode_jax.energy import EnergyMeter, fit_cost_model, window_measure
-    from greencode_jax.energy.calibrate import fit_terms, measure_workloads
-
-    model = gc.load_pretrained(args.model, dtype=args.dtype, scan_layers=not decode)
-    c = model.config
-    depths = depths or default_depths(c)
-    if decode:
-        from greencode_jax.generate.costs import calibration_workloads
-
-        workloads = calibration_workloads(model, prompt_tokens=args.tokens, new_tokens=args.new_tokens,
-                                          batch=args.batch, depths=depths, seed=args.seed)
-        workload = (f"decoding {args.batch} x {args.new_tokens} greedy tokens per step after a {args.tokens}-token "
-                    f"prompt, by {', '.join(w.label for w in workloads)}")
-        shown = [w.label for w in workloads]
-    else:
-        workload = (f"prefill of {args.batch} x {args.tokens} random tokens per step through the first k layers "
-                    "and the exit head")
-        steps = prefill_workload(model, args.tokens, args.batch, args.seed)
-        shown = [f"depths {depths}"]
-    print(f"calibrate: {args.model} ({c.family}, {c.num_layers} layers), {len(shown)} workload(s), "
-          f"{args.repeats} interleaved round(s), >= {args.min_seconds} s per window\n  workload: {workload}",
-          flush=True)
-    meter = EnergyMeter(config)
-    try:
-        for selection in meter.selections:
-            b = selection.backend
-            print(f"  metering {selection.spec.key}: {b.method} via {b.name}")
-        if args.idle_seconds > 0:
-            meter.measure_idle(args.idle_seconds)
-        if decode:
-            samples = measure_workloads(meter, workloads, args.repeats, args.min_seconds, args.idle_seconds > 0,
-                                        report=_print_sample)
-            model_fit = fit_terms(samples, workload=workload)
-        else:
-            measure = window_measure(meter, steps, args.min_seconds, above_idle=args.idle_seconds > 0)
-            model_fit = fit_cost_model(_printing(measure), depths, args.repeats, workload)
-    finally:
-        meter.close()
-    print_fit(model_fit, model)
-    if args.out:
-        from greencode_jax.atomic import write_json_output
-
-        from greencode_jax.convert.fingerprint import model_fingerprint
-        from greencode_jax.energy.cost_model import identity
-
-        # num_layers and architecture: what readers check the fit against (energy/cost_model.py)
-        record = {"model": str(args.model), **identity(c, model_fingerprint(model)), "workload_kind": args.workload,
-                  "depths": depths, "tokens": args.tokens, "new_tokens": args.new_tokens if decode else None,
-                  "batch": args.batch, "dtype": args.dtype, "energy_config": dataclasses.asdict(config),
-                  **model_fit.to_dict()}
-        write_json_output(args.out, record, "cost-model", inputs={"model": args.model})
-        print(f"wrote {args.out}")
-    return model_fit
-
-
-def print_fit(fit, model=None):
-    """The fitted coefficients with their 95 % intervals, R², and the head's cost beside its bytes."""
-    def term(name, label):
-        value = getattr(fit, name)
-        low_high = fit.intervals.get(name)
-        ci = f" [{low_high[0]:.4g}, {low_high[1]:.4g}]" if low_high else ""
-        return f"{value:.5g}{ci} {label}"
-
-    parts = [term("a_j", "")] + [term(name, label) for t, name, label in (
-        ("layers", "b_j_per_layer", "x layers"), ("heads", "c_j_per_head", "x head evaluations"),
-        ("decisions", "d_j_per_decision", "x decisions")) if t in fit.terms]
-    r2 = "undefined" if fit.r2 is None else f"{fit.r2:.4f}"
-    print(f"  fit ({fit.method}): J/token = " + " + ".join(p.strip() for p in parts) + f"   (95 % intervals)  R² = {r2}"
-          + ("" if fit.reliable else "  UNRELIABLE"))
-    if "heads" in fit.terms and fit.b_j_per_layer > 0 and model is not None:
-        from greencode_jax.models.model import param_arrays
-
-        layer_bytes = sum(x.nbytes for x in param_arrays(model.block(0)))
-        head_bytes = sum(x.nbytes for x in param_arrays(*model.exit_head_modules()))
-        print(f"  an LM-head evaluation costs {fit.c_j_per_head / fit.b_j_per_layer:.2f} layers; its weights are "
-              f"{head_bytes / layer_bytes:.2f} layers' bytes")
-    print("  residuals (J/token): " + ", ".join(f"{r:+.3g}" for r in fit.residuals))
-    for warning in fit.warnings:
-        print(f"  warning: {warning}")
-
-
-def _print_sample(sample):
-    figure = "no figure" if sample.energy_j is None else f"{sample.joules_per_token:.6g} J/token"
-    note = f": {sample.note}" if sample.note else ""
-    print(f"  {sample.workload:<26} {sample.layers:5.2f} layers {sample.heads:5.2f} heads {sample.decisions:5.2f} "
-          f"decisions: {figure} ({sample.method}{note})", flush=True)
-
-
-def _printing(measure):
-    def wrapped(layers):
-        sample = measure(layers)
-        figure = "no figure" if sample.energy_j is None else f"{sample.joules_per_token:.6g} J/token"
-        note = f": {sample.note}" if sample.note else ""
-        print(f"  {layers:3d} layers: {sample.tokens} tokens, {figure} ({sample.method}{note})", flush=True)
-        return sample
-    return wrapped
+    return calibrate(args.model, depths=args.depths, workload=args.workload, tokens=args.tokens,
+                     new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats, min_seconds=args.min_seconds,
+                     idle_seconds=args.idle_seconds, dtype=args.dtype, seed=args.seed, out=args.out,
+                     energy_overrides=args.set)
 
 
 def cmd_bench_energy(args):

@@ -6,28 +6,20 @@ the handler, so `--help` answers at once.
 
 from __future__ import annotations
 
-import argparse
-
+from greencode_jax.cli.args import comma_list
 from greencode_jax.errors import GreencodeError
 
 
 def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"expected a batch size or a comma-separated list such as 1,8, got {text!r}")
-    return sizes
+    return comma_list(text, int, expected="a batch size or a comma-separated list such as 1,8", nonempty=True,
+                      valid=lambda sizes: all(s >= 1 for s in sizes))
 
 
 def _protocols(text: str) -> list[str]:
     from greencode_jax.config import PROTOCOLS
 
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names or not set(names) <= set(PROTOCOLS):
-        raise argparse.ArgumentTypeError(f"expected completion, line or completion,line, got {text!r}")
-    return names
+    return comma_list(text, expected="completion, line or completion,line", nonempty=True,
+                      valid=lambda names: set(names) <= set(PROTOCOLS))
 
 
 def cmd_evaluate(args):

@@ -13,6 +13,7 @@ import os
 import sys
 
 from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, train_cmd
+from greencode_jax.cli.args import comma_list
 from greencode_jax.cli.bench_cmd import cmd_bench_decode, cmd_bench_forward
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
 from greencode_jax import interrupts
@@ -20,21 +21,15 @@ from greencode_jax.locks import output_lock
 from greencode_jax.ownership import check_output_dir, check_output_file, set_command
 
 
-def _exit_layers(text: str):
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 3,5,7, got {text!r}")
+def _exit_layers(text: str) -> list[int]:
+    return comma_list(text, int, expected="comma-separated layer indices such as 3,5,7")
 
 
 def _learned_kernels(text: str) -> tuple[str, ...]:
     from greencode_jax.generate.policies import LEARNED_KERNELS
 
-    kernels = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    if not kernels or not set(kernels) <= set(LEARNED_KERNELS):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(LEARNED_KERNELS)}, "
-                                         f"got {text!r}")
-    return kernels
+    return tuple(comma_list(text, expected=f"a comma-separated subset of {','.join(LEARNED_KERNELS)}", nonempty=True,
+                            unique=True, valid=lambda kernels: set(kernels) <= set(LEARNED_KERNELS)))
 
 
 def _size(text: str) -> int:

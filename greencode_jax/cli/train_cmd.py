@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from greencode_jax.cli.args import comma_list
 from greencode_jax.cli.bench_cmd import write_figures
 from greencode_jax.cli.config import finite_float
 from greencode_jax.config import FINETUNE_SECTIONS, load_config
@@ -113,16 +114,11 @@ def cmd_bench_heads(args):
 
 
 def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    return comma_list(text, expected="comma-separated names")
 
 
-def _layers(text: str):
-    import argparse
-
-    try:
-        return [int(part) for part in _names(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 1,2, got {text!r}")
+def _layers(text: str) -> list[int]:
+    return comma_list(text, int, expected="comma-separated layer indices such as 1,2")
 
 
 def register_bench(bench_subparsers):

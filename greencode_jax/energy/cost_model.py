@@ -1,4 +1,4 @@
-"""The cost model file `greencode energy calibrate --out FILE` writes, and the one reader of it.
+"""The cost model file `greencode energy calibrate --out FILE` writes: its one writer and its one reader.
 
     joules per token = a_j + b_j_per_layer x decoder layers computed
 
@@ -6,13 +6,15 @@ Besides the fit (`CostModel.to_dict`) the file records what it was fitted on: `n
 `architecture` (family, layer count, widths, heads, vocabulary: what the cost of a layer
 depends on) and, for information only, `weights_fingerprint`. `evaluate` (modelled joules),
 the energy reward of `train-policy` and `greencode run` read it through `load_cost_model`,
-which refuses a fit made for another layer count or architecture.
+which refuses a fit made for another layer count or architecture; `save_cost_model` writes it
+(energy/calibrate_run.py, after a calibration).
 """
 
 from __future__ import annotations
 
 import math
 
+from greencode_jax.atomic import write_json_output
 from greencode_jax.energy.calibrate import RELIABLE_R2
 from greencode_jax.errors import GreencodeError
 from greencode_jax.yamlfile import read_json_mapping
@@ -21,6 +23,7 @@ ARCHITECTURE_FIELDS = ("family", "num_layers", "hidden_size", "vocab_size", "num
                        "intermediate_size", "head_dim")
 METHODS = ("measured", "estimated")
 HOW_TO_MAKE = "write one with `greencode energy calibrate MODEL --out FILE`"
+KIND = "cost-model"  # the output kind its manifest record names (ownership.py)
 
 
 def architecture(config) -> dict:
@@ -32,6 +35,17 @@ def identity(config, weights_fingerprint: str | None = None) -> dict:
     """The fields a cost model file records about the model it was fitted on."""
     return {"num_layers": int(config.num_layers), "architecture": architecture(config),
             "weights_fingerprint": weights_fingerprint}
+
+
+def save_cost_model(path, fit, config, *, model, weights_fingerprint: str | None = None,
+                    settings: dict | None = None) -> dict:
+    """Writes `fit` (a `calibrate.CostModel`) to `path` as the JSON `load_cost_model` reads: the
+    model it was fitted on (`model`, its path, and the `identity` of `config`), the calibration's
+    `settings` (workload, depths, sizes, energy config), then the fit. Returns the record."""
+    # num_layers and architecture: what load_cost_model checks the fit against
+    record = {"model": str(model), **identity(config, weights_fingerprint), **(settings or {}), **fit.to_dict()}
+    write_json_output(path, record, KIND, inputs={"model": str(model)})
+    return record
 
 
 def load_cost_model(path, model: dict, *, what: str = "cost model") -> dict:

@@ -1,25 +1,19 @@
 """report.md, pareto.png and exits.png from a summary and its records; the terminal's main table.
 
 Everything is rendered in memory first and then each file is written atomically, so a
-failure leaves no file half-written and no temporary file behind. Plots use matplotlib's Agg
-canvas directly (no pyplot, no global backend switch).
+failure leaves no file half-written and no temporary file behind. The plots are drawn by
+eval/plots.py.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import os
-import tempfile
-from collections import Counter
 from pathlib import Path
 
-from greencode_jax.atomic import atomic_write_text
-from greencode_jax.eval.summary import policy_keys
+from greencode_jax.atomic import atomic_write_bytes, atomic_write_text
+from greencode_jax.eval.plots import exits_png, pareto_png
+from greencode_jax.eval.summary import FAMILIES, ordered_keys
 
-FAMILIES = ("base", "full", "fixed", "confidence", "learned")
-FAMILY_COLOURS = {"base": "tab:gray", "full": "black", "fixed": "tab:blue", "confidence": "tab:orange",
-                  "learned": "tab:green"}
 # EnergyMeter's labels for joules that were measured rather than estimated.
 MEASURED_METHODS = ("counter", "integrated_power")
 PARETO_MARK = "★"
@@ -53,14 +47,6 @@ def _joules_digits(entry) -> int:
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:+.1f}"
-
-
-def _order(policies: dict) -> list[str]:
-    """Keys by batch size, then family (base, full, fixed, confidence, learned), then as given."""
-    keys = list(policies)
-    rank = {f: i for i, f in enumerate(FAMILIES)}
-    return sorted(keys, key=lambda k: (policies[k]["batch_size"], rank.get(policies[k]["family"], len(FAMILIES)),
-                                       keys.index(k)))
 
 
 def _only_estimates(summary: dict) -> bool:
@@ -130,7 +116,7 @@ def certified_lines(certified: dict) -> list[str]:
 
 def _protocol_section(protocol: str, proto: dict) -> list[str]:
     policies = proto["policies"]
-    keys = _order(policies)
+    keys = ordered_keys(policies)
     several = len({p["batch_size"] for p in policies.values()}) > 1
     n = max((p["n"] for p in policies.values()), default=0)
     cost = proto.get("pareto_cost")
@@ -213,7 +199,7 @@ def main_table(summary: dict, protocol: str) -> list[dict]:
     cost = proto.get("pareto_cost")
     rows = []
     for batch in sorted({p["batch_size"] for p in policies.values()}):
-        keys = [k for k in _order(policies) if policies[k]["batch_size"] == batch]
+        keys = [k for k in ordered_keys(policies) if policies[k]["batch_size"] == batch]
         by_family = {f: [policies[k] for k in keys if policies[k]["family"] == f] for f in FAMILIES}
         full = by_family["full"][0] if by_family["full"] else None
         chosen = [(p, None) for p in by_family["base"] + by_family["full"]]
@@ -257,154 +243,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _label(p: dict) -> str:
-    """A point's label on the Pareto plot: the threshold or layer that tells a family's points apart."""
-    setting = p.get("setting")
-    if setting is None:
-        return p["label"]
-    if p["family"] == "fixed":
-        return f"layer {setting}"
-    if p["family"] == "learned" and isinstance(setting, (int, float)):
-        return f"T={setting:g}"
-    return f"{setting:g}" if isinstance(setting, float) else str(setting)
-
-
-def pareto_png(summary: dict) -> bytes:
-    """Energy (the protocol's Pareto cost) vs ROUGE-L, one panel per protocol, one colour per
-    family, each point labelled with its setting (threshold, layer), the front as a step line."""
-    protocols = list(summary["protocols"].items())
-    fig = _figure(6.5 * max(1, len(protocols)), 5.0)
-    if not protocols:
-        ax = fig.add_subplot(1, 1, 1)
-        ax.text(0.5, 0.5, "no records", ha="center", va="center")
-        return _png(fig)
-    for index, (protocol, proto) in enumerate(protocols, start=1):
-        ax = fig.add_subplot(1, len(protocols), index)
-        cost = proto.get("pareto_cost")
-        field = {"modelled": ("energy", "modelled"), "measured": ("energy", "measured"), "seconds": ("seconds",)}
-        xlabel = {"modelled": "modelled J per sample", "measured": "measured J per sample",
-                  "seconds": "seconds per sample (no energy figure for every policy)"}.get(cost, "no cost figure")
-
-        def cost_of(p):
-            if cost is None:
-                return None
-            entry = p
-            for part in field[cost]:
-                entry = entry[part]
-            return entry if entry and entry.get("mean") is not None else None
-
-        points = []
-        for key, p in proto["policies"].items():
-            x, y = cost_of(p), p["metrics"]["rouge_l"]
-            if x is None or y is None:
-                continue
-            points.append((key, p, x, y))
-        for family in FAMILIES + tuple(sorted({p["family"] for _, p, _, _ in points} - set(FAMILIES))):
-            mine = [(k, p, x, y) for k, p, x, y in points if p["family"] == family]
-            if not mine:
-                continue
-            xs = [x["mean"] for _, _, x, _ in mine]
-            ys = [y["mean"] for _, _, _, y in mine]
-            xerr = [[x["mean"] - x["low"] for _, _, x, _ in mine], [x["high"] - x["mean"] for _, _, x, _ in mine]]
-            yerr = [[y["mean"] - y["low"] for _, _, _, y in mine], [y["high"] - y["mean"] for _, _, _, y in mine]]
-            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o", color=FAMILY_COLOURS.get(family, "tab:purple"),
-                        label=family, capsize=2, markersize=5, linewidth=0.8)
-            for (k, p, x, y) in mine:
-                # labels only where they say something: the front, the certified rows, Full() and the base;
-                # a dozen labelled points overlap into one block (the table names every row)
-                certified = str(p.get("setting", "")).startswith("certified")
-                if certified:
-                    ax.scatter([x["mean"]], [y["mean"]], marker="*", s=160, color=FAMILY_COLOURS.get(family, "k"),
-                               edgecolors="black", linewidths=0.8, zorder=3)
-                if p.get("pareto") or certified or family in ("full", "base"):
-                    ax.annotate(k if certified or family in ("full", "base") else _label(p), (x["mean"], y["mean"]),
-                                textcoords="offset points", xytext=(5, 5), fontsize=7,
-                                fontweight="bold" if certified else "normal")
-        front = sorted((x["mean"], y["mean"]) for k, p, x, y in points if p.get("pareto"))
-        if front:
-            ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="tab:red", linewidth=1.2,
-                    alpha=0.8, label="Pareto front", zorder=0)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("ROUGE-L (whitespace tokens)")
-        ax.set_title(protocol)
-        ax.grid(True, alpha=0.3)
-        if points:
-            ax.legend(fontsize=8, title="labelled: the front, certified (*), full, base", title_fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no policy has both a cost and ROUGE-L", ha="center", va="center",
-                    transform=ax.transAxes)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def exits_png(summary: dict, records: list[dict]) -> bytes:
-    """Exit-layer histograms: one row per policy, one column per protocol, the share of
-    generated tokens that exited at each decoder layer (0-based)."""
-    keys = policy_keys(records)
-    counts: dict[tuple[str, str], Counter] = {}
-    for key, r in zip(keys, records):
-        counts.setdefault((r["protocol"], key), Counter()).update(int(layer) for layer in r.get("exit_layers", ()))
-    protocols = list(summary["protocols"]) or sorted({p for p, _ in counts})
-    rows = list(dict.fromkeys(k for proto in protocols for k in _order(summary["protocols"][proto]["policies"])))
-    if not rows:
-        fig = _figure(6.0, 3.0)
-        fig.add_subplot(1, 1, 1).text(0.5, 0.5, "no records", ha="center", va="center")
-        return _png(fig)
-    top = max((layer for c in counts.values() for layer in c), default=0)
-    fig = _figure(4.5 * len(protocols), max(2.5, 1.3 * len(rows)))
-    axes = fig.subplots(len(rows), len(protocols), squeeze=False, sharex=True)
-    for i, key in enumerate(rows):
-        for j, protocol in enumerate(protocols):
-            ax = axes[i][j]
-            c = counts.get((protocol, key), Counter())
-            total = sum(c.values())
-            policy = summary["protocols"][protocol]["policies"].get(key)
-            colour = FAMILY_COLOURS.get(policy["family"], "tab:purple") if policy else "tab:gray"
-            if total:
-                layers = list(range(top + 1))
-                ax.bar(layers, [c[layer] / total for layer in layers], color=colour, width=0.8)
-            else:
-                ax.text(0.5, 0.5, "no tokens", ha="center", va="center", transform=ax.transAxes, fontsize=7)
-            ax.set_ylim(0, 1)
-            ax.tick_params(labelsize=7)
-            ax.set_title(f"{protocol}: {key}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel("share", fontsize=7)
-            if i == len(rows) - 1:
-                ax.set_xlabel("exit layer (0-based)", fontsize=7)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _atomic_write_bytes(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_report(out_dir, summary: dict, records: list[dict], *, header: dict) -> dict[str, Path]:
     """Writes report.md, pareto.png and exits.png into `out_dir` (created with its parents).
 
@@ -419,6 +257,6 @@ def write_report(out_dir, summary: dict, records: list[dict], *, header: dict) -
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report": out / "report.md", "pareto": out / "pareto.png", "exits": out / "exits.png"}
     atomic_write_text(paths["report"], text)
-    _atomic_write_bytes(paths["pareto"], pareto)
-    _atomic_write_bytes(paths["exits"], exits)
+    atomic_write_bytes(paths["pareto"], pareto)
+    atomic_write_bytes(paths["exits"], exits)
     return paths

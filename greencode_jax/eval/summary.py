@@ -37,6 +37,7 @@ from collections import defaultdict
 from greencode_jax.eval.metrics import METRICS, SCALES
 from greencode_jax.eval.stats import bootstrap_ci, pareto_front
 
+FAMILIES = ("base", "full", "fixed", "confidence", "learned")  # the order of the rows of a batch size
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 
@@ -46,6 +47,14 @@ def _interval(values) -> dict | None:
     if math.isnan(mean):
         return None
     return {"mean": mean, "low": low, "high": high}
+
+
+def ordered_keys(policies: dict) -> list[str]:
+    """Keys by batch size, then family (base, full, fixed, confidence, learned), then as given."""
+    keys = list(policies)
+    rank = {f: i for i, f in enumerate(FAMILIES)}
+    return sorted(keys, key=lambda k: (policies[k]["batch_size"], rank.get(policies[k]["family"], len(FAMILIES)),
+                                       keys.index(k)))
 
 
 def policy_keys(records: list[dict]) -> list[str]:

@@ -16,7 +16,6 @@ batches, every) and the evaluation (samples, policies, protocols, ...).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -27,9 +26,16 @@ import yaml
 from greencode_jax import ownership
 from greencode_jax.atomic import atomic_write_text, write_json_output
 from greencode_jax.config import load_config
+from greencode_jax.convert import load_model_config
+from greencode_jax.energy.calibrate_run import calibrate
+from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
 from greencode_jax.errors import GreencodeError
+from greencode_jax.eval.certify_run import certify as run_certify
+from greencode_jax.eval.run import evaluate
 from greencode_jax.locks import output_lock
 from greencode_jax.pipeline.stages import Stages, digest, read_stage_json, say
+from greencode_jax.rl.collect import collect_rollouts
+from greencode_jax.rl.train import train_policy
 from greencode_jax.train import train
 from greencode_jax.train.loop import check_run_directory
 
@@ -79,118 +85,148 @@ def run_pipeline(config_path=None, overrides=(), *, log=say, show_evaluation=Non
             raise
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every stage of one `greencode run` reads: its directory, its sections, the keys so far."""
+    run_dir: Path
+    source: str
+    finetune: object
+    resolved: str
+    stages: Stages
+    log: object
+    keys: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.finetune.data.path)
+
+
 def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, certify, source: str,
                 log, show_evaluation) -> PipelineResult:
-
-    data_dir = Path(finetune.data.path)
     stages = Stages(run_dir, log)  # a corrupt pipeline.json is named before anything is written
     atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(data, sort_keys=False))
-    final = run_dir / "final"
-
-    ft_key = digest(finetune.to_dict())
-
-    def do_finetune():
-        r = train(finetune, source=source, resolved_yaml=resolved, progress=None)
-        if r.stopped_by is not None:
-            raise r.interruption()
-
-    stages.run("finetune", ft_key, [final, run_dir / "eval.json"], do_finetune,
-               f"data + exit fine-tune ({finetune.train.steps or 'epochs'} steps) -> {final}")
+    run = _Run(run_dir, source, finetune, resolved, stages, log)
+    _finetune_stage(run)
     if show_evaluation is not None:
         show_evaluation(read_stage_json(run_dir / "eval.json", "finetune"))
+    cost = _calibrate_stage(run, energy)
+    train_store, validation_store = _rollouts_stage(run, rollouts)
+    policy_dir = _policy_stage(run, rl, cost, train_store, validation_store)
+    certification = _certify_stage(run, certify, evaluate_cfg, policy_dir)
+    eval_dir = _evaluate_stage(run, evaluate_cfg, policy_dir, cost, certification)
+    return PipelineResult(run_dir=run_dir, eval_dir=eval_dir, policy_dir=policy_dir, seconds=dict(stages.seconds))
 
-    cost = run_dir / "cost_model.json"
-    cal_key = digest(ft_key, dataclasses.asdict(energy))
 
-    def do_calibrate():
-        from greencode_jax.cli.energy_cmd import cmd_energy_calibrate
+def _finetune_stage(run: _Run):
+    run.keys["finetune"] = digest(run.finetune.to_dict())
 
+    def build():
+        result = train(run.finetune, source=run.source, resolved_yaml=run.resolved, progress=None)
+        if result.stopped_by is not None:
+            raise result.interruption()
+
+    run.stages.run("finetune", run.keys["finetune"], [run.final, run.run_dir / "eval.json"], build,
+                   f"data + exit fine-tune ({run.finetune.train.steps or 'epochs'} steps) -> {run.final}")
+
+
+def _calibrate_stage(run: _Run, energy) -> Path:
+    cost = run.run_dir / "cost_model.json"
+    run.keys["calibrate"] = digest(run.keys["finetune"], dataclasses.asdict(energy))
+
+    def build():
         if energy.cost_model:
-            from greencode_jax.convert import load_model_config
-            from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
-
-            fit = load_cost_model(energy.cost_model, architecture(load_model_config(final)), what="energy.cost_model")
-            fit.pop("path")
-            if fit["b_j_per_layer"] <= 0:
-                raise GreencodeError(f"{energy.cost_model}: {fit['b_j_per_layer']:g} J per layer; expected a cost "
-                                     "that grows with depth")
-            write_json_output(cost, fit, "cost-model", inputs={"cost_model": energy.cost_model})
-            log(f"  {energy.cost_model}: {describe(fit)} ({fit['method']}), used as given")
+            _use_given_cost_model(run, energy.cost_model, cost)
             return
-
         for attempt in range(3):  # a noisy machine can fit a non-positive slope: measure again, longer
-            args = argparse.Namespace(model=str(final), depths=None, workload="decode", tokens=energy.tokens,
-                                      new_tokens=energy.new_tokens, batch=energy.batch, repeats=energy.repeats,
-                                      min_seconds=energy.min_seconds * (attempt + 1), idle_seconds=0.0,
-                                      dtype="float32", seed=0, out=str(cost), set=list(energy.set))
-            fit = cmd_energy_calibrate(args)
+            fit = calibrate(str(run.final), tokens=energy.tokens, new_tokens=energy.new_tokens, batch=energy.batch,
+                            repeats=energy.repeats, min_seconds=energy.min_seconds * (attempt + 1), out=str(cost),
+                            energy_overrides=list(energy.set), log=run.log)
             if fit.b_j_per_layer > 0:
                 return
-            log(f"  the fit's J per layer is {fit.b_j_per_layer:.3g}: calibrating again with longer windows")
+            run.log(f"  the fit's J per layer is {fit.b_j_per_layer:.3g}: calibrating again with longer windows")
         raise GreencodeError(f"{cost}: the cost per layer did not come out positive in 3 calibrations; the machine "
                              "is too noisy (raise energy.min_seconds)")
 
-    stages.run("calibrate", cal_key, [cost], do_calibrate, stale=[cost],
-               what="joules per token = a + b x layers + c x head evaluations + d x decisions (energy calibrate)"
-               if not energy.cost_model
-               else f"the cost model {energy.cost_model}")
+    what = ("joules per token = a + b x layers + c x head evaluations + d x decisions (energy calibrate)"
+            if not energy.cost_model else f"the cost model {energy.cost_model}")
+    run.stages.run("calibrate", run.keys["calibrate"], [cost], build, stale=[cost], what=what)
+    return cost
 
-    from greencode_jax.rl.collect import collect_rollouts
 
-    stores = {"train": run_dir / "rollouts" / "train", "validation": run_dir / "rollouts" / "validation"}
-    col_key = digest(ft_key, dataclasses.asdict(rollouts))
-    max_context = rollouts.max_context or None
+def _use_given_cost_model(run: _Run, given: str, cost: Path):
+    """`energy.cost_model`: a fit made elsewhere (e.g. on the target GPU), checked against this model
+    and copied into the run."""
+    fit = load_cost_model(given, architecture(load_model_config(run.final)), what="energy.cost_model")
+    fit.pop("path")
+    if fit["b_j_per_layer"] <= 0:
+        raise GreencodeError(f"{given}: {fit['b_j_per_layer']:g} J per layer; expected a cost that grows with depth")
+    write_json_output(cost, fit, "cost-model", inputs={"cost_model": given})
+    run.log(f"  {given}: {describe(fit)} ({fit['method']}), used as given")
 
-    def do_collect():
+
+def _rollouts_stage(run: _Run, rollouts) -> tuple[Path, Path]:
+    stores = {"train": run.run_dir / "rollouts" / "train", "validation": run.run_dir / "rollouts" / "validation"}
+    run.keys["rollouts"] = digest(run.keys["finetune"], dataclasses.asdict(rollouts))
+
+    def build():
         for split, path, n in (("train", stores["train"], rollouts.episodes),
                                (rollouts.validation_split, stores["validation"], rollouts.validation_episodes)):
             if path.exists():
                 continue  # collected before an interruption of the other store
-            collect_rollouts(final, data_dir, path, split=split, episodes=n, batch_size=rollouts.batch_size,
+            collect_rollouts(run.final, run.data_dir, path, split=split, episodes=n, batch_size=rollouts.batch_size,
                              seed=rollouts.seed + (split != "train"), hidden_dtype=rollouts.hidden_dtype,
-                             max_context=max_context)
+                             max_context=rollouts.max_context or None)
 
-    stages.run("rollouts", col_key, list(stores.values()), do_collect,
-               f"{rollouts.episodes} training + {rollouts.validation_episodes} validation episodes",
-               stale=list(stores.values()))
+    run.stages.run("rollouts", run.keys["rollouts"], list(stores.values()), build,
+                   f"{rollouts.episodes} training + {rollouts.validation_episodes} validation episodes",
+                   stale=list(stores.values()))
+    return stores["train"], stores["validation"]
 
-    policy_dir = run_dir / "policy"
+
+def _policy_stage(run: _Run, rl, cost: Path, train_store: Path, validation_store: Path) -> Path:
+    policy_dir = run.run_dir / "policy"
     rl_cfg = dataclasses.replace(rl, cost_model=str(cost)) if rl.reward == "energy" and not rl.cost_model else rl
-    pol_key = digest(col_key, cal_key, dataclasses.asdict(rl_cfg))
+    run.keys["policy"] = digest(run.keys["rollouts"], run.keys["calibrate"], dataclasses.asdict(rl_cfg))
 
-    def do_policy():
-        from greencode_jax.rl.train import train_policy
+    def build():
+        train_policy(train_store, policy_dir, rl_cfg, validation_dir=validation_store, overwrite=True)
 
-        train_policy(stores["train"], policy_dir, rl_cfg, validation_dir=stores["validation"], overwrite=True)
+    run.stages.run("policy", run.keys["policy"], [policy_dir], build,
+                   f"PPO, {rl_cfg.total_timesteps:,} timesteps, reward {rl_cfg.reward}", stale=[policy_dir])
+    return policy_dir
 
-    stages.run("policy", pol_key, [policy_dir], do_policy,
-               f"PPO, {rl_cfg.total_timesteps:,} timesteps, reward {rl_cfg.reward}", stale=[policy_dir])
 
-    certification = run_dir / "certify.json"
+def _certify_stage(run: _Run, certify, evaluate_cfg, policy_dir: Path) -> Path:
+    certification = run.run_dir / "certify.json"
     protocol = {k: evaluate_cfg.evaluation_fields()[k] for k in ("context_fraction", "new_tokens", "max_context")}
-    cert_key = digest(pol_key, dataclasses.asdict(certify), protocol)
+    run.keys["certify"] = digest(run.keys["policy"], dataclasses.asdict(certify), protocol)
 
-    def do_certify():
-        from greencode_jax.eval.certify_run import certify as run_certify
+    def build():
+        run_certify(run.final, run.data_dir, certification,
+                    policy_dir=policy_dir if "learned" in certify.families else None, config=evaluate_cfg,
+                    section=certify)
 
-        run_certify(final, data_dir, certification, policy_dir=policy_dir if "learned" in certify.families else None,
-                    config=evaluate_cfg, section=certify)
+    run.stages.run("certify", run.keys["certify"], [certification], build,
+                   f"Learn-then-Test on the {certify.split} split: {', '.join(certify.families)}, {certify.loss} "
+                   f"loss, epsilon {certify.epsilon:g}", stale=[certification])
+    return certification
 
-    stages.run("certify", cert_key, [certification], do_certify,
-               f"Learn-then-Test on the {certify.split} split: {', '.join(certify.families)}, {certify.loss} loss, "
-               f"epsilon {certify.epsilon:g}", stale=[certification])
 
-    eval_dir = run_dir / "evaluate"
-    base = None if finetune.model.init == "scratch" else finetune.model.init
+def _evaluate_stage(run: _Run, evaluate_cfg, policy_dir: Path, cost: Path, certification: Path) -> Path:
+    eval_dir = run.run_dir / "evaluate"
+    base = None if run.finetune.model.init == "scratch" else run.finetune.model.init
     evaluate_cfg = dataclasses.replace(evaluate_cfg, certified=str(certification))
-    ev_key = digest(pol_key, cert_key, evaluate_cfg.evaluation_fields(), str(base))
+    run.keys["evaluate"] = digest(run.keys["policy"], run.keys["certify"], evaluate_cfg.evaluation_fields(),
+                                  str(base))
 
-    def do_evaluate():
-        from greencode_jax.eval.run import evaluate
-
-        evaluate(final, data_dir, eval_dir, policy_dir=policy_dir, base=base, cost_model=str(cost),
+    def build():
+        evaluate(run.final, run.data_dir, eval_dir, policy_dir=policy_dir, base=base, cost_model=str(cost),
                  config=evaluate_cfg)
 
-    stages.run("evaluate", ev_key, [eval_dir / "summary.json", eval_dir / "report.md"], do_evaluate,
-               "every policy family on the test split", stale=[eval_dir])
-    return PipelineResult(run_dir=run_dir, eval_dir=eval_dir, policy_dir=policy_dir, seconds=dict(stages.seconds))
+    run.stages.run("evaluate", run.keys["evaluate"], [eval_dir / "summary.json", eval_dir / "report.md"], build,
+                   "every policy family on the test split", stale=[eval_dir])
+    return eval_dir

@@ -1,6 +1,6 @@
 """`greencode collect-rollouts`: the model at full depth, once, recording what the exit
-policy will be trained on (GREEN-CODE's episodes, REFERENCE §1: a document of the split, a
-context of a U(0.2, 0.5) fraction of its tokens, 15 greedy tokens).
+policy will be trained on (GREEN-CODE's episodes: a document of the split, a context of a
+U(0.2, 0.5) fraction of its tokens, 15 greedy tokens).
 
 Episodes are planned up front from the seed, so the store does not depend on the batch
 size or the device count. They are grouped in chunks; process p of a multi-host run
@@ -18,13 +18,24 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from greencode_jax.atomic import atomic_write_text, resumable_directory
+from greencode_jax.convert import load_pretrained
+from greencode_jax.convert.fingerprint import check_corpus_tokenizer, model_fingerprint
+from greencode_jax.data.prepared import PreparedData
+from greencode_jax.energy.cost_model import architecture
 from greencode_jax.errors import GreencodeError
+from greencode_jax.generate.record import record_jit
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
 from greencode_jax.ownership import check_output_dir
+from greencode_jax.parallel import make_mesh
 from greencode_jax.rl import store as st
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
@@ -35,9 +46,6 @@ def model_identity(model, checkpoint) -> dict:
     """What a store, and a policy trained on it, must agree with: the shape, and the weights'
     fingerprint (`convert.fingerprint.model_fingerprint`: a fine-tune changes it; the layer
     layout, dtype of a checkpoint's load and exit layers do not)."""
-    from greencode_jax.convert.fingerprint import model_fingerprint
-    from greencode_jax.energy.cost_model import architecture
-
     c = model.config
     return {"checkpoint": str(Path(checkpoint).resolve()), "family": c.family, "num_layers": c.num_layers,
             "hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "exit_layers": list(c.exit_layers),
@@ -73,12 +81,6 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
                      batch_size: int = 16, seed: int = 0, hidden_dtype: str = "float32", new_tokens: int = 15,
                      max_context: int | None = None, chunk_episodes: int | None = None, overwrite: bool = False,
                      progress: bool = True, log=print) -> Path:
-    import jax
-
-    import greencode_jax as gc
-    from greencode_jax.convert.fingerprint import check_corpus_tokenizer
-    from greencode_jax.data.prepared import PreparedData
-
     out = Path(out_dir)
     if hidden_dtype not in st.HIDDEN_DTYPES:
         raise GreencodeError(f"hidden dtype {hidden_dtype!r}: expected one of {st.HIDDEN_DTYPES}")
@@ -97,7 +99,7 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     tokens = data.tokens(split)
     if len(tokens) == 0:
         raise GreencodeError(f"{data_dir}: split '{split}' is empty; nothing to record")
-    model = gc.load_pretrained(checkpoint, scan_layers=False)
+    model = load_pretrained(checkpoint, scan_layers=False)
     check_corpus_tokenizer(data, checkpoint, model, "checkpoint")
     config = model.config
     decisions = tuple(e for e in config.exit_layers if e < config.num_layers - 1)
@@ -127,8 +129,6 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     log(f"collect-rollouts: {episodes} episodes of {new_tokens} tokens from '{split}' of {data_dir}, "
         f"{len(decisions)} decision exits {list(decisions)}, batch {batch_size} over {recorder.devices} device(s), "
         f"{num_chunks} chunk(s) of {chunk}" + (f"; resuming, {done} chunk(s) done" if done else ""))
-    from tqdm import tqdm
-
     bar = tqdm(total=sum(min(chunk, episodes - k * chunk) for k in mine), unit="ep", disable=not progress,
                dynamic_ncols=True, desc="recording")
     start, recorded_tokens = time.perf_counter(), 0
@@ -164,8 +164,6 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     finally:
         bar.close()
     if pcount > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("greencode collect-rollouts: every chunk written")
     if pid == 0:
         _finish(work, out, settings, decisions, num_chunks, overwrite)
@@ -200,15 +198,11 @@ class _Recorder:
     """Batches of prompts through generate.record, left-padded, split over the local devices."""
 
     def __init__(self, model, new_tokens: int, hidden_dtype: str):
-        import jax
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec
-
         self.devices = jax.local_device_count()
         self.new_tokens = new_tokens
         self.hidden_dtype = jnp.float32 if hidden_dtype == "float32" else jnp.bfloat16
         if self.devices > 1:
-            mesh = jax.make_mesh((self.devices,), ("data",), devices=jax.local_devices())
+            mesh = make_mesh(devices=jax.local_devices())  # (data, fsdp): every local device on `data`
             self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
             model = jax.device_put(model, NamedSharding(mesh, PartitionSpec()))
         else:
@@ -216,11 +210,6 @@ class _Recorder:
         self.model = model
 
     def __call__(self, prompts, batch_size: int) -> dict:
-        import jax
-        import jax.numpy as jnp
-
-        from greencode_jax.generate.record import record_jit
-
         rows = -(-batch_size // self.devices) * self.devices  # a fixed batch shape: one compile per bucket
         width = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
         ids = np.zeros((rows, width), np.int32)

@@ -34,7 +34,7 @@ def first_agreeing(agree: np.ndarray, layers) -> np.ndarray:
 
 def reward_table(agree: np.ndarray, layers, *, alpha=1.0, beta=1.0, gamma_r=1.0, epsilon=0.1,
                  cost=None) -> np.ndarray:
-    """GREEN-CODE's reward (REFERENCE §1) for every (…, decision x, action) as float32 [..., X, 2].
+    """GREEN-CODE's reward for every (…, decision x, action) as float32 [..., X, 2].
 
     `layers` = the decision exits then the last layer (its L_max). With l the decision layer,
     l* the first agreeing exit layer, next(l) the following exit layer:

@@ -28,14 +28,14 @@ import rlax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from greencode_jax.rl import env as E
+from greencode_jax.rl import env as exit_env
 from greencode_jax.rl.networks import actor_logits, critic_value, init_actor_critic
 
 
 class TrainState(NamedTuple):
     params: dict
     opt_state: tuple
-    env_state: E.EnvState  # [envs]
+    env_state: exit_env.EnvState  # [envs]
     obs: jax.Array  # [envs, E]
     rng: jax.Array  # a raw uint32 key, the same on every device
     update: jax.Array  # updates done
@@ -48,7 +48,7 @@ class Transition(NamedTuple):
     value: jax.Array
     reward: jax.Array
     done: jax.Array
-    info: E.StepInfo
+    info: exit_env.StepInfo
 
 
 def optimizer(cfg) -> optax.GradientTransformation:
@@ -103,7 +103,7 @@ class Trainer:
     # ---- sharding of the state: environments split over `data`, the rest replicated (per seed)
     def state_specs(self):
         env = P(None, "data")
-        return TrainState(params=P(), opt_state=P(), env_state=E.EnvState(env, env, env, env), obs=env, rng=P(),
+        return TrainState(params=P(), opt_state=P(), env_state=exit_env.EnvState(env, env, env, env), obs=env, rng=P(),
                           update=P())
 
     def state_shardings(self, state):
@@ -116,7 +116,7 @@ class Trainer:
         return TrainState(*(jax.tree.map(lambda _: s, sub) if isinstance(s, P) else s
                             for s, sub in zip(specs, state)))
 
-    def init(self, env: E.EnvArrays, seeds) -> TrainState:
+    def init(self, env: exit_env.EnvArrays, seeds) -> TrainState:
         """K training states [K, ...] for the seeds, placed on the mesh."""
         cfg = self.cfg
 
@@ -125,15 +125,15 @@ class Trainer:
             k_params, k_env, key = jax.random.split(key, 3)
             params = init_actor_critic(k_params, self.obs_size, cfg.hidden)
             keys = jax.vmap(lambda i: jax.random.fold_in(k_env, i))(jnp.arange(cfg.num_envs))
-            env_state = jax.vmap(E.reset, in_axes=(None, 0))(env, keys)
-            obs = jax.vmap(E.observe, in_axes=(None, 0))(env, env_state)
+            env_state = jax.vmap(exit_env.reset, in_axes=(None, 0))(env, keys)
+            obs = jax.vmap(exit_env.observe, in_axes=(None, 0))(env, env_state)
             return TrainState(params, self.tx.init(params), env_state, obs, key, jnp.int32(0))
 
         abstract = jax.eval_shape(lambda s: jax.vmap(one)(s), jnp.asarray(seeds, jnp.uint32))
         shardings = self.state_shardings(abstract)
         return jax.jit(lambda s: jax.vmap(one)(s), out_shardings=shardings)(jnp.asarray(seeds, jnp.uint32))
 
-    def block(self, state: TrainState, env: E.EnvArrays, updates: int):
+    def block(self, state: TrainState, env: exit_env.EnvArrays, updates: int):
         """`updates` (<= rl.checkpoint_every) PPO updates. One compiled program for every block:
         it scans `checkpoint_every` slots and skips those past `updates` (a scalar `lax.cond`),
         so a short last block does not compile again. Returns (state, metrics [K, updates])."""
@@ -163,9 +163,9 @@ class Trainer:
                 action = jax.vmap(jax.random.categorical)(act_keys, logits)
                 log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], -1)[:, 0]
                 env_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k_env, index)
-                env_state, reward, done, info = jax.vmap(E.step, in_axes=(None, 0, 0, 0))(env, env_state, action,
+                env_state, reward, done, info = jax.vmap(exit_env.step, in_axes=(None, 0, 0, 0))(env, env_state, action,
                                                                                           env_keys)
-                next_obs = jax.vmap(E.observe, in_axes=(None, 0))(env, env_state)
+                next_obs = jax.vmap(exit_env.observe, in_axes=(None, 0))(env, env_state)
                 return (env_state, next_obs, rng), Transition(obs, action, log_prob, value, reward, done, info)
 
             (env_state, obs, rng), traj = jax.lax.scan(env_step, (ts.env_state, ts.obs, ts.rng), None, cfg.num_steps)
@@ -218,7 +218,7 @@ class Trainer:
             return jax.vmap(per_seed)(state)
 
         specs = self._spec_tree(state)
-        env_specs = jax.tree.map(lambda _: P(), E.EnvArrays(*[0] * 4))
+        env_specs = jax.tree.map(lambda _: P(), exit_env.EnvArrays(*[0] * 4))
         mapped = jax.shard_map(run, mesh=self.mesh, in_specs=(specs, env_specs, P()), out_specs=(specs, P()),
                                check_vma=False)
         return jax.jit(mapped, donate_argnums=0)

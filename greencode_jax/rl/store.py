@@ -54,14 +54,6 @@ def write_chunk(root: Path, index: int, arrays: dict, hidden_dtype: str):
     os.replace(tmp, final)
 
 
-def finished_chunks(root: Path) -> int:
-    """Chunks 0..k-1 complete under root (a rename makes each complete or absent)."""
-    k = 0
-    while (root / CHUNKS / f"{k:05d}").is_dir():
-        k += 1
-    return k
-
-
 def obs_stats(root: Path, chunks: int) -> tuple[np.ndarray, np.ndarray]:
     total = sq = None
     count = 0

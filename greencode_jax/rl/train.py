@@ -19,15 +19,26 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
 from greencode_jax.atomic import atomic_write_text, resumable_directory
+from greencode_jax.config import RLSection
+from greencode_jax.energy.cost_model import joules_per_token, load_cost_model
 from greencode_jax.errors import GreencodeError
+from greencode_jax.generate.policies import Learned
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
+from greencode_jax.metrics_log import append_metrics, trim_metrics
 from greencode_jax.ownership import check_output_dir
-from greencode_jax.config import RLSection
+from greencode_jax.parallel import make_mesh
+from greencode_jax.rl import env as exit_env
+from greencode_jax.rl import validate
+from greencode_jax.rl.networks import learned_params
+from greencode_jax.rl.ppo import Trainer
 from greencode_jax.rl.store import RolloutStore
+from greencode_jax.state_checkpoints import StateCheckpoints
 
 
 def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None = None,
@@ -43,8 +54,6 @@ def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None
         if not cfg.cost_model:
             raise GreencodeError("rl.reward=energy needs a cost model: set rl.cost_model to the JSON of "
                                  "`greencode energy calibrate MODEL --out FILE`")
-        from greencode_jax.energy.cost_model import joules_per_token, load_cost_model
-
         fit = load_cost_model(cfg.cost_model, {**(architecture or {}), "num_layers": num_layers},
                               what="rl.cost_model")
         b = fit["b_j_per_layer"]
@@ -67,28 +76,6 @@ def _settings(store: RolloutStore, cfg: RLSection, validation: RolloutStore | No
             "rl": dataclasses.asdict(cfg), "devices": devices}
 
 
-class _Checkpoints:
-    def __init__(self, directory: Path):
-        import orbax.checkpoint as ocp
-
-        self.ocp = ocp
-        # cleanup_tmp_directories: a save cut by SIGKILL leaves N.orbax-checkpoint-tmp, removed at the next open
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
-
-    def latest(self):
-        return self.manager.latest_step()
-
-    def save(self, step, state):
-        self.manager.save(step, args=self.ocp.args.StandardSave(state), force=True)
-
-    def restore(self, step, abstract):
-        return self.manager.restore(step, args=self.ocp.args.StandardRestore(abstract))
-
-    def close(self):
-        self.manager.close()
-
-
 def _kept(latest, total: int, work: Path) -> str:
     """What an interrupted training keeps, in one line: the update its checkpoint holds."""
     if not latest:
@@ -100,8 +87,6 @@ def _kept(latest, total: int, work: Path) -> str:
 def _first_non_finite(metrics: dict, params) -> tuple | None:
     """(update in the block, seed index, what, value) of the first NaN or inf in a block's metrics
     [seeds, updates], else in the parameters after it (charged to its last update); None if none."""
-    import jax
-
     first = None
     for name, values in metrics.items():
         bad = np.argwhere(~np.isfinite(values))
@@ -141,14 +126,6 @@ def _divergence(found, done: int, total: int, seeds, cfg: RLSection, work: Path,
 @holds_output_lock("out_dir")
 def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, overwrite: bool = False,
                  progress: bool = True, log=print) -> dict:
-    import jax
-
-    import greencode_jax as gc
-    from greencode_jax.rl import env as E
-    from greencode_jax.rl import validate as V
-    from greencode_jax.rl.networks import learned_params
-    from greencode_jax.rl.ppo import Trainer
-
     out = Path(out_dir)
     inputs = {"rollouts": rollouts_dir, "validation": validation_dir, "cost_model": cfg.cost_model or None}
     check_output_dir(out, "policy", inputs=inputs, overwrite=overwrite)
@@ -163,39 +140,37 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     layers = list(store.decision_layers) + [store.model["num_layers"] - 1]
     reward_kwargs, reward_record = reward_parameters(cfg, store.model["num_layers"], store.architecture,
                                                      store.decision_layers)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = make_mesh()  # (data, fsdp): every device on `data`
     settings = _settings(store, cfg, validation, jax.device_count())
 
     hidden, agree = store.array("hidden"), store.array("agree")
-    env = E.make_env(hidden, agree, layers, reward_kwargs)
+    env = exit_env.make_env(hidden, agree, layers, reward_kwargs)
     trainer = Trainer(cfg, store.model["hidden_size"], store.obs_mean, store.obs_std, mesh)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     state = trainer.init(env, seeds)
     # everything checked: the work directory starts here
     work, resumed = resumable_directory(out, settings, "training", kind="policy", inputs=inputs, overwrite=overwrite)
-    checkpoints = _Checkpoints(work / "checkpoints")
-    done = checkpoints.latest() or 0
+    # cleanup_tmp: a save cut by SIGKILL leaves N.orbax-checkpoint-tmp, removed at the next open
+    checkpoints = StateCheckpoints(work / "checkpoints", keep=1, async_save=False, cleanup_tmp=True)
+    done = checkpoints.latest_step() or 0
     metrics_path = work / "metrics.jsonl"
     if done:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
                                 trainer.state_shardings(state))
         state = checkpoints.restore(done, abstract)
-        kept = metrics_path.read_text().splitlines()[:done * cfg.seeds] if metrics_path.exists() else []
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+        trim_metrics(metrics_path, "update", done)
     total = cfg.num_updates
     log(f"train-policy: {store.episodes} episodes x {agree.shape[1]} tokens, decisions at layers "
         f"{list(store.decision_layers)}, reward {cfg.reward}; {total} updates of {cfg.steps_per_update} steps "
         f"({total * cfg.steps_per_update} timesteps), {cfg.seeds} seed(s), {jax.device_count()} device(s)"
         + (f"; resuming after update {done}" if done else ""))
-    from tqdm import tqdm
-
     bar = tqdm(total=total, initial=done, unit="upd", disable=not progress, dynamic_ncols=True, desc="PPO")
     start, compile_s = time.perf_counter(), None
     diverged = None
     try:
         with SafePoints() as stop:  # a signal stops after a block and its checkpoint, never inside either
             while done < total:
-                stop.check(lambda: _kept(checkpoints.latest(), total, work))
+                stop.check(lambda: _kept(checkpoints.latest_step(), total, work))
                 n = min(cfg.checkpoint_every, total - done)
                 t0 = time.perf_counter()
                 state, metrics = trainer.block(state, env, n)
@@ -207,13 +182,11 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
                 if compile_s is None:
                     compile_s = seconds  # includes compiling; reported apart from the throughput
                 rate = n * cfg.steps_per_update * cfg.seeds / seconds
-                with open(metrics_path, "a") as f:
-                    for u in range(n):
-                        for k, seed in enumerate(seeds):
-                            row = {"update": done + u + 1, "seed": seed,
-                                   "timesteps": (done + u + 1) * cfg.steps_per_update,
-                                   **{name: float(v[k, u]) for name, v in metrics.items()}, "timesteps_per_s": rate}
-                            f.write(json.dumps(row) + "\n")
+                append_metrics(metrics_path, ({"update": done + u + 1, "seed": seed,
+                                               "timesteps": (done + u + 1) * cfg.steps_per_update,
+                                               **{name: float(v[k, u]) for name, v in metrics.items()},
+                                               "timesteps_per_s": rate}
+                                              for u in range(n) for k, seed in enumerate(seeds)))
                 with stop.critical():  # even a second Ctrl-C waits: no half-written checkpoint
                     checkpoints.save(done + n, state)
                 done += n
@@ -223,11 +196,11 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
                                     f"layer {last['mean_exit_layer']:.2f} {rate:,.0f} ts/s")
             if diverged is None:
                 stop.check()  # a signal during the last block
-        kept = checkpoints.latest()
+        kept = checkpoints.latest_step()
     except KeyboardInterrupt as error:  # a second Ctrl-C, at once: still say what is kept
         if isinstance(error, Interrupted):
             raise
-        raise interrupted(_kept(checkpoints.latest(), total, work)) from None
+        raise interrupted(_kept(checkpoints.latest_step(), total, work)) from None
     finally:
         bar.close()
         checkpoints.close()
@@ -241,17 +214,17 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     v_hidden = judge.array("hidden") if judge is not store else hidden
     v_agree = judge.array("agree") if judge is not store else agree
     v_conf = judge.array("confidence")
-    v_rewards = E.reward_table(v_agree, layers, **reward_kwargs)
-    probs = [V.exit_probabilities(a, obs_mean, obs_std, v_hidden) for a in actors]
-    returns = [V.deterministic_return(p, v_rewards) for p in probs]
+    v_rewards = exit_env.reward_table(v_agree, layers, **reward_kwargs)
+    probs = [validate.exit_probabilities(a, obs_mean, obs_std, v_hidden) for a in actors]
+    returns = [validate.deterministic_return(p, v_rewards) for p in probs]
     best = int(np.argmax(returns))
-    table = V.validation_table(probs[best], v_agree, v_conf, layers, cfg.thresholds)
+    table = validate.validation_table(probs[best], v_agree, v_conf, layers, cfg.thresholds)
     final = {name: float(np.asarray(v)[best, -1]) for name, v in metrics.items()} if total else {}
     result = {"seed": seeds[best], "validation_return": returns[best], "seed_returns": returns,
               "judged_on": "validation" if validation is not None else "training", "updates": total,
               "timesteps": total * cfg.steps_per_update, "seconds": seconds, "first_block_seconds": compile_s,
               "final_metrics": final}
-    policy = gc.policies.Learned(learned_params(actors[best], obs_mean, obs_std), exit_layers=tuple(store.exit_layers))
+    policy = Learned(learned_params(actors[best], obs_mean, obs_std), exit_layers=tuple(store.exit_layers))
     metadata = {"trained_on": {"rollouts": str(store.root.resolve()), "model": store.model,
                                "validation": None if validation is None else str(validation.root.resolve())},
                 "decision_layers": list(store.decision_layers), **reward_record, "rl": dataclasses.asdict(cfg),
@@ -265,7 +238,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
         shutil.rmtree(out)
     os.replace(staged, out)
     shutil.rmtree(work, ignore_errors=True)
-    log(V.format_table(table))
+    log(validate.format_table(table))
     log(f"train-policy: seed {seeds[best]} kept (validation return {returns[best]:.3f} on the "
         f"{result['judged_on']} store); {total} updates in {seconds:.1f} s -> {out}")
     return {"policy": str(out), "validation": table, **result}

@@ -1,4 +1,4 @@
-"""Training checkpoints: an Orbax `CheckpointManager` holding the whole train state.
+"""Training checkpoints: an Orbax `CheckpointManager` (state_checkpoints.py) holding the whole train state.
 
 Each step directory holds two items: `state` (parameters, optimiser state, step and PRNG
 key, as sharded arrays: every host writes its own shards) and `meta` (JSON: the data
@@ -10,23 +10,16 @@ gradient norm and parameter norm were seen to be finite, so the latest one is al
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import jax
 
 from greencode_jax.errors import GreencodeError
 from greencode_jax.models import ModelConfig
+from greencode_jax.state_checkpoints import STATE, StateCheckpoints
 
 # fields that say how the model is executed, not what its parameters are
 EXECUTION_FIELDS = ("scan_layers", "remat")
-
-
-def _ocp():
-    import orbax.checkpoint as ocp
-
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    return ocp
 
 
 def _first_line(error: Exception) -> str:
@@ -34,55 +27,33 @@ def _first_line(error: Exception) -> str:
     return text[0][:300] if text else type(error).__name__
 
 
-class TrainCheckpoints:
+class TrainCheckpoints(StateCheckpoints):
+    """finetune's checkpoints: the train state and its `meta` (JSON), the `keep` most recent."""
+
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
-        ocp = _ocp()
         if keep < 1:
             raise GreencodeError(f"checkpoint.keep={keep}: keep at least one checkpoint")
-        from etils import epath  # Orbax's paths: local, or gs:// (every host of a TPU pod sees a bucket)
-
-        self.directory = epath.Path(directory)
-        if "://" not in str(directory):
-            self.directory = self.directory.absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        super().__init__(directory, keep=keep, async_save=async_save, items=(STATE, "meta"))
 
     def save(self, step: int, state, meta: dict):
-        ocp = _ocp()
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        super().save(step, state, meta=meta)
 
     def read_meta(self, step: int) -> dict:
-        ocp = _ocp()
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            return self.read_json(step, "meta")
         except Exception as error:
             raise GreencodeError(f"{self.directory / str(step)}: cannot read the checkpoint's meta "
                                  f"({_first_line(error)})") from None
 
     def restore_state(self, step: int, abstract_state):
         """The train state at `step`, placed with the shardings of `abstract_state` (ShapeDtypeStructs)."""
-        ocp = _ocp()
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            return self.restore(step, abstract_state)
         except Exception as error:
             raise GreencodeError(f"{self.directory / str(step)}: cannot restore the train state; was it written for "
                                  f"another model or optimiser? ({_first_line(error)})") from None
-        return restored["state"]
-
-    def wait(self):
-        self.manager.wait_until_finished()
-
-    def close(self):
-        self.manager.close()
 
 
 def model_signature(config: ModelConfig) -> dict:

@@ -23,20 +23,20 @@ from pathlib import Path
 import jax
 
 from greencode_jax.atomic import atomic_write_text
+from greencode_jax.config import FinetuneConfig
 from greencode_jax.errors import GreencodeError
 from greencode_jax.interrupts import Interrupted, SafePoints
 from greencode_jax.locks import output_lock
+from greencode_jax.metrics_log import MetricsLog
 from greencode_jax.ownership import check_not_an_input, check_replaceable_dir, read_manifest, write_manifest
 from greencode_jax.parallel import initialize_distributed, make_mesh
 from greencode_jax.train.checkpointing import (
     TrainCheckpoints, abstract_like, check_same_model, check_same_state, model_signature, state_signature,
 )
-from greencode_jax.config import FinetuneConfig
 from greencode_jax.train.data import TrainData
 from greencode_jax.train.evaluate import Evaluator, evaluation_plan
 from greencode_jax.train.export import save_final
 from greencode_jax.train.feed import BatchFeeder
-from greencode_jax.train.metrics import MetricsLog
 from greencode_jax.train.model_source import ModelSource, check_model_section
 from greencode_jax.train.monitor import StepMonitor
 from greencode_jax.train.optimizer import learning_rate_schedule, make_optimizer

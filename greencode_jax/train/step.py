@@ -94,15 +94,3 @@ def make_train_step(config: ModelConfig, weights, optimizer: optax.GradientTrans
     mesh = tokens_sharding.mesh
     return jax.jit(step, in_shardings=(state_sharding, tokens_sharding, flags_sharding),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
-
-
-def make_eval_step(config: ModelConfig, weights, compute_dtype, param_sharding, tokens_sharding: NamedSharding):
-    """eval(params, tokens [B, T]) -> (loss, exit_loss, exit_accuracy), replicated."""
-    loss_fn = make_loss_fn(config, weights, compute_dtype)
-
-    def evaluate(params, tokens):
-        loss, (exit_loss, exit_acc) = loss_fn(params, tokens)
-        return loss, exit_loss, exit_acc
-
-    return jax.jit(evaluate, in_shardings=(param_sharding, tokens_sharding),
-                   out_shardings=replicated(tokens_sharding.mesh))
