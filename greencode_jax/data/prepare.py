@@ -29,6 +29,8 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from tqdm import tqdm
@@ -133,9 +135,6 @@ def _ordered_pool_map(function, tasks, workers: int):
         for task in tasks:
             yield function(task)
         return
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
     # spawn: the parent may hold threads (JAX, tokenizers) that fork would copy half-way. A worker that
     # dies (killed for memory, or a script without a __main__ guard) breaks the pool instead of hanging it.
     context = multiprocessing.get_context("spawn")
