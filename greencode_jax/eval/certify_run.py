@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 import greencode_jax as gc
 from greencode_jax.atomic import write_json_output
+from greencode_jax.config import CertifySection, EvalConfig
 from greencode_jax.convert.fingerprint import check_corpus_tokenizer
 from greencode_jax.data import PreparedData
 from greencode_jax.errors import GreencodeError
 from greencode_jax.eval.certify import PVALUES, fixed_sequence, min_samples
 from greencode_jax.eval.metrics import score
-from greencode_jax.config import CertifySection, EvalConfig
 from greencode_jax.generate import generate
 from greencode_jax.generate.policies import Confidence, Learned
 from greencode_jax.generate.record import record_jit

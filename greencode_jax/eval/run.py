@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import greencode_jax as gc
 from greencode_jax.atomic import atomic_write_text
+from greencode_jax.config import EvalConfig
 from greencode_jax.convert.fingerprint import check_corpus_tokenizer
 from greencode_jax.data import PreparedData
 from greencode_jax.data.samples import ground_truth
@@ -35,10 +36,6 @@ from greencode_jax.energy import EnergyConfig, EnergyMeter
 from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
 from greencode_jax.energy.devices import host_cpu
 from greencode_jax.errors import GreencodeError
-from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
-from greencode_jax.locks import holds_output_lock
-from greencode_jax.ownership import check_not_an_input
-from greencode_jax.config import EvalConfig
 from greencode_jax.eval.certify_run import load_certification
 from greencode_jax.eval.joules import measured_entry, metered_devices, modelled_entry
 from greencode_jax.eval.metrics import score
@@ -48,6 +45,9 @@ from greencode_jax.eval.spec import NEVER_EXITS, PolicyChoice, policy_choices
 from greencode_jax.eval.summary import summarize
 from greencode_jax.generate import NEW_TOKENS_BUCKET, PROMPT_BUCKET, _check_policy, generate
 from greencode_jax.generate.policies import Learned, foreign_policy, read_policy_info
+from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
+from greencode_jax.locks import holds_output_lock
+from greencode_jax.ownership import check_not_an_input
 
 LINE_BREAKS = ("<EOL>", "</s>")  # CodeXGLUE markers a decoded line is cut at; spaced so split() sees them
 
