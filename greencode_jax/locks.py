@@ -70,7 +70,9 @@ def holds_output_lock(argument: str):
 
         @functools.wraps(function)
         def locked(*args, **kwargs):
-            import jax  # every locked job runs JAX; jax.distributed, if used, is initialised by now
+            # lazy: keeps locks (and data, which uses it) free of JAX. Every locked job runs JAX;
+            # jax.distributed, if used, is initialised by now.
+            import jax
 
             out = signature.bind(*args, **kwargs).arguments[argument]
             with output_lock(out, enabled=jax.process_index() == 0):

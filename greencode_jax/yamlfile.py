@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -60,8 +61,6 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
 def read_json_mapping(path: str | Path, what: str, missing: str = "") -> dict:
     """The JSON object in `path`; a missing file (with the hint `missing`), an unreadable one or
     another JSON value is one error naming `what` the file should be."""
-    import json
-
     path = Path(path)
     try:
         data = json.loads(path.read_text())

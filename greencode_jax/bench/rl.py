@@ -166,7 +166,7 @@ def run_sb3(cfg, train, stats, layers, reward_kwargs, held_out, held_rewards) ->
     import torch
     from stable_baselines3 import PPO
 
-    from greencode_jax.rl.gym_env import ExitEnv
+    from greencode_jax.rl.gym_env import ExitEnv  # lazy: it imports gymnasium, an optional dependency
 
     start = time.perf_counter()
     env = ExitEnv(train[0], train[1], layers, reward_kwargs, stats[0], stats[1])

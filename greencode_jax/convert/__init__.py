@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from greencode_jax.convert.checkpoint import CONFIG_NAME, is_checkpoint, load_checkpoint, save_checkpoint
+from greencode_jax.convert.exit_heads import attach_exit_heads
 from greencode_jax.convert.hf_export import export_pretrained
 from greencode_jax.convert.hf_import import load_hf, resolve_model_dir
 from greencode_jax.errors import GreencodeError
 from greencode_jax.models import EarlyExitLM, ModelConfig
+from greencode_jax.models.config import load_json
 
 
 def load_pretrained(path: str | Path, dtype="float32", exit_layers=None, scan_layers: bool | None = None,
@@ -32,8 +34,6 @@ def load_pretrained(path: str | Path, dtype="float32", exit_layers=None, scan_la
         raise GreencodeError(f"{path}: has no exit heads (a full fine-tune's exits, or none trained); train heads "
                              "with train.method=heads, or attach a file: exit_heads=PATH")
     if isinstance(exit_heads, (str, Path)):
-        from greencode_jax.convert.exit_heads import attach_exit_heads
-
         if not Path(exit_heads).is_file():
             raise GreencodeError(f"{exit_heads}: no such exit heads file")
         attach_exit_heads(model, Path(exit_heads), requested_exits=exit_layers)
@@ -43,8 +43,6 @@ def load_pretrained(path: str | Path, dtype="float32", exit_layers=None, scan_la
 def load_model_config(path: str | Path, exit_layers=None) -> ModelConfig:
     """The architecture of a model directory or checkpoint, read without its weights (to check
     a command's arguments before the model loads)."""
-    from greencode_jax.models.config import load_json
-
     model_dir = resolve_model_dir(path)
     if is_checkpoint(model_dir):
         meta = load_json(model_dir / CONFIG_NAME, "greencode checkpoint config")

@@ -71,6 +71,7 @@ def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False
     `overwrite`) only when it is a checkpoint greencode-jax wrote and none of `inputs`."""
     out = Path(out)
     with atomic_directory(out, overwrite, kind="checkpoint", inputs=inputs) as tmp:
+        # lazy: fingerprint imports checkpoint (a cycle at module top)
         from greencode_jax.convert.fingerprint import compute_model_fingerprint
 
         with _checkpointer() as checkpointer:
@@ -87,6 +88,7 @@ def save_checkpoint(model: EarlyExitLM, out: str | Path, overwrite: bool = False
 def _source_tokenizer_fingerprint(source_dir) -> str | None:
     """The fingerprint of the tokenizer files copied from `source_dir`; None when they form no
     tokenizer this machine can load (the corpus check then falls back to the vocabulary size)."""
+    # lazy: fingerprint imports checkpoint (a cycle at module top)
     from greencode_jax.convert.fingerprint import model_tokenizer_fingerprint
 
     try:

@@ -17,7 +17,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
+from greencode_jax.convert.checkpoint import CONFIG_NAME, TOKENIZER_KEY, is_checkpoint
+from greencode_jax.convert.hf_import import resolve_model_dir
+from greencode_jax.convert.mapping import param_table, parameter_arrays
+from greencode_jax.data.tokenizer import tokenizer_fingerprint
 from greencode_jax.errors import GreencodeError
 
 PREFIX_VALUES = 256
@@ -25,10 +30,6 @@ PREFIX_VALUES = 256
 
 def compute_model_fingerprint(model) -> str:
     """The fingerprint of `model`'s weights as they are now (see the module docstring)."""
-    from flax import nnx
-
-    from greencode_jax.convert.mapping import param_table, parameter_arrays
-
     config = model.config
     flat = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     digest = hashlib.sha256()
@@ -60,9 +61,6 @@ def model_tokenizer_fingerprint(model_dir) -> str | None:
     """The fingerprint of the tokenizer a model directory holds (`data.tokenizer.tokenizer_fingerprint`):
     what a greencode checkpoint recorded, else computed from its tokenizer files; None when it
     holds none."""
-    from greencode_jax.convert.checkpoint import CONFIG_NAME, TOKENIZER_KEY, is_checkpoint
-    from greencode_jax.data.tokenizer import tokenizer_fingerprint
-
     model_dir = Path(model_dir)
     if is_checkpoint(model_dir):
         try:
@@ -77,8 +75,6 @@ def model_tokenizer_fingerprint(model_dir) -> str | None:
 def check_corpus_tokenizer(data, model_path, model, what: str = "the model"):
     """Refuses the prepared corpus `data` (`PreparedData`) for `model`, loaded from `model_path`
     (a directory, hub id or GGUF file), when their tokenizers differ."""
-    from greencode_jax.convert.hf_import import resolve_model_dir
-
     # The directory it was loaded from (a hub id's download, a GGUF file's conversion).
     model_dir = Path(model.origin.path) if model.origin.path else resolve_model_dir(model_path)
     data.check_model_tokenizer(f"{what} {model_path}", model_tokenizer_fingerprint(model_dir),

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from greencode_jax.atomic import atomic_directory
+from greencode_jax.convert.hf_export import quiet_transformers
 from greencode_jax.errors import GreencodeError
 
 SUPPORTED_ARCHITECTURES = ("llama",)  # what greencode-jax's models run; OPT has no GGUF form in transformers
@@ -51,8 +53,6 @@ def gguf_model_dir(path: str | Path, progress: bool = True) -> Path:
     check_gguf(path)
     if progress:
         print(f"reading {path} through transformers' GGUF loader (once; cached at {out})", flush=True)
-    from greencode_jax.atomic import atomic_directory
-
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out, overwrite=True) as tmp:
         _convert(path, tmp)
@@ -102,8 +102,6 @@ def _convert(path: Path, out: Path):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError as error:
         raise GreencodeError(f"{path}: reading a GGUF file needs torch and transformers ({error}): {EXTRA_HINT}") from None
-    from greencode_jax.convert.hf_export import quiet_transformers
-
     folder, name = str(path.parent), path.name
     with quiet_transformers():  # our own line says what is happening; the dequantising bar stays
         try:

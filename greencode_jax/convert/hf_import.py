@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from greencode_jax.convert.exit_heads import FILE_NAME as EXIT_HEADS_FILE, attach_exit_heads
+from greencode_jax.convert.gguf import gguf_model_dir, is_gguf
 from greencode_jax.convert.host import host_buffer, to_jax
 from greencode_jax.convert.mapping import (
     IGNORED_SUFFIXES, canonical_name, hf_names, param_table, parameter_arrays,
@@ -26,8 +27,6 @@ HF_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.saf
 def resolve_model_dir(path: str | Path) -> Path:
     """A local directory as is; a Llama GGUF file as the Hugging Face directory it converts to
     (cached); a hub id (only when no such local path exists) is downloaded."""
-    from greencode_jax.convert.gguf import gguf_model_dir, is_gguf
-
     local = Path(path)
     if is_gguf(local):
         return gguf_model_dir(local)

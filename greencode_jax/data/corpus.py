@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from greencode_jax.errors import GreencodeError
 
 VERSION = "1.0.0"
@@ -45,7 +47,6 @@ def _token_features():
 
 
 def _line_features():
-    import numpy as np
     import tensorflow_datasets as tfds
 
     return tfds.features.FeaturesDict({"id": np.int64, "input": tfds.features.Text(), "gt": tfds.features.Text()})

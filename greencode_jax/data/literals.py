@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Union
 
+from greencode_jax.atomic import atomic_write_text
 from greencode_jax.errors import GreencodeError
 
 SPECIAL_CHARS = {" ": "U+0020", ",": "U+002C"}
@@ -97,8 +98,6 @@ class Literals:
                            "regex": []}, ensure_ascii=False) + "\n"
 
     def save(self, path: str | Path):
-        from greencode_jax.atomic import atomic_write_text
-
         atomic_write_text(path, self.to_json())
 
     def placeholder_tokens(self) -> list[str]:

@@ -107,7 +107,7 @@ class TokenStore:
 
 def _process(process_index, process_count):
     if process_index is None or process_count is None:
-        import jax
+        import jax  # lazy: keeps data free of JAX
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count

@@ -29,8 +29,22 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from tqdm import tqdm
+
+from greencode_jax.atomic import atomic_directory
+from greencode_jax.data.codexglue_java import decode_java, java_raw_tokens_from_text
+from greencode_jax.data.codexglue_python import PreprocessError, decode_python, python_raw_tokens_from_text
+from greencode_jax.data.corpus import TFDS_DIR, CorpusWriter, line_dataset_name, token_dataset_name
+from greencode_jax.data.literals import LiteralCounter, load_literals, render_line
+from greencode_jax.data.packing import TokenWriter, token_dtype, write_meta
+from greencode_jax.data.samples import line_rng, line_sample
+from greencode_jax.data.sources import read_ref, resolve_source
+from greencode_jax.data.split import SPLITS, Deduplicator, content_digest, split_of, unit_hash
+from greencode_jax.data.tokenizer import load_hf_tokenizer, train_bpe
 from greencode_jax.errors import GreencodeError
 from greencode_jax.locks import output_lock
 from greencode_jax.ownership import check_output_dir
@@ -79,20 +93,14 @@ def shown_text(line: str, source_text: str, view: str) -> str:
 def _preprocess_file(lang: str, data: bytes):
     """-> (raw tokens, decoded text); raises PreprocessError."""
     if lang == "python":
-        from greencode_jax.data.codexglue_python import decode_python, python_raw_tokens_from_text
-
         text = decode_python(data)
         return python_raw_tokens_from_text(text), text
-    from greencode_jax.data.codexglue_java import decode_java, java_raw_tokens_from_text
-
     text = decode_java(data)
     return java_raw_tokens_from_text(text), text
 
 
 def preprocess_chunk(task):
     """Worker: tokenise a chunk, spill successes to `work_dir`, count literals of training files."""
-    from greencode_jax.data.codexglue_python import PreprocessError
-
     chunk_id, lang, work_dir, items, count_literals = task
     results, spilled = [], []
     counts = {"str": Counter(), "num": Counter(), "char": Counter()}
@@ -127,9 +135,6 @@ def _ordered_pool_map(function, tasks, workers: int):
         for task in tasks:
             yield function(task)
         return
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
     # spawn: the parent may hold threads (JAX, tokenizers) that fork would copy half-way. A worker that
     # dies (killed for memory, or a script without a __main__ guard) breaks the pool instead of hanging it.
     context = multiprocessing.get_context("spawn")
@@ -212,17 +217,12 @@ class Stats:
 
 
 def _progress(total, desc, unit, enabled):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
                 mininterval=0.5)
 
 
 def _file_tasks(source, options, work: Path, stats: Stats, count_literals: bool):
     """Reads files in path order, drops duplicates, yields worker tasks of about CHUNK_BYTES."""
-    from greencode_jax.data.sources import read_ref
-    from greencode_jax.data.split import Deduplicator, content_digest, split_of
-
     dedup = Deduplicator()
     items, size, chunk_id = [], 0, 0
     for path, origin in source.refs:
@@ -275,8 +275,6 @@ def _preprocess_files(source, options, work: Path, stats: Stats, counter) -> lis
 
 def _preprocess_lines(source, options, work: Path, stats: Stats, counter) -> list[Path]:
     """CodeXGLUE lines: dedup (test first, so official test documents stay), carve missing splits from train."""
-    from greencode_jax.data.split import SPLITS, Deduplicator, content_digest, split_of
-
     missing = [s for s in SPLITS if s not in source.splits]
     dedup = Deduplicator()
     chunks, spilled, chunk_id = [], [], 0
@@ -359,10 +357,6 @@ def _no_documents_error(source, stats: Stats) -> GreencodeError:
 
 def _write_corpus(chunks, source, options, literals, tfds_dir: Path, work: Path, stats: Stats, line_writer):
     """Pass 3: CodeXGLUE lines into the TFDS corpus; shown texts spilled per split for the tokenizer."""
-    from greencode_jax.data.corpus import CorpusWriter, token_dataset_name
-    from greencode_jax.data.literals import render_line
-    from greencode_jax.data.samples import line_rng, line_sample
-
     writer = CorpusWriter(tfds_dir, token_dataset_name(options.lang), "token",
                           f"CodeXGLUE token-level {options.lang} corpus from {source.description}")
     shown_files = {}
@@ -419,9 +413,6 @@ def _iter_shown(path: Path):
 
 
 def _make_tokenizer(options, literals, shown, shown_bytes, placeholders: bool):
-    from greencode_jax.data.split import unit_hash
-    from greencode_jax.data.tokenizer import load_hf_tokenizer, train_bpe
-
     if options.tokenizer != "bpe":
         return load_hf_tokenizer(options.tokenizer)
     if "train" not in shown or not shown_bytes["train"]:
@@ -437,8 +428,6 @@ def _make_tokenizer(options, literals, shown, shown_bytes, placeholders: bool):
 
 
 def _encode(tokenizer, shown, tokens_dir: Path, stats: Stats, progress: bool) -> dict:
-    from greencode_jax.data.packing import TokenWriter, token_dtype, write_meta
-
     dtype = token_dtype(tokenizer.vocab_size)
     splits = {}
     bar = _progress(sum(stats.docs.values()), "encode", " docs", progress)
@@ -480,8 +469,6 @@ def _validate(options: PrepareOptions):
 def _keep_first_files(source, count: int):
     """Cuts a file source to its first `count` files (path order), its description saying so:
     "...: 200 of 1790 .py files under ..." rather than the count found."""
-    import re
-
     total = len(source.refs)
     source.refs = source.refs[:count]
     described, found = re.subn(rf"\b{total} (\.\w+ files)", rf"{count} of {total} \1", source.description, count=1)
@@ -501,11 +488,6 @@ def prepare_data(options: PrepareOptions) -> dict:
 
 
 def _prepare(options: PrepareOptions, out: Path, inputs: dict, started: float) -> dict:
-    from greencode_jax.atomic import atomic_directory
-    from greencode_jax.data.corpus import TFDS_DIR, CorpusWriter, line_dataset_name, token_dataset_name
-    from greencode_jax.data.literals import LiteralCounter, load_literals
-    from greencode_jax.data.sources import resolve_source
-
     source = resolve_source(options.source, options.lang, options.tfds_data_dir)
     if source.kind == "files" and options.max_files and options.max_files < len(source.refs):
         _keep_first_files(source, options.max_files)

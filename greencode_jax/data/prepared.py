@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from greencode_jax.data.corpus import decode_record, open_split
+from greencode_jax.data.packing import PackedStream, TokenStore
+from greencode_jax.data.prepare import FORMAT, FORMAT_VERSION
+from greencode_jax.data.samples import completion_samples
+from greencode_jax.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from greencode_jax.errors import GreencodeError
 
 
@@ -12,8 +17,6 @@ class PreparedData:
     """The corpus, its tokens, tokenizer and evaluation samples, as other packages use them."""
 
     def __init__(self, root: str | Path):
-        from greencode_jax.data.prepare import FORMAT, FORMAT_VERSION
-
         self.root = Path(root)
         manifest = self.root / "prepare.json"
         if not manifest.is_file():
@@ -33,8 +36,6 @@ class PreparedData:
 
     def records(self, split: str):
         """Random-access CodeXGLUE records {path, code, source} (bytes values) of a split; [] if empty."""
-        from greencode_jax.data.corpus import open_split
-
         name = self.manifest["datasets"].get("token")
         if name is None:
             raise GreencodeError(f"{self.root}: holds line-level samples only, no token-level corpus")
@@ -42,8 +43,6 @@ class PreparedData:
 
     def line_samples(self) -> list[dict]:
         """CodeXGLUE line-level samples {id, input, gt}."""
-        from greencode_jax.data.corpus import decode_record, open_split
-
         name = self.manifest["datasets"].get("line")
         if name is None:
             raise GreencodeError(f"{self.root}: has no line-level samples (prepared with --line-samples 0, or no "
@@ -52,8 +51,6 @@ class PreparedData:
         return [decode_record(source[i]) for i in range(len(source))]
 
     def tokenizer(self):
-        from greencode_jax.data.tokenizer import load_tokenizer
-
         if self.manifest.get("tokenizer") is None:
             raise GreencodeError(f"{self.root}: prepared with --tokenizer none; no tokenizer or token files")
         return load_tokenizer(self.root / "tokenizer")
@@ -69,8 +66,6 @@ class PreparedData:
         if recorded.get("fingerprint") is not None:
             return recorded["fingerprint"]
         if not hasattr(self, "_computed_fingerprint"):
-            from greencode_jax.data.tokenizer import tokenizer_fingerprint
-
             self._computed_fingerprint = tokenizer_fingerprint(self.root / "tokenizer")
         return self._computed_fingerprint
 
@@ -94,8 +89,6 @@ class PreparedData:
                                  f"vocabulary of {vocab_size}; prepare the data with this model's tokenizer")
 
     def tokens(self, split: str):
-        from greencode_jax.data.packing import TokenStore
-
         if self.manifest.get("tokenizer") is None:
             raise GreencodeError(f"{self.root}: prepared with --tokenizer none; no token files")
         return TokenStore(self.root / "tokens", split)
@@ -103,15 +96,11 @@ class PreparedData:
     def stream(self, split: str = "train", *, seq_len: int, global_batch: int, seed: int, shuffle: bool = True,
                process_index: int | None = None, process_count: int | None = None):
         """Packed batches of this process's shard (`packing.PackedStream`)."""
-        from greencode_jax.data.packing import PackedStream
-
         return PackedStream(self.tokens(split), seq_len, global_batch, seed, shuffle=shuffle,
                             process_index=process_index, process_count=process_count)
 
     def completion_samples(self, split: str = "test", fraction: float = 0.2, max_context: int = 2048,
                            new_tokens: int = 15, max_samples: int | None = 1000):
         """GREEN-CODE evaluation samples (`samples.CompletionSample`)."""
-        from greencode_jax.data.samples import completion_samples
-
         return completion_samples(self.tokens(split), self.manifest["tokenizer"]["eos_id"], fraction, max_context,
                                   new_tokens, max_samples)

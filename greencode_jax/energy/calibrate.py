@@ -237,7 +237,7 @@ def window_measure(meter, workload, min_seconds: float = 1.0, above_idle: bool =
     compilation out of the window; then steps repeat (each blocked on) until
     `min_seconds` pass, so counters that refresh every ~0.1 s see many updates.
     """
-    import jax
+    import jax  # lazy: keeps energy free of JAX
 
     # Which devices count is decided once, from what each backend measures when it works.
     measured = [b.key for b in meter.backends if b.method in MEASURED_METHODS]

@@ -55,7 +55,7 @@ def jax_accelerators(jax_devices=None) -> list[DeviceSpec]:
     order of tpumonitoring's per-chip lists.
     """
     if jax_devices is None:
-        import jax
+        import jax  # lazy: keeps energy free of JAX
 
         jax_devices = jax.local_devices()
     specs, tpus = [], []

@@ -48,7 +48,7 @@ class EnergyMeter:
 
     def _synchronise(self, outputs):
         if outputs is not None:
-            import jax
+            import jax  # lazy: keeps energy free of JAX
 
             jax.block_until_ready(outputs)
         if self.sync is not None:

@@ -6,12 +6,13 @@ import time
 
 from greencode_jax.config import EnergyConfig
 from greencode_jax.energy.meter import EnergyMeter
+from greencode_jax.energy.nvml import load_nvml
 from greencode_jax.energy.result import UNAVAILABLE
 
 
 def probe(config: EnergyConfig | None = None, sample_s: float = 0.5, selections=None) -> dict:
     """Per device: the method chosen, why, what was tried before it, and a live sample of `sample_s`."""
-    import jax
+    import jax  # lazy: keeps energy free of JAX
 
     config = config or EnergyConfig()
     meter = EnergyMeter(config, selections=selections)
@@ -45,8 +46,6 @@ def probe(config: EnergyConfig | None = None, sample_s: float = 0.5, selections=
 
 
 def _nvml_gpus() -> str:
-    from greencode_jax.energy.nvml import load_nvml
-
     nvml, reason = load_nvml()
     if nvml is None:
         return f"; {reason}"

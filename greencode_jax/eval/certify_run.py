@@ -22,11 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from greencode_jax.errors import GreencodeError
-from greencode_jax.eval.certify import fixed_sequence, min_samples
+import greencode_jax as gc
+from greencode_jax.atomic import write_json_output
 from greencode_jax.config import CertifySection, EvalConfig
+from greencode_jax.convert.fingerprint import check_corpus_tokenizer
+from greencode_jax.data import PreparedData
+from greencode_jax.errors import GreencodeError
+from greencode_jax.eval.certify import PVALUES, fixed_sequence, min_samples
+from greencode_jax.eval.metrics import score
+from greencode_jax.generate import generate
+from greencode_jax.generate.policies import Confidence, Learned
+from greencode_jax.generate.record import record_jit
+from greencode_jax.ownership import check_output_file
+from greencode_jax.yamlfile import read_json_mapping
 
 def _decide(family: str, threshold: float, scores):
     """[n, tokens, exits] bool: whether the policy at `threshold` exits at each decision exit, from
@@ -38,9 +51,6 @@ def _decide(family: str, threshold: float, scores):
 def exit_probabilities(policy, hidden) -> np.ndarray:
     """P(exit) [n, tokens, exits] of a Learned policy on recorded states [n, tokens, exits, E], by
     the policy's own `exit_probability` (what generation computes)."""
-    import jax
-    import jax.numpy as jnp
-
     fn = jax.jit(policy.exit_probability)
     flat = hidden.reshape(-1, hidden.shape[-1])
     parts = [np.asarray(fn(jnp.asarray(flat[i:i + 8192]))) for i in range(0, len(flat), 8192)]
@@ -64,12 +74,7 @@ def changed_samples(decide, agree, lengths) -> np.ndarray:
 def certify(checkpoint, data_dir, out_file, *, policy_dir=None, config: EvalConfig | None = None,
             section: CertifySection | None = None, progress: bool = True, log=print) -> dict:
     """Certifies each family's threshold on the calibration split; writes `out_file` (JSON)."""
-    import greencode_jax as gc
-    from greencode_jax.atomic import write_json_output
-    from greencode_jax.data import PreparedData
-    from greencode_jax.eval.run import _completion_protocol
-    from greencode_jax.generate.policies import Learned
-    from greencode_jax.ownership import check_output_file
+    from greencode_jax.eval.run import _completion_protocol  # lazy: eval.run imports certify_run (cycle)
 
     section = section or CertifySection()
     cfg = dataclasses.replace(config or EvalConfig(), split=section.split, samples=section.samples)
@@ -80,8 +85,6 @@ def certify(checkpoint, data_dir, out_file, *, policy_dir=None, config: EvalConf
     data = PreparedData(data_dir)
     tokenizer = data.tokenizer()
     model = gc.load_pretrained(checkpoint, scan_layers=False)
-    from greencode_jax.convert.fingerprint import check_corpus_tokenizer
-
     check_corpus_tokenizer(data, checkpoint, model, "checkpoint")
     learned = Learned.load(policy_dir, 1.0, model=model) if policy_dir is not None else None
     max_context = min(cfg.max_context, model.config.max_position_embeddings)
@@ -101,8 +104,6 @@ def certify(checkpoint, data_dir, out_file, *, policy_dir=None, config: EvalConf
     stops = set(protocol.stops)
     lengths = np.array([_length(row, stops) for row in recording["tokens"]])
     full_texts = [tokenizer.decode(_text_ids(row[:k], stops)) for row, k in zip(recording["tokens"], lengths)]
-    from greencode_jax.eval.metrics import score
-
     full_rouge = np.array([score(text, p.target, data.lang)["rouge_l"] for text, p in zip(full_texts, prompts)])
     delta = section.delta or section.delta_relative * float(full_rouge.mean())
     result = {"split": section.split, "n": len(prompts), "loss": section.loss, "delta": delta,
@@ -140,8 +141,6 @@ def certify(checkpoint, data_dir, out_file, *, policy_dir=None, config: EvalConf
 
 def _walk(section: CertifySection, delta: float, losses_at):
     """Fixed-sequence testing, computing each candidate's losses only when it is reached."""
-    from greencode_jax.eval.certify import PVALUES, min_samples
-
     thresholds, rows, changed = list(section.thresholds), [], []
     n_needed = min_samples(delta, section.epsilon, section.bound)
     for threshold in thresholds:
@@ -184,11 +183,6 @@ def _batches(prompts, size, pad_id, bucket=64):
 
 
 def _record(model, prompts, new_tokens, batch_size, need_hidden, pad_id, progress):
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
-    from greencode_jax.generate.record import record_jit
-
     parts = {"tokens": [], "agree": [], "confidence": [], "hidden": []}
     pad = int(pad_id) if pad_id is not None else 0
     with tqdm(total=len(prompts), unit="sample", desc="recording", disable=not progress, dynamic_ncols=True) as bar:
@@ -205,9 +199,6 @@ def _record(model, prompts, new_tokens, batch_size, need_hidden, pad_id, progres
 
 
 def _generate_texts(model, prompts, family, threshold, learned, protocol, batch_size, tokenizer) -> list[str]:
-    from greencode_jax.generate import generate
-    from greencode_jax.generate.policies import Confidence
-
     policy = Confidence(threshold) if family == "confidence" else dataclasses.replace(learned, threshold=threshold)
     pad = int(tokenizer.pad_id) if tokenizer.pad_id is not None else 0
     texts = []
@@ -222,8 +213,6 @@ def _generate_texts(model, prompts, family, threshold, learned, protocol, batch_
 
 def load_certification(path) -> dict:
     """The JSON `certify` wrote, checked to be one."""
-    from greencode_jax.yamlfile import read_json_mapping
-
     data = read_json_mapping(path, "certification", "write one with `greencode certify`")
     if not isinstance(data.get("families"), dict):
         raise GreencodeError(f"{path}: not a certification (expected the JSON `greencode certify` writes)")

@@ -22,14 +22,32 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
+import greencode_jax as gc
+from greencode_jax.atomic import atomic_write_text
+from greencode_jax.config import EvalConfig
+from greencode_jax.convert.fingerprint import check_corpus_tokenizer
+from greencode_jax.data import PreparedData
+from greencode_jax.data.samples import ground_truth
+from greencode_jax.energy import EnergyConfig, EnergyMeter
+from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
+from greencode_jax.energy.devices import host_cpu
 from greencode_jax.errors import GreencodeError
+from greencode_jax.eval.certify_run import load_certification
+from greencode_jax.eval.joules import measured_entry, metered_devices, modelled_entry
+from greencode_jax.eval.metrics import score
+from greencode_jax.eval.records import RecordFile, check_resumable, record_key
+from greencode_jax.eval.report import write_report
+from greencode_jax.eval.spec import NEVER_EXITS, PolicyChoice, policy_choices
+from greencode_jax.eval.summary import summarize
+from greencode_jax.generate import NEW_TOKENS_BUCKET, PROMPT_BUCKET, _check_policy, generate
+from greencode_jax.generate.policies import Learned, foreign_policy, read_policy_info
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
 from greencode_jax.ownership import check_not_an_input
-from greencode_jax.config import EvalConfig
-from greencode_jax.eval.records import RecordFile, check_resumable, record_key
 
 LINE_BREAKS = ("<EOL>", "</s>")  # CodeXGLUE markers a decoded line is cut at; spaced so split() sees them
 
@@ -90,8 +108,6 @@ def _single_id(tokenizer, text: str) -> int | None:
 
 def cut_line(text: str, lang: str) -> str:
     """A decoded continuation cut where CodeXGLUE's line-level ground truth ends."""
-    from greencode_jax.data.samples import ground_truth
-
     for mark in LINE_BREAKS:
         text = text.replace(mark, f" {mark} ")
     return " ".join(ground_truth(text.split(), lang))
@@ -140,10 +156,6 @@ def _protocol_names(data, cfg: EvalConfig) -> tuple:
 
 
 def _device_description() -> str:
-    import jax
-
-    from greencode_jax.energy.devices import host_cpu
-
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     text = f"{len(devices)} x {', '.join(kinds)} ({jax.default_backend()})"
@@ -153,15 +165,6 @@ def _device_description() -> str:
 def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config: EvalConfig,
                     energy_config=None) -> Plan:
     """Loads and checks everything; raises a GreencodeError for any bad input, writing nothing."""
-    import greencode_jax as gc
-    from greencode_jax.data import PreparedData
-    from greencode_jax.convert.fingerprint import check_corpus_tokenizer
-    from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
-    from greencode_jax.eval.certify_run import load_certification
-    from greencode_jax.eval.spec import policy_choices
-    from greencode_jax.generate import _check_policy
-    from greencode_jax.generate.policies import Learned, foreign_policy, read_policy_info
-
     cfg = config
     data = PreparedData(data_dir)
     tokenizer = data.tokenizer()
@@ -202,8 +205,6 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
     builders = {"completion": _completion_protocol, "line": _line_protocol}
     protocols = [builders[name](data, tokenizer, model, cfg, max_context) for name in _protocol_names(data, cfg)]
 
-    from greencode_jax.energy import EnergyConfig
-
     energy = energy_config or EnergyConfig()
     settings = {
         "checkpoint": str(Path(checkpoint).resolve()), "data": str(Path(data_dir).resolve()),
@@ -235,8 +236,6 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
 def certified_choices(certification: dict, *, have_policy: bool, source) -> list:
     """The rows `learned@certified` and `confidence@certified` (softmax_max) at the thresholds a
     certification holds; a family with none certified never exits (its row then equals Full())."""
-    from greencode_jax.eval.spec import NEVER_EXITS, PolicyChoice
-
     choices = []
     for family, entry in certification["families"].items():
         if family == "learned" and not have_policy:
@@ -272,8 +271,6 @@ def _agreement(tokens: list, full: list) -> float:
 
 class _Runner:
     def __init__(self, plan: Plan, meter, store: RecordFile, bar):
-        from greencode_jax.eval.joules import metered_devices
-
         self.plan, self.meter, self.store, self.bar = plan, meter, store, bar
         self.devices, self.no_device = metered_devices(meter)
         self.warmed = set()
@@ -316,12 +313,6 @@ class _Runner:
         return [self.store.done[k] for k in keys]
 
     def _generate(self, protocol, size, choice, batch, full_tokens) -> list[dict]:
-        import jax
-
-        from greencode_jax.eval.joules import measured_entry, modelled_entry
-        from greencode_jax.eval.metrics import score
-        from greencode_jax.generate import NEW_TOKENS_BUCKET, PROMPT_BUCKET, generate
-
         plan = self.plan
         model = plan.base_model if choice.model == "base" else plan.model
         policy = plan.policies[choice.label]
@@ -421,11 +412,6 @@ def evaluate(checkpoint, data_dir, out_dir, *, policy_dir=None, base=None, polic
     finished), `summary.json` and the report (report.md, pareto.png, exits.png). A rerun
     with the same settings resumes, skipping finished records; other settings are refused.
     """
-    from greencode_jax.atomic import atomic_write_text
-    from greencode_jax.energy import EnergyMeter
-    from greencode_jax.eval.report import write_report
-    from greencode_jax.eval.summary import summarize
-
     given = {"policies": policies, "samples": samples, "batch_size": batch_size, "protocols": protocols,
              "cost_model": None if cost_model is None else str(cost_model),
              "allow_foreign_policy": allow_foreign_policy, "certified": None if certified is None else str(certified)}
@@ -438,8 +424,6 @@ def evaluate(checkpoint, data_dir, out_dir, *, policy_dir=None, base=None, polic
     plan = plan_evaluation(checkpoint, data_dir, policy_dir=policy_dir, base=base, config=cfg,
                            energy_config=energy_config)
     check_resumable(out, plan.settings)
-    from tqdm import tqdm
-
     meter = EnergyMeter(energy_config)
     store = RecordFile(out, plan.settings, inputs)
     total = sum(len(p.prompts) for p in plan.protocols) * len(cfg.batch_size) * len(plan.choices)
@@ -460,8 +444,6 @@ def evaluate(checkpoint, data_dir, out_dir, *, policy_dir=None, base=None, polic
         meter.close()
     summary = summarize(records, lang=plan.data.lang)
     if cfg.certified:
-        from greencode_jax.eval.certify_run import load_certification
-
         summary["certified"] = realised_risks(load_certification(cfg.certified), records)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_report(out, summary, records, header=_header(plan, meter, runner))

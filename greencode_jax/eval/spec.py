@@ -58,7 +58,7 @@ class PolicyChoice:
 
     def build(self, learned=None):
         """The `greencode_jax.generate` policy object; `learned` is the loaded `Learned` for that family."""
-        from greencode_jax.generate import Confidence, FixedExit, Full
+        from greencode_jax.generate import Confidence, FixedExit, Full  # lazy: keeps eval.spec free of JAX
 
         if self.family in ("full", "base"):
             return Full()

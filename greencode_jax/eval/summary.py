@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from greencode_jax.eval.metrics import METRICS, SCALES
+from greencode_jax.eval.metrics import METRICS, SCALES, codebleu_status, corpus_scores
 from greencode_jax.eval.stats import bootstrap_ci, pareto_front
 
 FAMILIES = ("base", "full", "fixed", "confidence", "learned")  # the order of the rows of a batch size
@@ -187,8 +187,6 @@ def summarize(records: list[dict], *, lang: str | None = None) -> dict:
     for protocol, by_policy in grouped.items():
         policies = {key: _policy(rows) for key, rows in by_policy.items()}
         if lang is not None:
-            from greencode_jax.eval.metrics import corpus_scores
-
             for key, rows in by_policy.items():
                 policies[key]["corpus"] = corpus_scores([r["prediction"] for r in rows],
                                                         [r["target"] for r in rows], lang)
@@ -208,8 +206,6 @@ def summarize(records: list[dict], *, lang: str | None = None) -> dict:
 
 def _why_unavailable(name: str, lang: str | None) -> str:
     if name == "codebleu":
-        from greencode_jax.eval.metrics import codebleu_status
-
         available, reason = codebleu_status(lang)
         if not available:
             return f"no sample has a CodeBLEU value: {reason}"

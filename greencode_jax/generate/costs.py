@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import numpy as np
 
 from greencode_jax.generate.decode import decision_layers
@@ -65,8 +66,6 @@ def calibration_workloads(model, *, prompt_tokens: int, new_tokens: int, batch: 
     decision layer k (or those giving `depths`, numbers of layers computed); a Confidence policy
     that never exits (a head at every decision); a Learned policy (random actor) that never exits
     (its MLP at every decision)."""
-    import jax
-
     config = model.config
     last = config.num_layers - 1
     ids = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, prompt_tokens), dtype=np.int32)

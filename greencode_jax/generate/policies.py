@@ -17,8 +17,12 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from greencode_jax.atomic import atomic_directory, usual_permissions
+from greencode_jax.convert.fingerprint import model_fingerprint
 from greencode_jax.errors import GreencodeError
+from greencode_jax.generate.policy_kernel import fused_exit_probability
 
 CONFIDENCE_MEASURES = ("softmax_max", "top2_margin")
 LEARNED_KERNELS = ("xla", "pallas")
@@ -126,8 +130,6 @@ class Learned:
     def exit_probability(self, hidden):
         """P(exit) [B] for hidden states [B, E]."""
         if self.kernel == "pallas":
-            from greencode_jax.generate.policy_kernel import fused_exit_probability
-
             return fused_exit_probability(self.params, hidden)
         p = self.params
         x = (hidden.astype(jnp.float32) - p["obs_mean"]) / p["obs_std"]
@@ -148,10 +150,7 @@ class Learned:
         `out_dir/policy.json` (`metadata`, e.g. what it was trained on, plus the layout),
         atomically. `Learned.load` reads it back. An existing `out_dir` is replaced (with
         `overwrite`) only when it is a policy greencode-jax wrote and none of `inputs`."""
-        import numpy as np
         from safetensors.numpy import save_file
-
-        from greencode_jax.atomic import atomic_directory, usual_permissions
 
         tensors = {"obs_mean": self.params["obs_mean"], "obs_std": self.params["obs_std"]}
         for i, layer in enumerate(self.params["layers"]):
@@ -179,7 +178,6 @@ class Learned:
             if mismatch is not None:
                 raise GreencodeError(f"{Path(policy_dir) / POLICY_INFO}: {mismatch}; pass allow_foreign=True to use "
                                      "it anyway")
-        import numpy as np
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -227,8 +225,6 @@ def read_policy_info(policy_dir) -> dict:
 def foreign_policy(info: dict, model) -> str | None:
     """Why the policy of `info` (its policy.json) was not trained on `model`'s weights, or None
     when its recorded fingerprint is the model's (`convert.fingerprint.model_fingerprint`)."""
-    from greencode_jax.convert.fingerprint import model_fingerprint
-
     mine = model_fingerprint(model)
     name = model.origin.path or "the model"
     trained = info.get("trained_on") if isinstance(info.get("trained_on"), dict) else {}

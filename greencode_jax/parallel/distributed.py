@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+
 from greencode_jax.errors import GreencodeError
 
 MODES = ("auto", "on", "off")
@@ -80,8 +82,6 @@ def detect(mode: str = "auto", coordinator: str | None = None, num_processes: in
 def initialize_distributed(mode: str = "auto", coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> DistributedInfo:
     """Joins the other processes of this run (see the module docstring); a no-op on one host."""
-    import jax
-
     how, kwargs = detect(mode, coordinator, num_processes, process_id)
     if how != "single" and not jax.distributed.is_initialized():
         try:

@@ -28,6 +28,7 @@ import rlax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from greencode_jax.errors import GreencodeError
 from greencode_jax.rl import env as exit_env
 from greencode_jax.rl.networks import actor_logits, critic_value, init_actor_critic
 
@@ -90,8 +91,6 @@ class Trainer:
         self.cfg, self.mesh = cfg, mesh
         self.devices = mesh.shape["data"]
         if cfg.num_envs % self.devices:
-            from greencode_jax.errors import GreencodeError
-
             raise GreencodeError(f"rl.num_envs={cfg.num_envs}: expected a multiple of the {self.devices} devices "
                                  "(each steps the same number of environments)")
         self.local_envs = cfg.num_envs // self.devices

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from greencode_jax.energy.cost_model import ARCHITECTURE_FIELDS
 from greencode_jax.errors import GreencodeError
 
 FORMAT, VERSION = "greencode-rollouts", 1
@@ -115,8 +116,6 @@ class RolloutStore:
     def architecture(self) -> dict:
         """The recorded model's `energy.cost_model.architecture`, or the part of it an older
         store records (family, num_layers, hidden_size, vocab_size)."""
-        from greencode_jax.energy.cost_model import ARCHITECTURE_FIELDS
-
         model = self.model
         return dict(model.get("architecture") or {k: model[k] for k in ARCHITECTURE_FIELDS if k in model})
 

@@ -7,21 +7,22 @@ import contextlib
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from greencode_jax.errors import GreencodeError
 from greencode_jax.config import DataSection
+from greencode_jax.convert import resolve_model_dir
+from greencode_jax.data import PreparedData, PrepareOptions, prepare_data
+from greencode_jax.data.split import parse_ratios
 
 PREPARE_LANGS = ("python", "java")  # data.prepare_lang: the stdlib, or a JDK's sources
 UNIGRAM_SAMPLE_TOKENS = 50_000_000  # the most frequent token is counted over at most this many train tokens
 
 
 def _barrier(name: str):
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -53,15 +54,11 @@ def _prepare_tokenizer(section: DataSection, model_init: str, source: str) -> st
     if model_init == "scratch":
         raise GreencodeError(f"{source}: data.prepare_tokenizer=model needs a pretrained model.init; a model from "
                              "scratch has no tokenizer (use bpe)")
-    from greencode_jax.convert import resolve_model_dir
-
     return str(resolve_model_dir(model_init))
 
 
 def _split(ratios, source: str) -> tuple:
     """data.prepare_split as prepare-data's --split takes it (three ratios summing to 1)."""
-    from greencode_jax.data.split import parse_ratios
-
     try:
         return parse_ratios(",".join(str(r) for r in ratios))
     except GreencodeError as error:
@@ -71,8 +68,6 @@ def _split(ratios, source: str) -> tuple:
 class TrainData:
     def __init__(self, section: DataSection, seed: int, source: str = "config", primary: bool = True,
                  progress: bool = False, model_init: str = "scratch"):
-        from greencode_jax.data import PreparedData, PrepareOptions, prepare_data
-
         if not section.path:
             raise GreencodeError(f"{source}: data.path is empty; give a directory written by `greencode prepare-data`")
         if section.seq_len < 2:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm import tqdm
 
 from greencode_jax.parallel import logical_sharding
 from greencode_jax.train.losses import exit_metrics
@@ -22,7 +24,6 @@ class Evaluator:
         self.batch_size = cfg.train.batch_size
         self.tokens_sharding = logical_sharding(("batch", "length"), (self.batch_size, cfg.data.seq_len), mesh)
         graphdef = compute_graphdef(config, compute_dtype)
-        from flax import nnx
 
         def evaluate(params, tokens, unigram_token):
             out = exit_metrics(nnx.merge(graphdef, cast_tree(params, compute_dtype)), tokens, weights)
@@ -36,8 +37,6 @@ class Evaluator:
     def run(self, params, progress: bool = False) -> dict:
         """Means over `eval.batches` batches of `eval.split` (0: the whole split), in order; with
         `progress`, a bar over the batches (the first one includes compiling the evaluation)."""
-        from tqdm import tqdm
-
         split, batches, _ = evaluation_plan(self.data, self.cfg)
         stream = self.data.eval_stream(split, self.batch_size)
         if self._unigram_token is None:

@@ -16,18 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from greencode_jax.convert import save_checkpoint
+from greencode_jax.convert.checkpoint import restore_params
 from greencode_jax.errors import GreencodeError
+from greencode_jax.models import ModelConfig, Origin, abstract_model
 
 DISTRIBUTED_ENV = ("GREENCODE_COORDINATOR", "GREENCODE_NUM_PROCESSES", "GREENCODE_PROCESS_ID")
 
 
 def write_checkpoint(params, config, dtype, out: Path, tokenizer_dir) -> Path:
-    import jax
-    from flax import nnx
-
-    from greencode_jax.convert import save_checkpoint
-    from greencode_jax.models import Origin, abstract_model
-
     # One device's arrays (the host CPU's): the checkpoint then records no mesh at all
     # (`load_checkpoint` restores onto one device whatever was recorded, see `restore_params`).
     cpu = jax.local_devices(backend="cpu")[0]
@@ -42,7 +43,6 @@ def save_final(params, config, dtype, out: Path, checkpoints, step: int, tokeniz
     if info.process_count == 1:
         return write_checkpoint(params, config, dtype, out, tokenizer_dir)
     import orbax.checkpoint as ocp
-    from jax.experimental import multihost_utils
 
     staged = checkpoints.directory / f"final-params-{step}"
     checkpointer = ocp.StandardCheckpointer()
@@ -66,10 +66,6 @@ def save_final(params, config, dtype, out: Path, checkpoints, step: int, tokeniz
 
 def _main(spec: dict):
     from etils import epath
-    from flax import nnx
-
-    from greencode_jax.convert.checkpoint import restore_params
-    from greencode_jax.models import ModelConfig, abstract_model
 
     config = ModelConfig.from_dict(spec["model"])
     params = restore_params(epath.Path(spec["params"]),

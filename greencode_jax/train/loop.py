@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import jax
+from tqdm import tqdm
 
 from greencode_jax.atomic import atomic_write_text
 from greencode_jax.config import FinetuneConfig
@@ -249,8 +250,6 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
             print(f"  train.method=heads: {t.head} exit heads on the frozen backbone, distilled from the last layer "
                   f"(temperature {t.kd_temperature:g}, cross-entropy weight {t.ce_weight:g}); {cache_note}",
                   flush=True)
-
-    from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=not show or finished_before,
                dynamic_ncols=True, desc=cfg.run.name)

@@ -17,6 +17,9 @@ the whole model's parameters for evaluation and the final checkpoint.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,8 +207,6 @@ class HiddenCache:
     new order each epoch, drawn from the run's seed."""
 
     def __init__(self, directory, seed: int, batches: int):
-        from pathlib import Path
-
         self.directory, self.seed, self.batches = Path(directory), seed, batches
         self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -226,8 +227,6 @@ class HiddenCache:
         return tuple(np.load(p, mmap_mode="r") for p in paths)
 
     def put(self, index: int, hidden, targets):
-        import os
-
         for name, array in (("targets", targets), ("hidden", hidden)):  # hidden last: it marks the batch done
             path = self._path(index, name)
             tmp = path.with_name(path.name + ".tmp.npy")

@@ -10,6 +10,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from greencode_jax.convert import load_pretrained, resolve_model_dir
+from greencode_jax.convert.checkpoint import CONFIG_NAME, is_checkpoint
+from greencode_jax.convert.fingerprint import model_tokenizer_fingerprint
+from greencode_jax.data.tokenizer import VOCABULARY_FILES
 from greencode_jax.errors import GreencodeError
 from greencode_jax.models import ModelConfig, init_model
 from greencode_jax.models.config import load_json
@@ -36,9 +40,6 @@ def check_model_section(section: ModelSection, source: str = "config") -> Path |
     if section.config is not None:
         raise GreencodeError(f"{source}: model.config is only for model.init: scratch; the architecture of "
                              f"{section.init} comes from its own config")
-    from greencode_jax.convert import resolve_model_dir
-    from greencode_jax.convert.checkpoint import is_checkpoint
-
     try:
         model_dir = resolve_model_dir(section.init)
     except GreencodeError as error:
@@ -67,8 +68,6 @@ class ModelSource:
             config = ModelConfig.from_hf(fields, exit_layers=exits, source=f"{source} (model.config)")
             self.model_dir = None
         else:
-            from greencode_jax.convert.checkpoint import CONFIG_NAME, is_checkpoint
-
             self.model_dir = model_dir
             if is_checkpoint(self.model_dir):
                 meta = load_json(self.model_dir / CONFIG_NAME, "greencode checkpoint config")
@@ -79,8 +78,6 @@ class ModelSource:
                 config = ModelConfig.from_hf(load_json(self.model_dir / "config.json", "Hugging Face config"),
                                              exit_layers=exits, source=str(self.model_dir / "config.json"))
         if prepared is not None and model_dir is not None:
-            from greencode_jax.convert.fingerprint import model_tokenizer_fingerprint
-
             fingerprint = model_tokenizer_fingerprint(model_dir)
             if fingerprint is not None:
                 try:
@@ -103,8 +100,6 @@ class ModelSource:
                                                                   nnx.Param)))
                 return jax.tree.map(np.asarray, init())
             else:
-                from greencode_jax.convert import load_pretrained
-
                 model = load_pretrained(self.model_dir, self.section.dtype, list(self.config.exit_layers),
                                         scan_layers=self.config.scan_layers)
                 loaded = model.config.replace(exit_layers=self.config.exit_layers, remat=self.config.remat)
@@ -115,8 +110,6 @@ class ModelSource:
     @property
     def tokenizer_dir(self) -> Path | None:
         """The model's directory when it holds a tokenizer (None: the corpus's goes into final/)."""
-        from greencode_jax.data.tokenizer import VOCABULARY_FILES
-
         if self.model_dir is None or not any((self.model_dir / name).is_file() for name in VOCABULARY_FILES):
             return None
         return self.model_dir
