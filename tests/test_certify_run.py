@@ -73,12 +73,12 @@ def test_recorded_losses_equal_generating_every_sample(setup, tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["families"].keys() == {"learned", "confidence"}
 
     from greencode_jax.data import PreparedData
-    from greencode_jax.eval.run import _completion_protocol
+    from greencode_jax.eval.protocols import completion_protocol
     from greencode_jax.generate import Confidence, Full, generate
 
     data = PreparedData(corpus)
     cfg = dataclasses.replace(EVAL, split="dev", samples=0)
-    protocol = _completion_protocol(data, data.tokenizer(), model, cfg, 48)
+    protocol = completion_protocol(data, data.tokenizer(), model, cfg, 48)
     full = []
     for p in protocol.prompts:
         out = generate(model, np.asarray(p.ids)[None], max_new_tokens=EVAL.new_tokens, policy=Full(),

@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 from greencode_jax.bench.report import Progress, printer, verdict
-from greencode_jax.data.prepare import default_workers
+from greencode_jax.data.preprocess import default_workers
 from greencode_jax.data.sources import resolve_source
 from greencode_jax.errors import GreencodeError
 

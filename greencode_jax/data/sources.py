@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -23,15 +22,17 @@ import sys
 import sysconfig
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
+from greencode_jax.data.hub_sources import hf_disk_source, hf_hub_source, tfds_directory_source, tfds_registry_source
+from greencode_jax.data.source_kinds import (FileSource, LineLevelSource, LinesSource, check_codexglue_line,
+                                             check_line_sample)
 from greencode_jax.errors import GreencodeError
 
 EXTENSIONS = {"python": ".py", "java": ".java"}
 HF_TOKEN_ID = "google/code_x_glue_cc_code_completion_token"
 HF_LINE_ID = "google/code_x_glue_cc_code_completion_line"
 CODEXGLUE_FILES = {"train.txt": "train", "dev.txt": "dev", "valid.txt": "dev", "test.txt": "test"}
-_SPLIT_NAMES = {"train": "train", "validation": "dev", "valid": "dev", "dev": "dev", "test": "test"}
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".hg", ".svn"}
 # Where JDKs are installed, searched after $JAVA_HOME and the `java` on PATH.
 JVM_DIRS = ["/usr/lib/jvm", "/usr/local/lib/jvm", "/opt/java", "/opt/jdk", "/Library/Java/JavaVirtualMachines"]
@@ -40,38 +41,6 @@ SOURCE_HELP = ("stdlib (Python's standard library), jdk or jdk:MODULE,… (a JDK
                ".py/.java files, a CodeXGLUE directory with train.txt/dev.txt/test.txt, a line-level test.json, "
                "a directory saved by Hugging Face `datasets`, a TFDS dataset directory, hf:OWNER/NAME[:CONFIG] "
                f"(or {HF_TOKEN_ID} / {HF_LINE_ID}), or tfds:NAME")
-
-
-@dataclasses.dataclass
-class FileSource:
-    """Files to preprocess. `refs` are (path relative to the source, origin), sorted by path;
-    an origin is ("fs", absolute path) or ("zip", zip path, member name)."""
-
-    description: str
-    lang: str
-    refs: list
-    unreadable_dirs: list = dataclasses.field(default_factory=list)
-    kind: str = "files"
-
-
-@dataclasses.dataclass
-class LinesSource:
-    """CodeXGLUE token-level lines; `splits` maps train/dev/test to a function yielding (record path, line)."""
-
-    description: str
-    lang: str
-    splits: dict
-    kind: str = "lines"
-
-
-@dataclasses.dataclass
-class LineLevelSource:
-    """CodeXGLUE line-level samples; `samples()` yields dicts with int `id`, str `input` and `gt`."""
-
-    description: str
-    lang: str
-    samples: Callable[[], Iterator[dict]]
-    kind: str = "line_level"
 
 
 def read_ref(origin: tuple, _zips: dict = {}) -> bytes:  # noqa: B006 (a per-process cache of open zips)
@@ -248,16 +217,6 @@ def jdk_source(src_zip: Path, modules=()) -> FileSource:
 # ---------------------------------------------------------------------------------- CodeXGLUE files
 
 
-def check_codexglue_line(line: str, where: str) -> str:
-    """A token-level line, whitespace normalised; GreencodeError naming `where` if it is not `<s> … </s>`."""
-    tokens = line.split()
-    if len(tokens) < 2 or tokens[0] != "<s>" or tokens[-1] != "</s>":
-        shown = line.strip()
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise GreencodeError(f"{where}: expected a CodeXGLUE token-level line '<s> … </s>', got {shown!r}")
-    return " ".join(tokens)
-
-
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) of a UTF-8 text file; empty lines at the very end are allowed."""
     try:
@@ -292,18 +251,6 @@ def codexglue_lines_source(files: dict, lang: str, where: str) -> LinesSource:
                        {split: reader(p) for split, p in files.items()})
 
 
-def check_line_sample(obj, where: str, fallback_id: int) -> dict:
-    if not isinstance(obj, dict) or not isinstance(obj.get("input"), str) or not isinstance(obj.get("gt"), str):
-        raise GreencodeError(f"{where}: expected a JSON object with string fields 'input' and 'gt' "
-                             "(CodeXGLUE line-level format)")
-    sample_id = obj.get("id", fallback_id)
-    if isinstance(sample_id, str) and sample_id.isdigit():
-        sample_id = int(sample_id)
-    if not isinstance(sample_id, int) or isinstance(sample_id, bool):
-        raise GreencodeError(f"{where}: field 'id' must be an integer, got {sample_id!r}")
-    return {"id": sample_id, "input": " ".join(obj["input"].split()), "gt": " ".join(obj["gt"].split())}
-
-
 def line_level_json_source(path: Path, lang: str) -> LineLevelSource:
     def samples():
         for number, line in _text_lines(path):
@@ -317,130 +264,3 @@ def line_level_json_source(path: Path, lang: str) -> LineLevelSource:
     if not os.access(path, os.R_OK):
         raise GreencodeError(f"{path}: not readable; check its permissions")
     return LineLevelSource(f"CodeXGLUE line-level samples in {path}", lang, samples)
-
-
-# ------------------------------------------------------------------------------ Hugging Face / TFDS
-
-
-def _as_line(code, where: str) -> str:
-    """A `code` field (a list of tokens, or a line) -> a checked CodeXGLUE line."""
-    if isinstance(code, bytes):
-        code = code.decode("utf-8")
-    if not isinstance(code, str):
-        tokens = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in code]
-        if tokens and tokens[0] != "<s>":
-            tokens = ["<s>", *tokens]
-        if tokens and tokens[-1] != "</s>":
-            tokens = [*tokens, "</s>"]
-        code = " ".join(tokens)
-    return check_codexglue_line(code, where)
-
-
-def _rows_source(description: str, lang: str, columns, splits: dict):
-    """Shared by HF and TFDS: `splits` maps a split name to a function yielding row dicts."""
-    columns = set(columns)
-    if {"input", "gt"} <= columns:
-        def samples():
-            for split_rows in splits.values():  # the hub's line-level set calls its test split "train"
-                for index, row in enumerate(split_rows()):
-                    row = {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in row.items()
-                           if k in ("id", "input", "gt")}
-                    yield check_line_sample(row, f"{description}, row {index}", index)
-        return LineLevelSource(description, lang, samples)
-    if "code" not in columns:
-        raise GreencodeError(f"{description}: expected a 'code' column (token-level) or 'input' and 'gt' columns "
-                             f"(line-level), found {sorted(columns)}")
-    named = {}
-    for name, rows in splits.items():
-        split = _SPLIT_NAMES.get(name)
-        if split is None:
-            raise GreencodeError(f"{description}: split {name!r} is not one of {sorted(_SPLIT_NAMES)}")
-
-        def lines(rows=rows, name=name):
-            for index, row in enumerate(rows()):
-                yield f"{name}:{index}", _as_line(row["code"], f"{description}, split {name}, row {index}")
-        named[split] = lines
-    return LinesSource(description, lang, named)
-
-
-def _hf_splits(dataset) -> tuple[list, dict]:
-    import datasets
-
-    if isinstance(dataset, datasets.DatasetDict):
-        parts = dict(dataset)
-    else:
-        parts = {"train": dataset}
-    columns = set()
-    for part in parts.values():
-        columns |= set(part.column_names)
-    return sorted(columns), {name: (lambda part=part: iter(part)) for name, part in parts.items()}
-
-
-def hf_disk_source(path: Path, lang: str):
-    import datasets
-
-    try:
-        dataset = datasets.load_from_disk(str(path))
-    except Exception as error:  # datasets raises several types for a damaged directory
-        raise GreencodeError(f"{path}: cannot load as a Hugging Face `datasets` directory ({error})") from None
-    columns, splits = _hf_splits(dataset)
-    return _rows_source(f"Hugging Face dataset saved in {path}", lang, columns, splits)
-
-
-def hf_hub_source(name: str, config: str, lang: str):
-    """A hub dataset (network): only reached when the user names it."""
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(name, config)
-    except Exception as error:
-        raise GreencodeError(f"hf:{name} (config {config}): cannot load from the Hugging Face hub ({error}); "
-                             "without network, save it elsewhere with `datasets` and pass that directory") from None
-    columns, splits = _hf_splits(dataset)
-    return _rows_source(f"Hugging Face dataset {name} ({config})", lang, columns, splits)
-
-
-def _tfds_rows(builder, description: str, lang: str):
-    features = builder.info.features
-    columns = list(features.keys()) if hasattr(features, "keys") else []
-    splits = {}
-    for split_name, info in builder.info.splits.items():
-        if not info.num_examples:
-            continue
-
-        def rows(split_name=split_name):
-            source = builder.as_data_source(split=split_name)
-            for index in range(len(source)):
-                yield source[index]
-        splits[split_name] = rows
-    if not splits:
-        raise GreencodeError(f"{description}: the dataset has no examples")
-    return _rows_source(description, lang, columns, splits)
-
-
-def tfds_directory_source(path: Path, lang: str):
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder_from_directory(str(path))
-    except Exception as error:
-        raise GreencodeError(f"{path}: cannot open as a TFDS dataset directory ({error})") from None
-    if builder.info.file_format is None or builder.info.file_format.value != "array_record":
-        raise GreencodeError(f"{path}: TFDS dataset in {builder.info.file_format} format; random access without "
-                             "TensorFlow needs array_record (rebuild it with file_format='array_record')")
-    return _tfds_rows(builder, f"TFDS dataset in {path}", lang)
-
-
-def tfds_registry_source(name: str, lang: str, data_dir: str | None):
-    """A TFDS name (`huggingface:code_x_glue_cc_code_completion_token/python`, …): prepared in `data_dir`,
-    downloading only because the user named it."""
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare(file_format="array_record")
-    except Exception as error:
-        raise GreencodeError(f"tfds:{name}: cannot load ({error}); without network, pass the prepared dataset's "
-                             "directory instead") from None
-    return _tfds_rows(builder, f"TFDS dataset {name}", lang)

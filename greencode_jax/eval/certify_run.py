@@ -35,6 +35,7 @@ from greencode_jax.data import PreparedData
 from greencode_jax.errors import GreencodeError
 from greencode_jax.eval.certify import PVALUES, fixed_sequence, min_samples
 from greencode_jax.eval.metrics import score
+from greencode_jax.eval.protocols import completion_protocol
 from greencode_jax.generate import generate
 from greencode_jax.generate.policies import Confidence, Learned
 from greencode_jax.generate.record import record_jit
@@ -74,7 +75,6 @@ def changed_samples(decide, agree, lengths) -> np.ndarray:
 def certify(checkpoint, data_dir, out_file, *, policy_dir=None, config: EvalConfig | None = None,
             section: CertifySection | None = None, progress: bool = True, log=print) -> dict:
     """Certifies each family's threshold on the calibration split; writes `out_file` (JSON)."""
-    from greencode_jax.eval.run import _completion_protocol  # lazy: eval.run imports certify_run (cycle)
 
     section = section or CertifySection()
     cfg = dataclasses.replace(config or EvalConfig(), split=section.split, samples=section.samples)
@@ -88,7 +88,7 @@ def certify(checkpoint, data_dir, out_file, *, policy_dir=None, config: EvalConf
     check_corpus_tokenizer(data, checkpoint, model, "checkpoint")
     learned = Learned.load(policy_dir, 1.0, model=model) if policy_dir is not None else None
     max_context = min(cfg.max_context, model.config.max_position_embeddings)
-    protocol = _completion_protocol(data, tokenizer, model, cfg, max_context)
+    protocol = completion_protocol(data, tokenizer, model, cfg, max_context)
     prompts = protocol.prompts
     if section.delta:  # a relative delta is known only once the full model's ROUGE-L is
         needed = min_samples(section.delta, section.epsilon, section.bound)

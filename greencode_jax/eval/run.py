@@ -31,7 +31,6 @@ from greencode_jax.atomic import atomic_write_text
 from greencode_jax.config import EvalConfig
 from greencode_jax.convert.fingerprint import check_corpus_tokenizer
 from greencode_jax.data import PreparedData
-from greencode_jax.data.samples import ground_truth
 from greencode_jax.energy import EnergyConfig, EnergyMeter
 from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
 from greencode_jax.energy.devices import host_cpu
@@ -39,6 +38,7 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.eval.certify_run import load_certification
 from greencode_jax.eval.joules import measured_entry, metered_devices, modelled_entry
 from greencode_jax.eval.metrics import score
+from greencode_jax.eval.protocols import completion_protocol, cut_line, line_protocol, protocol_names
 from greencode_jax.eval.records import RecordFile, check_resumable, record_key
 from greencode_jax.eval.report import write_report
 from greencode_jax.eval.spec import NEVER_EXITS, PolicyChoice, policy_choices
@@ -48,24 +48,6 @@ from greencode_jax.generate.policies import Learned, foreign_policy, read_policy
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
 from greencode_jax.ownership import check_not_an_input
-
-LINE_BREAKS = ("<EOL>", "</s>")  # CodeXGLUE markers a decoded line is cut at; spaced so split() sees them
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    sample: int  # the document index (completion) or line-level sample id
-    ids: np.ndarray  # int32 model ids, BOS included
-    target: str
-
-
-@dataclasses.dataclass
-class Protocol:
-    name: str
-    prompts: list
-    new_tokens: int
-    stops: tuple  # always two ids, so both protocols share one program per policy kind
-
 
 @dataclasses.dataclass
 class Plan:
@@ -87,72 +69,6 @@ class Plan:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _stops(tokenizer, model, extra: int | None) -> tuple:
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
-    if isinstance(eos, tuple):
-        eos = eos[0] if eos else None
-    if eos is None:
-        return () if extra is None else (extra, extra)
-    return (int(eos), int(eos) if extra is None else int(extra))
-
-
-def _single_id(tokenizer, text: str) -> int | None:
-    """The id of `text` if the tokenizer keeps it as one token (the BPE's `<EOL>`), else None."""
-    ids = tokenizer.encode(text)
-    if ids and tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id:
-        ids = ids[1:]
-    return int(ids[0]) if len(ids) == 1 else None
-
-
-def cut_line(text: str, lang: str) -> str:
-    """A decoded continuation cut where CodeXGLUE's line-level ground truth ends."""
-    for mark in LINE_BREAKS:
-        text = text.replace(mark, f" {mark} ")
-    return " ".join(ground_truth(text.split(), lang))
-
-
-def _completion_protocol(data, tokenizer, model, cfg: EvalConfig, max_context: int) -> Protocol:
-    if not data.manifest.get("documents", {}).get(cfg.split):
-        raise GreencodeError(f"{data.root}: the {cfg.split} split is empty (prepared splits: "
-                             f"{data.manifest.get('documents')}); the completion protocol evaluates on it")
-    samples = data.completion_samples(cfg.split, cfg.context_fraction, max_context, cfg.new_tokens,
-                                      cfg.samples or None)
-    if not samples:
-        raise GreencodeError(f"{data.root}: the {cfg.split} split gives no completion samples (no documents, or "
-                             f"all too short for a {cfg.context_fraction:g} context and a target)")
-    prompts = [Prompt(s.doc, np.asarray(s.context, np.int32), tokenizer.decode(s.target)) for s in samples]
-    return Protocol("completion", prompts, cfg.new_tokens, _stops(tokenizer, model, None))
-
-
-def _line_protocol(data, tokenizer, model, cfg: EvalConfig, max_context: int) -> Protocol:
-    if data.view != "codexglue":
-        raise GreencodeError(f"{data.root}: prepared with --view {data.view}; the line protocol's samples are "
-                             "CodeXGLUE token text, which the model only reads with --view codexglue")
-    limit = max_context - cfg.line_new_tokens
-    prompts = []
-    for sample in data.line_samples()[: cfg.samples or None]:
-        tokens = sample["input"].split()
-        if tokens and tokens[0] == "<s>":  # the model sees a document's text without <s> (prepare.shown_text)
-            tokens = tokens[1:]
-        ids = tokenizer.encode(" ".join(tokens))
-        if len(ids) > limit:  # keep BOS and the tokens nearest the cut
-            head = ids[:1] if tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id else []
-            ids = head + ids[len(ids) - (limit - len(head)):]
-        if ids:
-            prompts.append(Prompt(int(sample["id"]), np.asarray(ids, np.int32), sample["gt"]))
-    if not prompts:
-        raise GreencodeError(f"{data.root}: no line-level samples")
-    eol = _single_id(tokenizer, "<EOL>") if data.lang == "python" else None
-    return Protocol("line", prompts, cfg.line_new_tokens, _stops(tokenizer, model, eol))
-
-
-def _protocol_names(data, cfg: EvalConfig) -> tuple:
-    if cfg.protocols:
-        return cfg.protocols
-    has_line = data.manifest.get("datasets", {}).get("line") is not None and data.view == "codexglue"
-    return ("completion", "line") if has_line else ("completion",)
 
 
 def _device_description() -> str:
@@ -202,8 +118,8 @@ def plan_evaluation(checkpoint, data_dir, *, policy_dir=None, base=None, config:
     max_context = min(cfg.max_context, positions)
     if max_context <= max(cfg.new_tokens, cfg.line_new_tokens):
         raise GreencodeError(f"the model has {positions} positions: too few for the new tokens asked")
-    builders = {"completion": _completion_protocol, "line": _line_protocol}
-    protocols = [builders[name](data, tokenizer, model, cfg, max_context) for name in _protocol_names(data, cfg)]
+    builders = {"completion": completion_protocol, "line": line_protocol}
+    protocols = [builders[name](data, tokenizer, model, cfg, max_context) for name in protocol_names(data, cfg)]
 
     energy = energy_config or EnergyConfig()
     settings = {
