@@ -147,11 +147,50 @@ def check_run_directory(run_dir: Path, inputs: dict):
             check_replaceable_dir(run_dir, "run")  # raises, naming what it is
 
 
+@dataclasses.dataclass
+class _Plan:
+    """What a run trains, on what, with what: everything checked before anything is written."""
+    data: TrainData
+    model_source: ModelSource
+    config: object  # the ModelConfig trained (with heads for train.method=heads)
+    weights: list
+    mesh: object
+    stream: object
+    total_steps: int
+    method: object
+
+
+@dataclasses.dataclass
+class _Start:
+    """Where the run starts: its checkpoints, the state (initial or restored) and the step."""
+    checkpoints: TrainCheckpoints | None
+    state: object
+    resumed_at: int | None  # the checkpoint's step, None when starting from scratch
+    why_evaluate: str = ""  # a finished run evaluated again: why
+    finished: TrainResult | None = None  # a finished run whose evaluation is reused as it is
+
+
 def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, started, info, run_dir: Path,
            inputs: dict) -> TrainResult:
     show = (cfg.run.progress if progress is None else progress) and info.is_primary
+    plan = _plan(cfg, source, info, show)
+    checkpoint_location = cfg.checkpoint.dir or run_dir / "checkpoints"
+    begin = _start(cfg, plan, run_dir, checkpoint_location, re_evaluate, started)
+    if begin.finished is not None:
+        return begin.finished
+    # everything checked: the run's outputs start here
+    if info.is_primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if read_manifest(run_dir) is None:
+            write_manifest(run_dir, "run", inputs)
+        if resolved_yaml is not None:
+            atomic_write_text(run_dir / "config.yaml", resolved_yaml)
+    if begin.checkpoints is None:
+        begin.checkpoints = TrainCheckpoints(checkpoint_location, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    return _run_steps(cfg, plan, begin, run_dir, info, show, started)
 
-    # what to train, on what, with what
+
+def _plan(cfg: FinetuneConfig, source, info, show: bool) -> _Plan:
     data = TrainData(cfg.data, cfg.run.seed, source, info.is_primary, progress=show, model_init=cfg.model.init)
     model_source = ModelSource(cfg.model, data.tokenizer, source, prepared=data.prepared)
     config = model_source.config
@@ -179,83 +218,86 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
     schedule = learning_rate_schedule(t.learning_rate, t.warmup_steps, total_steps, t.schedule, t.final_lr_ratio)
     optimizer = make_optimizer(schedule, t.weight_decay, t.clip_norm, t.adam_b1, t.adam_b2, t.adam_eps)
     method = make_method(t.method, config, weights, optimizer, schedule, cfg, mesh)
-    abstract_state, shardings = method.abstract_state, method.shardings
+    return _Plan(data, model_source, config, weights, mesh, stream, total_steps, method)
 
-    # start, or resume from the latest checkpoint, or report a finished run
-    checkpoint_location = cfg.checkpoint.dir or run_dir / "checkpoints"
+
+def _start(cfg: FinetuneConfig, plan: _Plan, run_dir: Path, checkpoint_location, re_evaluate: bool,
+           started: float) -> _Start:
+    """Starts from scratch, resumes from the latest checkpoint, or reports a finished run."""
+    method, config = plan.method, plan.config
     checkpoints, start, why_evaluate = None, None, ""
     if _may_hold_checkpoints(checkpoint_location):
         checkpoints = TrainCheckpoints(checkpoint_location, cfg.checkpoint.keep, cfg.checkpoint.async_save)
         start = checkpoints.latest_step()
     try:
-        if start is not None:
-            checkpoint_dir = checkpoints.directory
-            where = str(checkpoint_dir / str(start))
-            if cfg.checkpoint.resume == "never":
-                raise GreencodeError(f"{checkpoint_dir}: holds checkpoints (latest step {start}) and checkpoint.resume "
-                                     "is never; choose another run.name or checkpoint.dir")
-            meta = checkpoints.read_meta(start)
-            check_same_model(meta.get("model", {}), config, where)
-            check_same_state(meta.get("state"), state_signature(abstract_state, config), cfg, where)
-            if start >= total_steps:
-                reused, why_evaluate = _finished_evaluation(run_dir, data, cfg)
-                if reused is not None and not re_evaluate:
-                    checkpoints.close()
-                    return TrainResult(run_dir, start, total_steps, None, run_dir / "final", reused,
-                                       time.perf_counter() - started, None, config.exit_layers, weights,
-                                       start_step=start, finished_before=True, evaluated=False)
-                why_evaluate = why_evaluate or "--re-evaluate"
-            state = checkpoints.restore_state(start, abstract_like(abstract_state, shardings))
-            stream.restore(meta["data"])
-            if method.name == "heads":  # the frozen backbone is never in a training checkpoint
-                method.place_frozen(model_source.host_params(cfg.run.seed), place_host_tree)
-        else:
-            state = method.initial_state(model_source.host_params(cfg.run.seed), place_host_tree)
+        if start is None:
+            state = method.initial_state(plan.model_source.host_params(cfg.run.seed), place_host_tree)
+            return _Start(checkpoints, state, None)
+        checkpoint_dir = checkpoints.directory
+        where = str(checkpoint_dir / str(start))
+        if cfg.checkpoint.resume == "never":
+            raise GreencodeError(f"{checkpoint_dir}: holds checkpoints (latest step {start}) and checkpoint.resume "
+                                 "is never; choose another run.name or checkpoint.dir")
+        meta = checkpoints.read_meta(start)
+        check_same_model(meta.get("model", {}), config, where)
+        check_same_state(meta.get("state"), state_signature(method.abstract_state, config), cfg, where)
+        if start >= plan.total_steps:
+            reused, why_evaluate = _finished_evaluation(run_dir, plan.data, cfg)
+            if reused is not None and not re_evaluate:
+                checkpoints.close()
+                return _Start(None, None, start, finished=TrainResult(
+                    run_dir, start, plan.total_steps, None, run_dir / "final", reused, time.perf_counter() - started,
+                    None, config.exit_layers, plan.weights, start_step=start, finished_before=True, evaluated=False))
+            why_evaluate = why_evaluate or "--re-evaluate"
+        state = checkpoints.restore_state(start, abstract_like(method.abstract_state, method.shardings))
+        plan.stream.restore(meta["data"])
+        if method.name == "heads":  # the frozen backbone is never in a training checkpoint
+            method.place_frozen(plan.model_source.host_params(cfg.run.seed), place_host_tree)
+        return _Start(checkpoints, state, start, why_evaluate)
     except BaseException:
         if checkpoints is not None:
             checkpoints.close()
         raise
-    resumed_at = start
-    start = start or 0
+
+
+def _announce(cfg: FinetuneConfig, plan: _Plan, info, start: int, finished_before: bool, why_evaluate: str,
+              cache_note):
+    config, mesh, t = plan.config, plan.mesh, cfg.train
+    where = (f"finished at step {start}, evaluating again ({why_evaluate})" if finished_before
+             else f"resumed at step {start}" if start else "from the start")
+    print(f"finetune {cfg.run.name}: {config.family}, {config.num_layers} layers, exits "
+          f"{list(config.exit_layers)} weights {[round(w, 4) for w in plan.weights]}; {plan.total_steps} steps of "
+          f"{t.batch_size}x{t.grad_accum}x{cfg.data.seq_len} tokens on {mesh.size} device(s) "
+          f"(data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}, {info.process_count} process(es)); "
+          + where, flush=True)
+    if plan.method.name == "heads":
+        print(f"  train.method=heads: {t.head} exit heads on the frozen backbone, distilled from the last layer "
+              f"(temperature {t.kd_temperature:g}, cross-entropy weight {t.ce_weight:g}); {cache_note}", flush=True)
+
+
+def _run_steps(cfg: FinetuneConfig, plan: _Plan, begin: _Start, run_dir: Path, info, show: bool,
+               started: float) -> TrainResult:
+    """The training loop from `begin` to the last step (or a stop), then the evaluation and final/."""
+    t, method, stream, total_steps, config = cfg.train, plan.method, plan.stream, plan.total_steps, plan.config
+    checkpoints, state, resumed_at = begin.checkpoints, begin.state, begin.resumed_at
+    start = resumed_at or 0
     finished_before = resumed_at is not None and resumed_at >= total_steps
-
-    # everything checked: the run's outputs start here
-    if info.is_primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if read_manifest(run_dir) is None:
-            write_manifest(run_dir, "run", inputs)
-        if resolved_yaml is not None:
-            atomic_write_text(run_dir / "config.yaml", resolved_yaml)
-    if checkpoints is None:
-        checkpoints = TrainCheckpoints(checkpoint_location, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    checkpoint_dir = checkpoints.directory
-
-    feeder = BatchFeeder(mesh, t.grad_accum, t.batch_size, cfg.data.seq_len)
+    feeder = BatchFeeder(plan.mesh, t.grad_accum, t.batch_size, cfg.data.seq_len)
     cache_note = None
     if method.name == "heads":
         cache_note = method.use_cache(run_dir / "hidden_cache", total_steps, stream, t.cache_gb * 1e9)
     train_step = method.make_any_step(feeder) if method.name == "heads" else method.make_step(feeder)
-    evaluator = Evaluator(config, weights, cfg.model.compute_dtype, method.param_shardings(), mesh, data, cfg)
-    meta_base = {"model": model_signature(config), "state": state_signature(abstract_state, config),
-                 "config": cfg.to_dict(), "process_count": info.process_count, "exit_weights": weights}
+    evaluator = Evaluator(config, plan.weights, cfg.model.compute_dtype, method.param_shardings(), plan.mesh,
+                          plan.data, cfg)
+    meta_base = {"model": model_signature(config), "state": state_signature(method.abstract_state, config),
+                 "config": cfg.to_dict(), "process_count": info.process_count, "exit_weights": plan.weights}
     if info.is_primary:
-        where = (f"finished at step {start}, evaluating again ({why_evaluate})" if finished_before
-                 else f"resumed at step {start}" if start else "from the start")
-        print(f"finetune {cfg.run.name}: {config.family}, {config.num_layers} layers, exits "
-              f"{list(config.exit_layers)} weights {[round(w, 4) for w in weights]}; {total_steps} steps of "
-              f"{t.batch_size}x{t.grad_accum}x{cfg.data.seq_len} tokens on {mesh.size} device(s) "
-              f"(data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}, {info.process_count} process(es)); "
-              + where, flush=True)
-        if method.name == "heads":
-            print(f"  train.method=heads: {t.head} exit heads on the frozen backbone, distilled from the last layer "
-                  f"(temperature {t.kd_temperature:g}, cross-entropy weight {t.ce_weight:g}); {cache_note}",
-                  flush=True)
-
+        _announce(cfg, plan, info, start, finished_before, begin.why_evaluate, cache_note)
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=not show or finished_before,
                dynamic_ncols=True, desc=cfg.run.name)
     log = MetricsLog(run_dir / "metrics.jsonl", resumed_at, enabled=info.is_primary)
     monitor = StepMonitor(config.exit_layers, log, bar, start, total_steps, cfg.run.log_every,
-                          t.batch_size * t.grad_accum * cfg.data.seq_len, checkpoint_dir, resumed_at)
+                          t.batch_size * t.grad_accum * cfg.data.seq_len, checkpoints.directory, resumed_at)
 
     def save(step_no: int):
         checkpoints.save(step_no, state, {**meta_base, "step": step_no, "data": stream.state()})
@@ -291,20 +333,27 @@ def _train(cfg: FinetuneConfig, source, resolved_yaml, progress, re_evaluate, st
         bar.close()
         checkpoints.wait()
         if stopped_by is None:
-            evaluation = evaluator.run(method.params(state), progress=show)
-            log.write({"step": step, "eval": evaluation, "final": True})
-            if info.is_primary:
-                atomic_write_text(run_dir / "eval.json", json.dumps(evaluation, indent=2) + "\n")
-            if finished_before and (run_dir / "final").is_dir():
-                final_dir = run_dir / "final"  # the weights it holds are those just evaluated
-            else:
-                final_dir = save_final(method.params(state), config, cfg.model.dtype, run_dir / "final", checkpoints, step,
-                                       model_source.tokenizer_dir or data.tokenizer_dir, info)
+            evaluation, final_dir = _finish(cfg, plan, state, step, checkpoints, evaluator, log, run_dir, info, show,
+                                            finished_before)
     finally:
         bar.close()
         checkpoints.wait()  # a checkpoint being written in the background is finished, whatever happened
         checkpoints.close()
         log.close()
     return TrainResult(run_dir, step, total_steps, stopped_by, final_dir, evaluation, time.perf_counter() - started,
-                       monitor.tokens_per_s, config.exit_layers, weights, start_step=start,
+                       monitor.tokens_per_s, config.exit_layers, plan.weights, start_step=start,
                        finished_before=finished_before, evaluated=evaluation is not None)
+
+
+def _finish(cfg: FinetuneConfig, plan: _Plan, state, step: int, checkpoints, evaluator, log, run_dir: Path, info,
+            show: bool, finished_before: bool):
+    """The final evaluation (eval.json, the metrics' last record) and final/: (evaluation, final dir)."""
+    params = plan.method.params(state)
+    evaluation = evaluator.run(params, progress=show)
+    log.write({"step": step, "eval": evaluation, "final": True})
+    if info.is_primary:
+        atomic_write_text(run_dir / "eval.json", json.dumps(evaluation, indent=2) + "\n")
+    if finished_before and (run_dir / "final").is_dir():
+        return evaluation, run_dir / "final"  # the weights it holds are those just evaluated
+    return evaluation, save_final(params, plan.config, cfg.model.dtype, run_dir / "final", checkpoints, step,
+                                  plan.model_source.tokenizer_dir or plan.data.tokenizer_dir, info)
