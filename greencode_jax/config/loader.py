@@ -34,27 +34,20 @@ INHERIT = "inherit"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every section of a config file, typed and checked; `mapping` is the resolved YAML mapping."""
+    """Every section of a config file, typed and checked; `mapping` is the resolved YAML mapping.
+    `finetune` holds fine-tuning's seven sections, also reachable here by name (`config.train`)."""
     source: str
     mapping: dict
-    run: RunSection = RunSection()
-    model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
-    train: TrainSection = TrainSection()
-    parallel: ParallelSection = ParallelSection()
-    checkpoint: CheckpointSection = CheckpointSection()
-    eval: EvalSection = EvalSection()
+    finetune: FinetuneConfig = FinetuneConfig()
     energy: EnergySection = EnergySection()
     rollouts: RolloutsSection = RolloutsSection()
     rl: RLSection = RLSection()
     certify: CertifySection = CertifySection()
 
-    @property
-    def finetune(self) -> FinetuneConfig:
-        try:
-            return FinetuneConfig(**{name: getattr(self, name) for name in FINETUNE_SECTIONS})
-        except GreencodeError as error:
-            raise GreencodeError(f"{self.source}: {error}") from None
+    def __getattr__(self, name):  # run, model, data, train, parallel, checkpoint, eval
+        if name in FINETUNE_SECTIONS:
+            return getattr(self.finetune, name)
+        raise AttributeError(f"{type(self).__name__} has no section {name!r}")
 
     @property
     def finetune_yaml(self) -> str:
@@ -132,10 +125,11 @@ def load_config(path: str | Path | None = None, overrides=(), *, sections=tuple(
             data[name] = {}
     data = apply_overrides(data, list(overrides), source)
     built = {name: build_section(SECTIONS[name], data[name], name, source) for name in sections}
-    config = Config(source=source, mapping=data, **built)
-    if set(FINETUNE_SECTIONS) <= set(sections):
-        config.finetune  # noqa: B018  (the checks across sections, e.g. heads need a pretrained model)
-    return config
+    try:  # FinetuneConfig checks across its sections (heads need a pretrained model)
+        finetune = FinetuneConfig(**{name: built.pop(name) for name in FINETUNE_SECTIONS if name in built})
+    except GreencodeError as error:
+        raise GreencodeError(f"{source}: {error}") from None
+    return Config(source=source, mapping=data, finetune=finetune, **built)
 
 
 def load_sections(path, overrides, sections: tuple, command: str) -> Config:
