@@ -224,6 +224,36 @@ def prepare_data(options: PrepareOptions) -> dict:
 
 
 def _prepare(options: PrepareOptions, out: Path, inputs: dict, started: float) -> dict:
+    source, user_literals = _checked_source(options)
+    stats = Stats()
+    if options.progress:
+        print(f"prepare-data: {options.lang} from {source.description}", file=sys.stderr)
+    with atomic_directory(out, overwrite=options.overwrite, kind="corpus", inputs=inputs) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        summary = {"format": FORMAT, "format_version": FORMAT_VERSION, "lang": options.lang,
+                   "source": source.description, "source_spec": options.source or
+                   ("stdlib" if options.lang == "python" else "jdk"), "view": options.view,
+                   "python": sys.version.split()[0], "split_ratios": list(options.split), "seed": options.seed,
+                   "datasets": {}, "tokenizer": None}
+        if source.kind == "line_level":
+            _copy_line_samples(source, options, tmp / TFDS_DIR, stats, summary)
+        else:
+            shown, shown_bytes, literals = _write_token_corpus(source, options, user_literals, tmp, work, stats,
+                                                               summary)
+            if options.tokenizer != "none":
+                _tokenize(options, literals, shown, shown_bytes, tmp, stats, summary)
+        shutil.rmtree(work)
+        stats_dict = _write_stats(tmp, stats, source, started)
+        _write_summary(tmp, summary, stats, source, options)
+    summary["stats"] = stats_dict
+    summary["out"] = str(out)
+    return summary
+
+
+def _checked_source(options: PrepareOptions):
+    """The source (cut to --max-files) and the user's literals (None without), with the checks that need
+    the source, all before anything is written."""
     source = resolve_source(options.source, options.lang, options.tfds_data_dir)
     if source.kind == "files" and options.max_files and options.max_files < len(source.refs):
         _keep_first_files(source, options.max_files)
@@ -234,78 +264,86 @@ def _prepare(options: PrepareOptions, out: Path, inputs: dict, started: float) -
     if options.tokenizer not in ("bpe", "none") and not Path(options.tokenizer).is_dir():
         raise GreencodeError(f"--tokenizer {options.tokenizer}: no such directory; pass bpe, none, or a Hugging "
                              "Face model directory")
-    stats = Stats()
-    if options.progress:
-        print(f"prepare-data: {options.lang} from {source.description}", file=sys.stderr)
-    with atomic_directory(out, overwrite=options.overwrite, kind="corpus", inputs=inputs) as tmp:
-        tfds_dir = tmp / TFDS_DIR
-        work = tmp / ".work"
-        work.mkdir()
-        summary = {"format": FORMAT, "format_version": FORMAT_VERSION, "lang": options.lang,
-                   "source": source.description, "source_spec": options.source or
-                   ("stdlib" if options.lang == "python" else "jdk"), "view": options.view,
-                   "python": sys.version.split()[0], "split_ratios": list(options.split), "seed": options.seed,
-                   "datasets": {}, "tokenizer": None}
-        if source.kind == "line_level":
-            line_writer = CorpusWriter(tfds_dir, line_dataset_name(options.lang), "line",
-                                       f"CodeXGLUE line-level {options.lang} samples from {source.description}")
-            for sample in source.samples():
-                line_writer.add("test", sample)
-                stats.line_samples += 1
-            line_writer.close()
-            if not stats.line_samples:
-                raise GreencodeError(f"{source.description}: no samples found; expected JSON lines with 'input' "
-                                     "and 'gt'")
-            summary["datasets"]["line"] = line_dataset_name(options.lang)
-            summary["literals"] = None
-        else:
-            counter = None if user_literals else LiteralCounter()
-            if source.kind == "files":
-                chunks = preprocess_files(source, options, work, stats, counter)
-            else:
-                chunks = preprocess_lines(source, options, work, stats, counter)
-            stats.lap("preprocess")
-            if not stats.spilled:
-                raise _no_documents_error(source, stats)
-            literals = user_literals or counter.whitelist(java=options.lang == "java")
-            (tmp / "literals.json").write_text(literals.to_json())
-            summary["literals"] = options.literals or "built from the train split"
-            line_writer = (CorpusWriter(tfds_dir, line_dataset_name(options.lang), "line",
-                                        f"CodeXGLUE line-level {options.lang} samples cut from the test split")
-                           if options.line_samples else None)
-            shown, shown_bytes = _write_corpus(chunks, source, options, literals, tfds_dir, work, stats, line_writer)
-            if line_writer is not None:
-                line_writer.close()
-            stats.lap("write")
-            summary["datasets"]["token"] = token_dataset_name(options.lang)
-            if stats.line_samples:
-                summary["datasets"]["line"] = line_dataset_name(options.lang)
-            if options.tokenizer != "none":
-                tokenizer = _make_tokenizer(options, literals, shown, shown_bytes, options.view == "codexglue")
-                tokenizer.save(tmp / "tokenizer")
-                stats.lap("tokenizer")
-                _encode(tokenizer, shown, tmp / "tokens", stats, options.progress)
-                stats.lap("encode")
-                summary["tokenizer"] = {"kind": tokenizer.kind, "name": tokenizer.name,
-                                        "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-                                        "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-                                        "fingerprint": tokenizer.fingerprint()}
-        shutil.rmtree(work)
-        seconds = time.perf_counter() - started
-        stats_dict = stats.as_dict()
-        stats_dict["seconds"] = round(seconds, 3)
-        if source.kind == "files" and source.unreadable_dirs:
-            stats_dict["unreadable_directories"] = source.unreadable_dirs[:MAX_FAILURES_LISTED]
-        (tmp / "stats.json").write_text(json.dumps(stats_dict, indent=2, ensure_ascii=False) + "\n")
-        summary["documents"] = dict(stats.docs)
-        summary["line_samples"] = stats.line_samples
-        if source.kind != "line_level":
-            empty = [split for split in ("train", "dev", "test") if not stats.docs.get(split)]
-            summary["warnings"] = [f"the {split} split is empty (split ratios {','.join(map(str, options.split))})"
-                                   for split in empty]
-            for warning in summary["warnings"]:
-                print(f"prepare-data: warning: {warning}", file=sys.stderr)
-        (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    summary["stats"] = stats_dict
-    summary["out"] = str(out)
-    return summary
+    return source, user_literals
+
+
+def _copy_line_samples(source, options: PrepareOptions, tfds_dir: Path, stats: Stats, summary: dict):
+    """A line-level source: its samples, as they are, into the TFDS line dataset (no token corpus)."""
+    line_writer = CorpusWriter(tfds_dir, line_dataset_name(options.lang), "line",
+                               f"CodeXGLUE line-level {options.lang} samples from {source.description}")
+    for sample in source.samples():
+        line_writer.add("test", sample)
+        stats.line_samples += 1
+    line_writer.close()
+    if not stats.line_samples:
+        raise GreencodeError(f"{source.description}: no samples found; expected JSON lines with 'input' "
+                             "and 'gt'")
+    summary["datasets"]["line"] = line_dataset_name(options.lang)
+    summary["literals"] = None
+
+
+def _write_token_corpus(source, options: PrepareOptions, user_literals, tmp: Path, work: Path, stats: Stats,
+                        summary: dict):
+    """Passes 1 to 3 (preprocess, whitelist, write): the token corpus, its literals.json and the line samples
+    cut from its test split. Returns (the shown texts' spill files by split, their bytes by split, literals)."""
+    tfds_dir = tmp / TFDS_DIR
+    counter = None if user_literals else LiteralCounter()
+    if source.kind == "files":
+        chunks = preprocess_files(source, options, work, stats, counter)
+    else:
+        chunks = preprocess_lines(source, options, work, stats, counter)
+    stats.lap("preprocess")
+    if not stats.spilled:
+        raise _no_documents_error(source, stats)
+    literals = user_literals or counter.whitelist(java=options.lang == "java")
+    (tmp / "literals.json").write_text(literals.to_json())
+    summary["literals"] = options.literals or "built from the train split"
+    line_writer = (CorpusWriter(tfds_dir, line_dataset_name(options.lang), "line",
+                                f"CodeXGLUE line-level {options.lang} samples cut from the test split")
+                   if options.line_samples else None)
+    shown, shown_bytes = _write_corpus(chunks, source, options, literals, tfds_dir, work, stats, line_writer)
+    if line_writer is not None:
+        line_writer.close()
+    stats.lap("write")
+    summary["datasets"]["token"] = token_dataset_name(options.lang)
+    if stats.line_samples:
+        summary["datasets"]["line"] = line_dataset_name(options.lang)
+    return shown, shown_bytes, literals
+
+
+def _tokenize(options: PrepareOptions, literals, shown, shown_bytes, tmp: Path, stats: Stats, summary: dict):
+    """Passes 4 and 5 (tokenizer, encode): the tokenizer saved, every split encoded to token files."""
+    tokenizer = _make_tokenizer(options, literals, shown, shown_bytes, options.view == "codexglue")
+    tokenizer.save(tmp / "tokenizer")
+    stats.lap("tokenizer")
+    _encode(tokenizer, shown, tmp / "tokens", stats, options.progress)
+    stats.lap("encode")
+    summary["tokenizer"] = {"kind": tokenizer.kind, "name": tokenizer.name,
+                            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
+                            "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                            "fingerprint": tokenizer.fingerprint()}
+
+
+def _write_stats(tmp: Path, stats: Stats, source, started: float) -> dict:
+    """stats.json (with the seconds since `started`); returns what it holds."""
+    seconds = time.perf_counter() - started
+    stats_dict = stats.as_dict()
+    stats_dict["seconds"] = round(seconds, 3)
+    if source.kind == "files" and source.unreadable_dirs:
+        stats_dict["unreadable_directories"] = source.unreadable_dirs[:MAX_FAILURES_LISTED]
+    (tmp / "stats.json").write_text(json.dumps(stats_dict, indent=2, ensure_ascii=False) + "\n")
+    return stats_dict
+
+
+def _write_summary(tmp: Path, summary: dict, stats: Stats, source, options: PrepareOptions):
+    """prepare.json: the summary completed with the documents, line samples and warnings (empty splits,
+    also printed)."""
+    summary["documents"] = dict(stats.docs)
+    summary["line_samples"] = stats.line_samples
+    if source.kind != "line_level":
+        empty = [split for split in ("train", "dev", "test") if not stats.docs.get(split)]
+        summary["warnings"] = [f"the {split} split is empty (split ratios {','.join(map(str, options.split))})"
+                               for split in empty]
+        for warning in summary["warnings"]:
+            print(f"prepare-data: warning: {warning}", file=sys.stderr)
+    (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

@@ -12,6 +12,7 @@ SIGTERM stops between two batches, keeping the chunks written (never half of one
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -82,35 +83,11 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
                      max_context: int | None = None, chunk_episodes: int | None = None, overwrite: bool = False,
                      progress: bool = True, log=print) -> Path:
     out = Path(out_dir)
-    if hidden_dtype not in st.HIDDEN_DTYPES:
-        raise GreencodeError(f"hidden dtype {hidden_dtype!r}: expected one of {st.HIDDEN_DTYPES}")
-    for name, value in (("episodes", episodes), ("batch size", batch_size), ("new tokens", new_tokens)):
-        if not isinstance(value, int) or value < 1:
-            raise GreencodeError(f"{name} {value!r}: expected a positive integer")
-    if chunk_episodes is not None and (isinstance(chunk_episodes, bool) or not isinstance(chunk_episodes, int)
-                                       or chunk_episodes < 1):
-        raise GreencodeError(f"chunk episodes {chunk_episodes!r}: expected a positive integer")
-    if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
-                                    or max_context < 1):
-        raise GreencodeError(f"max context {max_context!r}: expected a positive number of tokens")
+    _check_arguments(episodes, batch_size, hidden_dtype, new_tokens, max_context, chunk_episodes)
     inputs = {"checkpoint": checkpoint, "data": data_dir}
     check_output_dir(out, "rollouts", inputs=inputs, overwrite=overwrite)
-    data = PreparedData(data_dir)
-    tokens = data.tokens(split)
-    if len(tokens) == 0:
-        raise GreencodeError(f"{data_dir}: split '{split}' is empty; nothing to record")
-    model = load_pretrained(checkpoint, scan_layers=False)
-    check_corpus_tokenizer(data, checkpoint, model, "checkpoint")
+    tokens, model, decisions, max_context = _load_checked(checkpoint, data_dir, split, new_tokens, max_context)
     config = model.config
-    decisions = tuple(e for e in config.exit_layers if e < config.num_layers - 1)
-    if not decisions:
-        raise GreencodeError(f"{checkpoint}: the model has no exit before its last layer {config.num_layers - 1}; "
-                             "an exit policy needs at least one (set exit_layers)")
-    limit = config.max_position_embeddings - new_tokens
-    max_context = limit if max_context is None else min(max_context, limit)
-    if max_context < 1:
-        raise GreencodeError(f"max context {max_context}: the model's {config.max_position_embeddings} positions "
-                             f"leave no room for a prompt before {new_tokens} new tokens")
     identity = model_identity(model, checkpoint)
     per_episode = new_tokens * len(decisions) * config.hidden_size * (4 if hidden_dtype == "float32" else 2)
     chunk = chunk_episodes or max(batch_size, CHUNK_BYTES // per_episode // batch_size * batch_size)
@@ -131,13 +108,70 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
         f"{num_chunks} chunk(s) of {chunk}" + (f"; resuming, {done} chunk(s) done" if done else ""))
     bar = tqdm(total=sum(min(chunk, episodes - k * chunk) for k in mine), unit="ep", disable=not progress,
                dynamic_ncols=True, desc="recording")
-    start, recorded_tokens = time.perf_counter(), 0
+    start = time.perf_counter()
+    recorded_tokens = _record_chunks(recorder, tokens, plan, mine, chunk, batch_size, hidden_dtype, work,
+                                     num_chunks, bar, start)
+    if pcount > 1:
+        multihost_utils.sync_global_devices("greencode collect-rollouts: every chunk written")
+    if pid == 0:
+        _finish(work, out, settings, decisions, num_chunks, overwrite)
+    seconds = time.perf_counter() - start
+    log(f"collect-rollouts: {recorded_tokens} tokens recorded in {seconds:.1f} s "
+        f"({recorded_tokens / max(seconds, 1e-9):.0f} tok/s) -> {out}")
+    return out
 
-    def kept() -> str:
-        n = sum((work / st.CHUNKS / f"{k:05d}").is_dir() for k in range(num_chunks))
-        then = "finishes the store" if n == num_chunks else "records the rest"
-        return f"collect-rollouts kept {n} of {num_chunks} chunks in {work}; the same command {then}"
 
+def _check_arguments(episodes, batch_size, hidden_dtype, new_tokens, max_context, chunk_episodes):
+    """The arguments that need neither the data nor the model, checked before anything is read."""
+    if hidden_dtype not in st.HIDDEN_DTYPES:
+        raise GreencodeError(f"hidden dtype {hidden_dtype!r}: expected one of {st.HIDDEN_DTYPES}")
+    for name, value in (("episodes", episodes), ("batch size", batch_size), ("new tokens", new_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise GreencodeError(f"{name} {value!r}: expected a positive integer")
+    if chunk_episodes is not None and (isinstance(chunk_episodes, bool) or not isinstance(chunk_episodes, int)
+                                       or chunk_episodes < 1):
+        raise GreencodeError(f"chunk episodes {chunk_episodes!r}: expected a positive integer")
+    if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                    or max_context < 1):
+        raise GreencodeError(f"max context {max_context!r}: expected a positive number of tokens")
+
+
+def _load_checked(checkpoint, data_dir, split: str, new_tokens: int, max_context: int | None):
+    """The split's tokens and the model, checked against each other: (tokens, model, its decision exits,
+    the longest context, within `max_context` where given, that leaves room for `new_tokens`)."""
+    data = PreparedData(data_dir)
+    tokens = data.tokens(split)
+    if len(tokens) == 0:
+        raise GreencodeError(f"{data_dir}: split '{split}' is empty; nothing to record")
+    model = load_pretrained(checkpoint, scan_layers=False)
+    check_corpus_tokenizer(data, checkpoint, model, "checkpoint")
+    config = model.config
+    decisions = tuple(e for e in config.exit_layers if e < config.num_layers - 1)
+    if not decisions:
+        raise GreencodeError(f"{checkpoint}: the model has no exit before its last layer {config.num_layers - 1}; "
+                             "an exit policy needs at least one (set exit_layers)")
+    limit = config.max_position_embeddings - new_tokens
+    max_context = limit if max_context is None else min(max_context, limit)
+    if max_context < 1:
+        raise GreencodeError(f"max context {max_context}: the model's {config.max_position_embeddings} positions "
+                             f"leave no room for a prompt before {new_tokens} new tokens")
+    return tokens, model, decisions, max_context
+
+
+def _kept(work: Path, num_chunks: int) -> str:
+    """What an interrupted collection keeps, in one line."""
+    n = sum((work / st.CHUNKS / f"{k:05d}").is_dir() for k in range(num_chunks))
+    then = "finishes the store" if n == num_chunks else "records the rest"
+    return f"collect-rollouts kept {n} of {num_chunks} chunks in {work}; the same command {then}"
+
+
+def _record_chunks(recorder, tokens, plan, mine, chunk: int, batch_size: int, hidden_dtype: str, work: Path,
+                   num_chunks: int, bar, start: float) -> int:
+    """Records this process's missing chunks, batch by batch, each chunk written atomically; a signal stops
+    between batches (the chunk in progress is recorded again). Closes `bar`; returns the tokens recorded."""
+    episodes = len(plan)
+    kept = functools.partial(_kept, work, num_chunks)
+    recorded_tokens = 0
     try:
         with SafePoints() as stop:  # a signal stops between batches; the chunk in progress is recorded again
             for k in mine:
@@ -148,12 +182,10 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
                     batch = rows[b:b + batch_size]
                     prompts = [_doc(tokens, int(plan[i, 0]))[:int(plan[i, 1])] for i in batch]
                     parts.append(recorder(prompts, batch_size))
-                    recorded_tokens += len(batch) * new_tokens
+                    recorded_tokens += len(batch) * recorder.new_tokens
                     bar.update(len(batch))
                     bar.set_postfix_str(f"{recorded_tokens / (time.perf_counter() - start):.0f} tok/s")
-                arrays = {name: np.concatenate([p[name] for p in parts])
-                          for name in ("hidden", "agree", "confidence", "tokens")}
-                arrays["episodes"] = np.stack([plan[rows, 0], plan[rows, 1], rows], axis=1).astype(np.int64)
+                arrays = _chunk_arrays(parts, plan, rows)
                 with stop.critical():
                     st.write_chunk(work, k, arrays, hidden_dtype)
             stop.check(kept)
@@ -163,14 +195,14 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
         raise interrupted(kept()) from None
     finally:
         bar.close()
-    if pcount > 1:
-        multihost_utils.sync_global_devices("greencode collect-rollouts: every chunk written")
-    if pid == 0:
-        _finish(work, out, settings, decisions, num_chunks, overwrite)
-    seconds = time.perf_counter() - start
-    log(f"collect-rollouts: {recorded_tokens} tokens recorded in {seconds:.1f} s "
-        f"({recorded_tokens / max(seconds, 1e-9):.0f} tok/s) -> {out}")
-    return out
+    return recorded_tokens
+
+
+def _chunk_arrays(parts, plan, rows) -> dict:
+    """One chunk's arrays: its batches' recordings joined, and the episodes (document, context length, episode)."""
+    arrays = {name: np.concatenate([p[name] for p in parts]) for name in ("hidden", "agree", "confidence", "tokens")}
+    arrays["episodes"] = np.stack([plan[rows, 0], plan[rows, 1], rows], axis=1).astype(np.int64)
+    return arrays
 
 
 def _doc(tokens, index: int) -> np.ndarray:

@@ -129,14 +129,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     out = Path(out_dir)
     inputs = {"rollouts": rollouts_dir, "validation": validation_dir, "cost_model": cfg.cost_model or None}
     check_output_dir(out, "policy", inputs=inputs, overwrite=overwrite)
-    store = RolloutStore(rollouts_dir)
-    validation = None if validation_dir is None else RolloutStore(validation_dir)
-    if validation is not None:
-        validation.check_model(store.model, f"the training store {store.root}")
-        if validation.model.get("fingerprint") != store.model.get("fingerprint"):
-            raise GreencodeError(f"{validation.root}: recorded from another checkpoint (fingerprint "
-                                 f"{validation.model.get('fingerprint')}) than {store.root} "
-                                 f"({store.model.get('fingerprint')})")
+    store, validation = _open_stores(rollouts_dir, validation_dir)
     layers = list(store.decision_layers) + [store.model["num_layers"] - 1]
     reward_kwargs, reward_record = reward_parameters(cfg, store.model["num_layers"], store.architecture,
                                                      store.decision_layers)
@@ -149,24 +142,72 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     state = trainer.init(env, seeds)
     # everything checked: the work directory starts here
-    work, resumed = resumable_directory(out, settings, "training", kind="policy", inputs=inputs, overwrite=overwrite)
-    # cleanup_tmp: a save cut by SIGKILL leaves N.orbax-checkpoint-tmp, removed at the next open
-    checkpoints = StateCheckpoints(work / "checkpoints", keep=1, async_save=False, cleanup_tmp=True)
-    done = checkpoints.latest_step() or 0
-    metrics_path = work / "metrics.jsonl"
-    if done:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                                trainer.state_shardings(state))
-        state = checkpoints.restore(done, abstract)
-        trim_metrics(metrics_path, "update", done)
+    work, resumed, checkpoints, done, state = _resume(out, settings, inputs, overwrite, trainer, state)
     total = cfg.num_updates
     log(f"train-policy: {store.episodes} episodes x {agree.shape[1]} tokens, decisions at layers "
         f"{list(store.decision_layers)}, reward {cfg.reward}; {total} updates of {cfg.steps_per_update} steps "
         f"({total * cfg.steps_per_update} timesteps), {cfg.seeds} seed(s), {jax.device_count()} device(s)"
         + (f"; resuming after update {done}" if done else ""))
     bar = tqdm(total=total, initial=done, unit="upd", disable=not progress, dynamic_ncols=True, desc="PPO")
-    start, compile_s = time.perf_counter(), None
-    diverged = None
+    start = time.perf_counter()
+    state, metrics, done, diverged, compile_s, kept = _train_blocks(trainer, state, env, cfg, seeds, checkpoints,
+                                                                    done, work, bar)
+    if diverged is not None:
+        raise GreencodeError(_divergence(diverged, done, total, seeds, cfg, work, kept, resumed))
+    seconds = time.perf_counter() - start
+
+    best, returns, table, actors = _choose_seed(state, cfg, store, validation, hidden, agree, layers, reward_kwargs)
+    final = {name: float(np.asarray(v)[best, -1]) for name, v in metrics.items()} if total else {}
+    result = {"seed": seeds[best], "validation_return": returns[best], "seed_returns": returns,
+              "judged_on": "validation" if validation is not None else "training", "updates": total,
+              "timesteps": total * cfg.steps_per_update, "seconds": seconds, "first_block_seconds": compile_s,
+              "final_metrics": final}
+    _write_policy(out, work, store, validation, actors[best], cfg, reward_record, result, table, inputs)
+    log(validate.format_table(table))
+    log(f"train-policy: seed {seeds[best]} kept (validation return {returns[best]:.3f} on the "
+        f"{result['judged_on']} store); {total} updates in {seconds:.1f} s -> {out}")
+    return {"policy": str(out), "validation": table, **result}
+
+
+def _open_stores(rollouts_dir, validation_dir) -> tuple[RolloutStore, RolloutStore | None]:
+    """The training store and the validation store (None without one), checked to come from the same model
+    and the same checkpoint."""
+    store = RolloutStore(rollouts_dir)
+    validation = None if validation_dir is None else RolloutStore(validation_dir)
+    if validation is not None:
+        validation.check_model(store.model, f"the training store {store.root}")
+        if validation.model.get("fingerprint") != store.model.get("fingerprint"):
+            raise GreencodeError(f"{validation.root}: recorded from another checkpoint (fingerprint "
+                                 f"{validation.model.get('fingerprint')}) than {store.root} "
+                                 f"({store.model.get('fingerprint')})")
+    return store, validation
+
+
+def _resume(out: Path, settings: dict, inputs: dict, overwrite: bool, trainer: Trainer, state):
+    """The work directory DIR.partial and its checkpoints: (work, resumed, checkpoints, updates done, state),
+    the state and metrics.jsonl those of the last checkpoint where there is one, else `state` as given."""
+    work, resumed = resumable_directory(out, settings, "training", kind="policy", inputs=inputs, overwrite=overwrite)
+    # cleanup_tmp: a save cut by SIGKILL leaves N.orbax-checkpoint-tmp, removed at the next open
+    checkpoints = StateCheckpoints(work / "checkpoints", keep=1, async_save=False, cleanup_tmp=True)
+    done = checkpoints.latest_step() or 0
+    if done:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                                trainer.state_shardings(state))
+        state = checkpoints.restore(done, abstract)
+        trim_metrics(work / "metrics.jsonl", "update", done)
+    return work, resumed, checkpoints, done, state
+
+
+def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoints, done: int, work: Path, bar):
+    """The updates left, in compiled blocks of rl.checkpoint_every, each followed by its metrics and its
+    checkpoint; a signal stops after a block and its checkpoint, never inside either. Closes `bar` and
+    `checkpoints`. Returns (state, the last block's metrics [seeds, updates], updates done, the first NaN or
+    inf of a block or None, the first block's seconds or None, the update of the last checkpoint). Known fault,
+    kept as it was: `metrics` is bound by a block only, so a resume after the last update (no block left)
+    raises UnboundLocalError here."""
+    total = cfg.num_updates
+    metrics_path = work / "metrics.jsonl"
+    compile_s = diverged = None
     try:
         with SafePoints() as stop:  # a signal stops after a block and its checkpoint, never inside either
             while done < total:
@@ -182,11 +223,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
                 if compile_s is None:
                     compile_s = seconds  # includes compiling; reported apart from the throughput
                 rate = n * cfg.steps_per_update * cfg.seeds / seconds
-                append_metrics(metrics_path, ({"update": done + u + 1, "seed": seed,
-                                               "timesteps": (done + u + 1) * cfg.steps_per_update,
-                                               **{name: float(v[k, u]) for name, v in metrics.items()},
-                                               "timesteps_per_s": rate}
-                                              for u in range(n) for k, seed in enumerate(seeds)))
+                _append_block_metrics(metrics_path, metrics, done, n, seeds, cfg.steps_per_update, rate)
                 with stop.critical():  # even a second Ctrl-C waits: no half-written checkpoint
                     checkpoints.save(done + n, state)
                 done += n
@@ -204,10 +241,22 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     finally:
         bar.close()
         checkpoints.close()
-    if diverged is not None:
-        raise GreencodeError(_divergence(diverged, done, total, seeds, cfg, work, kept, resumed))
-    seconds = time.perf_counter() - start
+    return state, metrics, done, diverged, compile_s, kept
 
+
+def _append_block_metrics(path: Path, metrics: dict, done: int, n: int, seeds, steps_per_update: int, rate: float):
+    """One metrics.jsonl line per update of the block and seed."""
+    append_metrics(path, ({"update": done + u + 1, "seed": seed,
+                           "timesteps": (done + u + 1) * steps_per_update,
+                           **{name: float(v[k, u]) for name, v in metrics.items()},
+                           "timesteps_per_s": rate}
+                          for u in range(n) for k, seed in enumerate(seeds)))
+
+
+def _choose_seed(state, cfg: RLSection, store: RolloutStore, validation: RolloutStore | None, hidden, agree,
+                 layers, reward_kwargs: dict):
+    """The seed whose greedy policy earns the most on the validation store (the training store without one):
+    (its index, every seed's return, its validation table, every seed's actor parameters)."""
     obs_mean, obs_std = store.obs_mean, store.obs_std
     actors = [jax.tree.map(lambda a: a[k], state.params["actor"]) for k in range(cfg.seeds)]
     judge = validation if validation is not None else store
@@ -219,12 +268,13 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     returns = [validate.deterministic_return(p, v_rewards) for p in probs]
     best = int(np.argmax(returns))
     table = validate.validation_table(probs[best], v_agree, v_conf, layers, cfg.thresholds)
-    final = {name: float(np.asarray(v)[best, -1]) for name, v in metrics.items()} if total else {}
-    result = {"seed": seeds[best], "validation_return": returns[best], "seed_returns": returns,
-              "judged_on": "validation" if validation is not None else "training", "updates": total,
-              "timesteps": total * cfg.steps_per_update, "seconds": seconds, "first_block_seconds": compile_s,
-              "final_metrics": final}
-    policy = Learned(learned_params(actors[best], obs_mean, obs_std), exit_layers=tuple(store.exit_layers))
+    return best, returns, table, actors
+
+
+def _write_policy(out: Path, work: Path, store: RolloutStore, validation: RolloutStore | None, actor,
+                  cfg: RLSection, reward_record: dict, result: dict, table: dict, inputs: dict):
+    """The policy directory, staged in the work directory, then renamed to `out`; the work directory goes."""
+    policy = Learned(learned_params(actor, store.obs_mean, store.obs_std), exit_layers=tuple(store.exit_layers))
     metadata = {"trained_on": {"rollouts": str(store.root.resolve()), "model": store.model,
                                "validation": None if validation is None else str(validation.root.resolve())},
                 "decision_layers": list(store.decision_layers), **reward_record, "rl": dataclasses.asdict(cfg),
@@ -232,13 +282,9 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     staged = work / "policy"
     shutil.rmtree(staged, ignore_errors=True)
     policy.save(staged, metadata, inputs=inputs)
-    shutil.copy(metrics_path, staged / "metrics.jsonl")
+    shutil.copy(work / "metrics.jsonl", staged / "metrics.jsonl")
     atomic_write_text(staged / "validation.json", json.dumps(table, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(staged, out)
     shutil.rmtree(work, ignore_errors=True)
-    log(validate.format_table(table))
-    log(f"train-policy: seed {seeds[best]} kept (validation return {returns[best]:.3f} on the "
-        f"{result['judged_on']} store); {total} updates in {seconds:.1f} s -> {out}")
-    return {"policy": str(out), "validation": table, **result}
