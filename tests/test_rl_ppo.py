@@ -129,6 +129,28 @@ def test_an_interrupted_training_resumes_bit_identically(stores, tmp_path, monke
             assert a == b
 
 
+def test_a_training_stopped_after_its_last_update_resumes_and_writes_the_policy(stores, tmp_path):
+    """Every update trained and checkpointed, then validation failed (its store cut short): the same call
+    again trains nothing and writes the policy, with the final metrics an uninterrupted run reports."""
+    import shutil
+
+    train, val = stores
+    cfg = RLSection(**SMALL, total_timesteps=16 * 32 * 4)
+    whole = train_policy(train, tmp_path / "whole", cfg, validation_dir=val, progress=False, log=lambda *a: None)
+    cut = shutil.copytree(val, tmp_path / "val")
+    confidence = cut / "chunks" / "00000" / "confidence.npy"
+    intact = confidence.read_bytes()
+    confidence.write_bytes(intact[:200])  # read only when choosing the seed, after training
+    with pytest.raises(gc.GreencodeError, match="confidence.npy: unreadable"):
+        train_policy(train, tmp_path / "resumed", cfg, validation_dir=cut, progress=False, log=lambda *a: None)
+    assert (tmp_path / "resumed.partial").is_dir() and not (tmp_path / "resumed").exists()
+    confidence.write_bytes(intact)
+    resumed = train_policy(train, tmp_path / "resumed", cfg, validation_dir=cut, progress=False, log=lambda *a: None)
+    assert resumed["final_metrics"] == whole["final_metrics"] and resumed["final_metrics"]
+    assert (tmp_path / "resumed" / "actor.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "actor.safetensors").read_bytes()
+
+
 def test_bad_input_is_one_clear_error_and_writes_nothing(stores, tmp_path):
     train, _ = stores
     cfg = RLSection(**SMALL, total_timesteps=16 * 32)

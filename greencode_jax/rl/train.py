@@ -30,7 +30,7 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.generate.policies import Learned
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
 from greencode_jax.locks import holds_output_lock
-from greencode_jax.metrics_log import append_metrics, trim_metrics
+from greencode_jax.metrics_log import append_metrics, read_metrics, trim_metrics
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.parallel import make_mesh
 from greencode_jax.rl import env as exit_env
@@ -157,7 +157,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     seconds = time.perf_counter() - start
 
     best, returns, table, actors = _choose_seed(state, cfg, store, validation, hidden, agree, layers, reward_kwargs)
-    final = {name: float(np.asarray(v)[best, -1]) for name, v in metrics.items()} if total else {}
+    final = _final_metrics(metrics, best, seeds[best], total, work)
     result = {"seed": seeds[best], "validation_return": returns[best], "seed_returns": returns,
               "judged_on": "validation" if validation is not None else "training", "updates": total,
               "timesteps": total * cfg.steps_per_update, "seconds": seconds, "first_block_seconds": compile_s,
@@ -202,12 +202,11 @@ def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoin
     """The updates left, in compiled blocks of rl.checkpoint_every, each followed by its metrics and its
     checkpoint; a signal stops after a block and its checkpoint, never inside either. Closes `bar` and
     `checkpoints`. Returns (state, the last block's metrics [seeds, updates], updates done, the first NaN or
-    inf of a block or None, the first block's seconds or None, the update of the last checkpoint). Known fault,
-    kept as it was: `metrics` is bound by a block only, so a resume after the last update (no block left)
-    raises UnboundLocalError here."""
+    inf of a block or None, the first block's seconds or None, the update of the last checkpoint). The
+    metrics are None when no block was left (a resume after the last update)."""
     total = cfg.num_updates
     metrics_path = work / "metrics.jsonl"
-    compile_s = diverged = None
+    compile_s = diverged = metrics = None
     try:
         with SafePoints() as stop:  # a signal stops after a block and its checkpoint, never inside either
             while done < total:
@@ -242,6 +241,18 @@ def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoin
         bar.close()
         checkpoints.close()
     return state, metrics, done, diverged, compile_s, kept
+
+
+def _final_metrics(metrics: dict | None, best: int, seed: int, total: int, work: Path) -> dict:
+    """The kept seed's metrics at the last update: from the last block, or, when this call ran none (it
+    resumed after the last update, e.g. once validation or writing the policy had failed), from that
+    update's record in metrics.jsonl."""
+    if metrics is not None:
+        return {name: float(np.asarray(v)[best, -1]) for name, v in metrics.items()}
+    for record in read_metrics(work / "metrics.jsonl"):
+        if record.get("update") == total and record.get("seed") == seed:
+            return {k: v for k, v in record.items() if k not in ("update", "seed", "timesteps", "timesteps_per_s")}
+    return {}
 
 
 def _append_block_metrics(path: Path, metrics: dict, done: int, n: int, seeds, steps_per_update: int, rate: float):
