@@ -118,6 +118,8 @@ def test_an_interrupted_training_resumes_bit_identically(stores, tmp_path, monke
         train_policy(train, tmp_path / "resumed", cfg, progress=False, log=lambda *a: None)
     assert (tmp_path / "resumed.partial").is_dir() and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(ppo.Trainer, "block", block)
+    with (tmp_path / "resumed.partial" / "metrics.jsonl").open("a") as f:  # a block whose save was cut short
+        f.write(json.dumps({"update": 5, "seed": 0, "episode_reward": 1e9}) + "\n")
     train_policy(train, tmp_path / "resumed", cfg, progress=False, log=lambda *a: None)
     for name in ("actor.safetensors", "metrics.jsonl"):
         a, b = (tmp_path / "whole" / name).read_bytes(), (tmp_path / "resumed" / name).read_bytes()
@@ -127,6 +129,27 @@ def test_an_interrupted_training_resumes_bit_identically(stores, tmp_path, monke
             assert strip(a) == strip(b)
         else:
             assert a == b
+
+
+def test_metrics_of_a_first_block_never_checkpointed_are_not_kept_twice(stores, tmp_path, monkeypatch):
+    """A crash after the first block's metrics were written and before its checkpoint: the rerun starts
+    from update 0 again and its metrics.jsonl holds each update once."""
+    train, _ = stores
+    cfg = RLSection(**SMALL, total_timesteps=16 * 32 * 4)
+    block = ppo.Trainer.block
+
+    def stopped(self, *args):
+        raise KeyboardInterrupt  # before any block: nothing checkpointed
+
+    monkeypatch.setattr(ppo.Trainer, "block", stopped)
+    with pytest.raises(Interrupted):
+        train_policy(train, tmp_path / "policy", cfg, progress=False, log=lambda *a: None)
+    monkeypatch.setattr(ppo.Trainer, "block", block)
+    with (tmp_path / "policy.partial" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"update": 1, "seed": 0, "episode_reward": 1e9}) + "\n")
+    train_policy(train, tmp_path / "policy", cfg, progress=False, log=lambda *a: None)
+    updates = [json.loads(line)["update"] for line in (tmp_path / "policy" / "metrics.jsonl").read_text().splitlines()]
+    assert updates == [1, 2, 3, 4]
 
 
 def test_a_training_stopped_after_its_last_update_resumes_and_writes_the_policy(stores, tmp_path):

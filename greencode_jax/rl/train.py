@@ -194,7 +194,8 @@ def _resume(out: Path, settings: dict, inputs: dict, overwrite: bool, trainer: T
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
                                 trainer.state_shardings(state))
         state = checkpoints.restore(done, abstract)
-        trim_metrics(work / "metrics.jsonl", "update", done)
+    # lines of updates after the last checkpoint (all of them without one) go: they are trained again
+    trim_metrics(work / "metrics.jsonl", "update", done or None)
     return work, resumed, checkpoints, done, state
 
 
