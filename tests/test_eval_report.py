@@ -137,6 +137,18 @@ def test_main_table_picks_the_best_saving_setting_of_each_family():
     assert "fixed:5" in lines[2] and "+25.0" in lines[2] and "-16.7" in lines[2]
 
 
+def test_main_table_shows_the_certified_confidence_row_even_when_another_is_best():
+    records = family_records(n=3)
+    # certified at a conservative threshold: saves less than the family's best, still a headline row
+    records += [record(s, "confidence@certified", "confidence", 0.99, rouge_l=0.55, modelled=7.5, exits=[7] * 15)
+                for s in range(3)]
+    rows = main_table(summarize(records), "completion")
+    policies = [r["policy"] for r in rows]
+    assert policies == ["full", "fixed:5", "confidence:softmax_max@0.9", "confidence@certified", "learned@0.6",
+                        "learned@0.9"]
+    assert rows[3]["note"] is None and rows[3]["saved_modelled"] == pytest.approx(100 * (8.0 - 7.5) / 8.0)
+
+
 def test_main_table_when_nothing_saves_energy_says_so():
     records = [record(s, "full", "full", None, rouge_l=0.6, modelled=8.0) for s in range(3)]
     records += [record(s, "fixed:7", "fixed", 7, rouge_l=0.6, modelled=9.0) for s in range(3)]

@@ -181,7 +181,8 @@ def _best(candidates: list[dict], full: dict | None, cost: str | None) -> tuple[
 
 def main_table(summary: dict, protocol: str) -> list[dict]:
     """The headline rows of one protocol, per batch size: every Base and Full row, the best
-    fixed exit, the best confidence setting and every learned threshold (by threshold).
+    fixed exit, the best confidence setting, the certified confidence threshold and every
+    learned threshold (by threshold, the certified one among them).
 
     "Best" is the highest mean ROUGE-L (whitespace tokens) among the family's settings that
     save energy against Full() by the protocol's Pareto cost figure (modelled J when every
@@ -207,6 +208,9 @@ def main_table(summary: dict, protocol: str) -> list[dict]:
             best, note = _best(by_family[family], full, cost)
             if best is not None:
                 chosen.append((best, note or f"best {family}"))
+        # a certified confidence threshold is a headline row whether or not it is the family's best
+        chosen += [(policies[k], None) for k in keys if k.endswith("@certified")
+                   and policies[k]["family"] == "confidence" and all(policies[k] is not p for p, _ in chosen)]
         learned = by_family["learned"]
         numeric = all(isinstance(p["setting"], (int, float)) for p in learned)
         chosen += [(p, None) for p in (sorted(learned, key=lambda p: p["setting"]) if numeric else learned)]
