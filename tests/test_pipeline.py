@@ -52,10 +52,11 @@ def test_finetune_reads_its_own_sections_of_a_whole_pipeline_config():
 def test_every_shipped_config_loads_as_a_whole_pipeline(name):
     """A shipped config that a field rename broke would only fail after its corpus and fine-tune:
     each one loads through the pipeline's loader and its policy list expands on its own exits."""
-    from greencode_jax.pipeline import load_pipeline_config
+    from greencode_jax.config import load_config
     from greencode_jax.eval.spec import policy_choices
 
-    _, finetune, _, energy, rollouts, rl, evaluate, _ = load_pipeline_config(CONFIGS / name, [])
+    config = load_config(CONFIGS / name)
+    finetune, energy, rollouts, rl, evaluate = config.finetune, config.energy, config.rollouts, config.rl, config.eval
     exits = tuple(finetune.model.exit_layers)
     choices = policy_choices(evaluate.policies, exits, have_base=True, have_policy=True)
     assert any(c.family == "full" for c in choices) and any(c.family == "learned" for c in choices)

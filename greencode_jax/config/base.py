@@ -30,8 +30,7 @@ class Section:
         for item in items:
             key, sep, raw = item.partition("=")
             if not sep or not key.strip():
-                raise GreencodeError(f"{source} {item!r}: expected FIELD=VALUE, e.g. "
-                                     f"{dataclasses.fields(self)[0].name}={_example(self)}")
+                raise GreencodeError(f"{source} {item!r}: expected FIELD=VALUE")
             values[key.strip()] = yaml.safe_load(raw)
         return type(self).from_dict(values, source)
 
@@ -71,7 +70,3 @@ def _plain(value):
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
-
-
-def _example(section) -> str:
-    return repr(getattr(section, dataclasses.fields(section)[0].name))

@@ -11,11 +11,9 @@ import typing
 from greencode_jax.errors import GreencodeError
 from greencode_jax.yamlfile import as_float
 
-_SCALARS = {"float": float, "int": int, "bool": bool, "str": str, "dict": dict}
-
 
 def did_you_mean(word: str, options) -> str:
-    """" (did you mean 'x'?)" naming the closest of `options`, or "" when none is close."""
+    """The text " (did you mean 'x'?)" naming the closest of `options`, or "" when none is close."""
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

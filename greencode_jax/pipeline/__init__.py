@@ -7,8 +7,8 @@ the runner (`runner.py`), and the bookkeeping that skips a stage whose outputs a
     result.eval_dir / "summary.json"
 """
 
-from greencode_jax.pipeline.runner import QUICKSTART, PipelineResult, load_pipeline_config, run_pipeline
+from greencode_jax.pipeline.runner import QUICKSTART, PipelineResult, run_pipeline
 from greencode_jax.pipeline.stages import Stages, digest, read_stage_json, remove_stale_outputs
 
-__all__ = ["PipelineResult", "QUICKSTART", "Stages", "digest", "load_pipeline_config", "read_stage_json",
+__all__ = ["PipelineResult", "QUICKSTART", "Stages", "digest", "read_stage_json",
            "remove_stale_outputs", "run_pipeline"]

@@ -25,7 +25,7 @@ import yaml
 
 from greencode_jax import ownership
 from greencode_jax.atomic import atomic_write_text, write_json_output
-from greencode_jax.config import load_config
+from greencode_jax.config import Config, load_config
 from greencode_jax.convert import load_model_config
 from greencode_jax.energy.calibrate_run import calibrate
 from greencode_jax.energy.cost_model import architecture, describe, load_cost_model
@@ -50,34 +50,24 @@ class PipelineResult:
     seconds: dict  # per stage, this call's (0 when up to date)
 
 
-def load_pipeline_config(path, overrides):
-    """(resolved mapping, FinetuneConfig, its resolved YAML, EnergySection, RolloutsSection,
-    RLSection, EvalConfig, CertifySection): every section checked before anything runs."""
-    config = load_config(path or QUICKSTART, list(overrides))
-    return (config.mapping, config.finetune, config.finetune_yaml, config.energy, config.rollouts, config.rl,
-            config.eval, config.certify)
-
-
 def run_pipeline(config_path=None, overrides=(), *, log=say, show_evaluation=None) -> PipelineResult:
     """`greencode run`: every stage of the config at `config_path` (default: the embedded quickstart)
     with `overrides`, each skipped when its outputs exist for the same inputs. `log` receives the
     progress lines; `show_evaluation(eval_json)` is called after the fine-tune stage."""
-    data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, certify = load_pipeline_config(config_path,
-                                                                                                  overrides)
+    config = load_config(config_path or QUICKSTART, list(overrides))
+    finetune = config.finetune
     run_dir = Path(finetune.run.out_dir) / finetune.run.name
-    source = str(config_path or QUICKSTART)
     inputs = {"config": config_path, "data": finetune.data.path or None,
               "model": None if finetune.model.init == "scratch" else finetune.model.init}
     check_run_directory(run_dir, inputs)
     with output_lock(run_dir):
-        log(f"greencode run: {source} -> {run_dir}/")
+        log(f"greencode run: {config.source} -> {run_dir}/")
         new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
         if ownership.read_manifest(run_dir) is None:
             ownership.write_manifest(run_dir, "run", inputs)
         try:
-            return _run_stages(run_dir, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, certify, source,
-                               log, show_evaluation)
+            return _run_stages(run_dir, config, log, show_evaluation)
         except BaseException:
             if set(os.listdir(run_dir)) <= {"pipeline.yaml", "pipeline.json", ownership.MANIFEST}:
                 for directory in new_dirs:  # failed before any stage made anything
@@ -87,14 +77,16 @@ def run_pipeline(config_path=None, overrides=(), *, log=say, show_evaluation=Non
 
 @dataclasses.dataclass
 class _Run:
-    """What every stage of one `greencode run` reads: its directory, its sections, the keys so far."""
+    """What every stage of one `greencode run` reads: its directory, its config, the keys so far."""
     run_dir: Path
-    source: str
-    finetune: object
-    resolved: str
+    config: Config
     stages: Stages
     log: object
     keys: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def finetune(self):
+        return self.config.finetune
 
     @property
     def final(self) -> Path:
@@ -105,19 +97,18 @@ class _Run:
         return Path(self.finetune.data.path)
 
 
-def _run_stages(run_dir: Path, data, finetune, resolved, energy, rollouts, rl, evaluate_cfg, certify, source: str,
-                log, show_evaluation) -> PipelineResult:
+def _run_stages(run_dir: Path, config: Config, log, show_evaluation) -> PipelineResult:
     stages = Stages(run_dir, log)  # a corrupt pipeline.json is named before anything is written
-    atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(data, sort_keys=False))
-    run = _Run(run_dir, source, finetune, resolved, stages, log)
+    atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(config.mapping, sort_keys=False))
+    run = _Run(run_dir, config, stages, log)
     _finetune_stage(run)
     if show_evaluation is not None:
         show_evaluation(read_stage_json(run_dir / "eval.json", "finetune"))
-    cost = _calibrate_stage(run, energy)
-    train_store, validation_store = _rollouts_stage(run, rollouts)
-    policy_dir = _policy_stage(run, rl, cost, train_store, validation_store)
-    certification = _certify_stage(run, certify, evaluate_cfg, policy_dir)
-    eval_dir = _evaluate_stage(run, evaluate_cfg, policy_dir, cost, certification)
+    cost = _calibrate_stage(run, config.energy)
+    train_store, validation_store = _rollouts_stage(run, config.rollouts)
+    policy_dir = _policy_stage(run, config.rl, cost, train_store, validation_store)
+    certification = _certify_stage(run, config.certify, config.eval, policy_dir)
+    eval_dir = _evaluate_stage(run, config.eval, policy_dir, cost, certification)
     return PipelineResult(run_dir=run_dir, eval_dir=eval_dir, policy_dir=policy_dir, seconds=dict(stages.seconds))
 
 
@@ -125,7 +116,7 @@ def _finetune_stage(run: _Run):
     run.keys["finetune"] = digest(run.finetune.to_dict())
 
     def build():
-        result = train(run.finetune, source=run.source, resolved_yaml=run.resolved, progress=None)
+        result = train(run.finetune, source=run.config.source, resolved_yaml=run.config.finetune_yaml, progress=None)
         if result.stopped_by is not None:
             raise result.interruption()
 
