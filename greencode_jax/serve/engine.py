@@ -91,6 +91,11 @@ class Engine:
         with self._wake:
             self._wake.notify()
 
+    def decode(self, ids) -> str:
+        """Text of generated ids, special tokens left out (as vLLM's skip_special_tokens)."""
+        backend = self.tokenizer._backend
+        return backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
     @property
     def waiting(self) -> int:
         return len(self._pending)
@@ -106,6 +111,21 @@ class Engine:
         if prompt_len + max_tokens > self.max_context:
             raise GreencodeError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds this "
                                  f"server's context of {self.max_context} tokens")
+
+    def warm_up(self):
+        """Compiles the step (with and without exit logits) and the first prompt bucket's admission
+        before the first request, so no client waits for a compile. Call before `start`."""
+        ids = jnp.zeros((1, PROMPT_BUCKET), jnp.int32)
+        valid = jnp.ones((1, PROMPT_BUCKET), bool)
+        self._device, _ = admit_jit(self.model, self._device, ids, valid, jnp.int32(0), jnp.float32(0),
+                                    jnp.float32(1), jax.random.key(0))
+        settings = self._settings()
+        for needs_logits in (False, True):
+            rows = settings.policy
+            policy = PerRow(rows.kinds, rows.thresholds, rows.layers, rows.params, needs_logits=needs_logits)
+            self._device, out = step_jit(self.model, self._device, settings._replace(policy=policy), self.is_stop,
+                                         tokens=self.tokens_per_step)
+        jax.block_until_ready(out)
 
     # ---- the engine thread ----
 
@@ -191,14 +211,14 @@ class Engine:
         before = len(job.tokens)
         logprobs = [(float(lp), list(zip(ids.tolist(), tops.tolist())))
                     for lp, ids, tops in zip(out.logprobs[row], out.top_ids[row], out.top_logprobs[row])]
-        done = job.add_tokens(out.tokens[row], out.exit_layers[row], logprobs, self.stop_ids, self.tokenizer.decode)
+        done = job.add_tokens(out.tokens[row], out.exit_layers[row], logprobs, self.stop_ids, self.decode)
         if job.first_token is None:
             job.first_token = time.perf_counter()
         if self.observer is not None:
             self.observer.tokens(job, len(job.tokens) - before)
         delta = job.settled_text()
         if delta:
-            job.sink("delta", (delta, before))
+            job.sink("delta", (delta, before, len(job.tokens)))
         if done:
             self._release(slot, job, job.finish_reason)
         return job.exit_layers[before:]

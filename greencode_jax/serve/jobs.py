@@ -15,7 +15,8 @@ _ids = itertools.count()
 @dataclasses.dataclass
 class Job:
     """One choice of one prompt. `sink(event, payload)` is called on the engine thread with
-    ("delta", (text, first_token_index)) as text settles and ("done", None) once, after which
+    ("delta", (text, first token, end token)) as text settles (the tokens
+    that text came with: job.tokens[first:end]) and ("done", None) once, after which
     the fields below are final."""
 
     prompt_ids: list
