@@ -29,7 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from greencode_jax.convert import load_pretrained, save_checkpoint
+from greencode_jax.data.tokenizer import train_bpe
+from greencode_jax.energy.meter import EnergyMeter
 from greencode_jax.errors import GreencodeError
+from greencode_jax.eval.joules import measured_entry, metered_devices
+from greencode_jax.serve.loading import tokenizer_of
+from greencode_jax.serve.policy import PolicyResolver
 
 POLICIES = ("full", "fixed:3", "fixed:5")
 QUICKSTART_EXITS = (1, 3, 5, 7)
@@ -44,8 +50,6 @@ def quickstart_model(out: Path) -> Path:
     import torch
     import transformers
 
-    from greencode_jax.convert import load_pretrained, save_checkpoint
-    from greencode_jax.data.tokenizer import train_bpe
 
     tokenizer = train_bpe(_stdlib_texts(200), 2048)
     config = transformers.LlamaConfig(
@@ -135,9 +139,6 @@ def baseline(checkpoint, jobs, max_tokens: int, meter) -> dict:
     """GREEN-CODE's shape: one request at a time, one generate each, in an energy window."""
     import jax
 
-    from greencode_jax.convert import load_pretrained
-    from greencode_jax.eval.joules import measured_entry, metered_devices
-    from greencode_jax.serve.policy import PolicyResolver
 
     model = load_pretrained(checkpoint, scan_layers=False)
     resolver = PolicyResolver(tuple(model.config.exit_layers))
@@ -167,11 +168,11 @@ def baseline(checkpoint, jobs, max_tokens: int, meter) -> dict:
             "joules_per_token": None if None in joules else sum(joules) / tokens, "energy_method": "+".join(methods)}
 
 
-def _start_server(checkpoint, slots: int, extra: list[str], log: Path):
+def _start_server(checkpoint, slots: int, max_context: int, extra: list[str], log: Path):
     import httpx
 
     command = [sys.executable, "-m", "greencode_jax.cli.main", "serve", str(checkpoint), "--port", "0", "--slots",
-               str(slots), "--max-context", "512", "--max-queue", "256", *extra]
+               str(slots), "--max-context", str(max_context), "--max-queue", "256", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
     first = process.stdout.readline()
     if not first.startswith("greencode serve: http"):
@@ -191,9 +192,6 @@ def _start_server(checkpoint, slots: int, extra: list[str], log: Path):
 
 def run_bench_serve(checkpoint=None, *, requests: int = 32, max_tokens: int = 32, max_prompt: int = 120,
                     slots: int = 16, overrides=(), progress=print) -> dict:
-    from greencode_jax.energy.meter import EnergyMeter
-    from greencode_jax.serve.loading import tokenizer_of
-    from greencode_jax.convert import load_pretrained
 
     with tempfile.TemporaryDirectory(prefix="greencode-bench-serve-") as tmp:
         source = "the checkpoint " + str(checkpoint)
@@ -205,7 +203,8 @@ def run_bench_serve(checkpoint=None, *, requests: int = 32, max_tokens: int = 32
         jobs = [(p, POLICIES[i % len(POLICIES)]) for i, p in enumerate(prompts(tokenizer, requests, max_prompt))]
         results = {"model": source, "requests": requests, "max_tokens": max_tokens, "slots": slots,
                    "policies": list(POLICIES), "concurrency": {}}
-        process, url = _start_server(checkpoint, slots, list(overrides), Path(tmp) / "server.log")
+        # the context the load needs, no more: every step reads each slot's whole cache row
+        process, url = _start_server(checkpoint, slots, max_prompt + max_tokens, list(overrides), Path(tmp) / "server.log")
         try:
             asyncio.run(_load(url, jobs[:len(POLICIES) * 2], 2, max_tokens))  # every prompt bucket compiled
             for concurrency in CONCURRENCY:

@@ -110,7 +110,7 @@ def _jobs(body, served, engine, sink):
         for c in range(body.n):
             seed = None if body.seed is None else body.seed + c
             job = Job(prompt_ids, body.max_tokens, policy, family, None, temperature=body.temperature,
-                      top_p=body.top_p, seed=seed, stop=body.stop)
+                      top_p=body.top_p, seed=seed, stop=body.stop, top_logprobs=body.logprobs)
             job.sink = _bind(sink, job)
             entries.append((p * body.n + c, job, echo))
     return entries, prompt_tokens

@@ -56,8 +56,10 @@ def empty_slots(model, slots: int, cache_len: int) -> Slots:
     keys = tuple(jnp.zeros((slots, c.num_kv_heads, cache_len, c.head_dim), dtype) for _ in range(c.num_layers))
     values = tuple(jnp.zeros((slots, c.num_kv_heads, c.head_dim, cache_len), dtype) for _ in range(c.num_layers))
     # one buffer each: the slots are donated, and a buffer donated twice is refused
-    return Slots(keys, values, jnp.zeros((slots, cache_len), bool), *(jnp.zeros(slots, jnp.int32) for _ in range(3)),
-                 jax.random.split(jax.random.key(0), slots))
+    state = Slots(keys, values, jnp.zeros((slots, cache_len), bool), *(jnp.zeros(slots, jnp.int32) for _ in range(3)),
+                  jax.random.split(jax.random.key(0), slots))
+    # committed to the device, as the step's outputs are: else the second step compiles again
+    return jax.device_put(state, jax.local_devices()[0])
 
 
 def _token_logprobs(logits, tokens):

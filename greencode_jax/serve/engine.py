@@ -17,6 +17,7 @@ to the layers each computed (serve/energy.py).
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 
@@ -209,8 +210,10 @@ class Engine:
             self._release(slot, job, CANCELLED)
             return []
         before = len(job.tokens)
-        logprobs = [(float(lp), list(zip(ids.tolist(), tops.tolist())))
-                    for lp, ids, tops in zip(out.logprobs[row], out.top_ids[row], out.top_logprobs[row])]
+        count = job.top_logprobs
+        logprobs = (itertools.repeat(None) if count is None else  # built only for a request that asked
+                    [(float(lp), list(zip(ids[:count].tolist(), tops[:count].tolist())))
+                     for lp, ids, tops in zip(out.logprobs[row], out.top_ids[row], out.top_logprobs[row])])
         done = job.add_tokens(out.tokens[row], out.exit_layers[row], logprobs, self.stop_ids, self.decode)
         if job.first_token is None:
             job.first_token = time.perf_counter()

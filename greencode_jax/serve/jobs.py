@@ -28,12 +28,13 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple = ()  # stop strings
+    top_logprobs: int | None = None  # alternatives per token to keep (None: no logprobs asked)
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     # progress
     cancelled: bool = False
     tokens: list = dataclasses.field(default_factory=list)
     exit_layers: list = dataclasses.field(default_factory=list)
-    logprobs: list = dataclasses.field(default_factory=list)  # per token: (logprob, [(token, logprob)...])
+    logprobs: list = dataclasses.field(default_factory=list)  # per token: (logprob, [(token, logprob)...]) or None
     text: str = ""
     sent: int = 0  # characters of `text` handed to the sink
     finish_reason: str | None = None
