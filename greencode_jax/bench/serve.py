@@ -11,8 +11,10 @@ answers once, at the end).
 
 Without CHECKPOINT: the quickstart's model shape (8-layer Llama, hidden 128, exits 1, 3, 5, 7)
 at random weights with a byte-level BPE of 2048 tokens trained on Python's standard library,
-built in a temporary directory. Random weights never reach a confidence threshold, so every
-request runs a fixed policy cycled over full, fixed:3 and fixed:5, the same on both sides.
+built in a temporary directory. Without --policy every request runs a policy cycled over full
+and two fixed exits (at a third and two thirds of the model's exits: fixed:3 and fixed:5 on the
+quickstart's shape; random weights never reach a confidence threshold); with --policy DIR every
+request runs `learned` at its default (certified) threshold. The same on both sides.
 """
 
 from __future__ import annotations
@@ -34,10 +36,8 @@ from greencode_jax.data.tokenizer import train_bpe
 from greencode_jax.energy.meter import EnergyMeter
 from greencode_jax.errors import GreencodeError
 from greencode_jax.eval.joules import measured_entry, metered_devices
-from greencode_jax.serve.loading import tokenizer_of
-from greencode_jax.serve.policy import PolicyResolver
+from greencode_jax.serve.loading import load_served
 
-POLICIES = ("full", "fixed:3", "fixed:5")
 QUICKSTART_EXITS = (1, 3, 5, 7)
 CONCURRENCY = (1, 4, 16)
 START_TIMEOUT_S = 600
@@ -75,6 +75,12 @@ def prompts(tokenizer, count: int, max_prompt: int, seed: int = 0) -> list[list[
     lengths = rng.integers(16, max_prompt + 1, count)
     starts = rng.integers(1, len(ids) - max_prompt - 1, count)
     return [[int(i) for i in ids[:1] + ids[s:s + n - 1]] for s, n in zip(starts, lengths)]
+
+
+def _latencies(tokens_per_s, ttft, gaps, joules_per_token, methods) -> dict:
+    return {"output_tokens_per_s": tokens_per_s, "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99), "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
+            "joules_per_token": joules_per_token, "energy_method": "+".join(sorted(methods))}
 
 
 def percentile(values, q: float):
@@ -128,22 +134,26 @@ def _figures(results, wall: float) -> dict:
     gaps = [g for r in results for g in r["gaps"]]
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     joules = [r["joules"] for r in results]
-    methods = sorted({r["method"] for r in results})
+    methods = {r["method"] for r in results}
     return {"requests": len(results), "seconds": wall, "requests_per_s": len(results) / wall,
-            "output_tokens_per_s": tokens / wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
-            "joules_per_token": None if None in joules else sum(joules) / tokens, "energy_method": "+".join(methods)}
+            **_latencies(tokens / wall, ttft, gaps, None if None in joules else sum(joules) / tokens, methods)}
 
 
-def baseline(checkpoint, jobs, max_tokens: int, meter) -> dict:
+def policy_cycle(exit_layers, learned: bool) -> tuple:
+    """What the requests run, in turn (see the module's docstring)."""
+    if learned:
+        return ("learned",)
+    early = [e for e in exit_layers if e != exit_layers[-1]]
+    return ("full", *dict.fromkeys(f"fixed:{early[len(early) * k // 3]}" for k in (1, 2)))
+
+
+def baseline(served, jobs, max_tokens: int, meter) -> dict:
     """GREEN-CODE's shape: one request at a time, one generate each, in an energy window."""
     import jax
 
-
-    model = load_pretrained(checkpoint, scan_layers=False)
-    resolver = PolicyResolver(tuple(model.config.exit_layers))
+    model, resolver = served.model, served.policies
     devices, reason = metered_devices(meter)
-    for prompt, policy in jobs[:len(POLICIES) * 2]:  # compile every (policy kind, bucket) first
+    for prompt, policy in jobs[:6]:  # compile every (policy kind, bucket) first
         jax.block_until_ready(model.generate(np.asarray(prompt)[None], max_new_tokens=max_tokens,
                                              policy=resolver.resolve(policy, None)[0]))
     ttft, gaps, tokens, joules, methods = [], [], 0, [], set()
@@ -163,9 +173,7 @@ def baseline(checkpoint, jobs, max_tokens: int, meter) -> dict:
         methods.add(entry["method"])
     wall = time.perf_counter() - start
     return {"requests": len(jobs), "seconds": wall, "requests_per_s": len(jobs) / wall,
-            "output_tokens_per_s": tokens / wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
-            "joules_per_token": None if None in joules else sum(joules) / tokens, "energy_method": "+".join(methods)}
+            **_latencies(tokens / wall, ttft, gaps, None if None in joules else sum(joules) / tokens, methods)}
 
 
 def _start_server(checkpoint, slots: int, max_context: int, extra: list[str], log: Path):
@@ -190,23 +198,24 @@ def _start_server(checkpoint, slots: int, max_context: int, extra: list[str], lo
     raise GreencodeError(f"bench serve: the server at {url} never became healthy (see {log})")
 
 
-def run_bench_serve(checkpoint=None, *, requests: int = 32, max_tokens: int = 32, max_prompt: int = 120,
-                    slots: int = 16, overrides=(), progress=print) -> dict:
-
+def run_bench_serve(checkpoint=None, *, policy_dir=None, requests: int = 32, max_tokens: int = 32,
+                    max_prompt: int = 120, slots: int = 16, overrides=(), progress=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="greencode-bench-serve-") as tmp:
         source = "the checkpoint " + str(checkpoint)
         if checkpoint is None:
             progress("building the quickstart's model shape at random weights (no CHECKPOINT given)")
             checkpoint = quickstart_model(Path(tmp))
             source = "the quickstart's model shape (8-layer Llama, hidden 128) at random weights"
-        tokenizer = tokenizer_of(load_pretrained(checkpoint, scan_layers=False), checkpoint)
-        jobs = [(p, POLICIES[i % len(POLICIES)]) for i, p in enumerate(prompts(tokenizer, requests, max_prompt))]
+        served = load_served(checkpoint, policy_dir=policy_dir)
+        cycle = policy_cycle(served.model.config.exit_layers, policy_dir is not None)
+        jobs = [(p, cycle[i % len(cycle)]) for i, p in enumerate(prompts(served.tokenizer, requests, max_prompt))]
         results = {"model": source, "requests": requests, "max_tokens": max_tokens, "slots": slots,
-                   "policies": list(POLICIES), "concurrency": {}}
+                   "policies": [served.policies.resolve(p, None)[2] for p in cycle], "concurrency": {}}
+        extra = [*(["--policy", str(policy_dir)] if policy_dir else []), *overrides]
         # the context the load needs, no more: every step reads each slot's whole cache row
-        process, url = _start_server(checkpoint, slots, max_prompt + max_tokens, list(overrides), Path(tmp) / "server.log")
+        process, url = _start_server(checkpoint, slots, max_prompt + max_tokens, extra, Path(tmp) / "server.log")
         try:
-            asyncio.run(_load(url, jobs[:len(POLICIES) * 2], 2, max_tokens))  # every prompt bucket compiled
+            asyncio.run(_load(url, jobs[:6], 2, max_tokens))  # every prompt bucket compiled
             for concurrency in CONCURRENCY:
                 progress(f"server, concurrency {concurrency}: {requests} requests")
                 results["concurrency"][str(concurrency)] = _figures(*asyncio.run(_load(url, jobs, concurrency,
@@ -215,7 +224,7 @@ def run_bench_serve(checkpoint=None, *, requests: int = 32, max_tokens: int = 32
             process.terminate()
             process.wait(60)
         progress(f"baseline: {requests} requests, one generate each")
-        results["baseline"] = baseline(checkpoint, jobs, max_tokens, EnergyMeter())
+        results["baseline"] = baseline(served, jobs, max_tokens, EnergyMeter())
     base = results["baseline"]
     for figures in results["concurrency"].values():
         figures["tokens_per_s_vs_baseline"] = figures["output_tokens_per_s"] / base["output_tokens_per_s"]
@@ -236,7 +245,8 @@ def format_bench_serve(results: dict) -> str:
     for name, f in rows:
         jpt = f["joules_per_token"]
         lines.append(f"{name:<16}{f['requests_per_s']:>7.2f}{f['output_tokens_per_s']:>8.1f}"
-                     f"{f.get('tokens_per_s_vs_baseline', 1.0):>7.2f}x{ms(f['ttft_p50_s']) + '/' + ms(f['ttft_p99_s']):>17}"
+                     f"{f.get('tokens_per_s_vs_baseline', 1.0):>7.2f}x"
+                     f"{ms(f['ttft_p50_s']) + '/' + ms(f['ttft_p99_s']):>17}"
                      f"{ms(f['itl_p50_s']) + '/' + ms(f['itl_p99_s']):>16}"
                      f"{'-' if jpt is None else f'{jpt:.4f}':>10}{f.get('joules_per_token_vs_baseline', 1.0):>7.2f}x"
                      f"  {f['energy_method']}")

@@ -51,8 +51,8 @@ def cmd_bench_decode(args) -> dict:
 def cmd_bench_serve(args) -> dict:
     from greencode_jax.bench.serve import format_bench_serve, run_bench_serve
 
-    results = run_bench_serve(args.checkpoint, requests=args.requests, max_tokens=args.max_tokens,
-                              slots=args.slots, overrides=args.overrides, progress=echo)
+    results = run_bench_serve(args.checkpoint, policy_dir=args.policy, requests=args.requests,
+                              max_tokens=args.max_tokens, slots=args.slots, overrides=args.overrides, progress=echo)
     print(format_bench_serve(results))
     write_figures(args.json, results)
     return results
@@ -66,6 +66,8 @@ def register_bench_serve(bench_subparsers):
                     "on the same model: requests/s, output tokens/s, TTFT and ITL p50/p99, joules per token. "
                     "Without CHECKPOINT: the quickstart's model shape at random weights.")
     p.add_argument("checkpoint", nargs="?", default=None, help="greencode checkpoint or Hugging Face model directory")
+    p.add_argument("--policy", default=None, metavar="DIR", help="a learned policy: every request runs it, at its "
+                   "certified threshold when certify.json is beside it (default: full and two fixed exits in turn)")
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=32, help="tokens per request (default 32)")
     p.add_argument("--slots", type=int, default=16, help="server slots (default 16)")
