@@ -90,11 +90,18 @@ def admit_program(model, slots: Slots, ids, valid, slot, temperature, top_p, rng
     return slots, out
 
 
-def step_program(model, slots: Slots, settings: Settings, is_stop, *, tokens: int):
-    """`tokens` decode steps of every slot. A slot that is inactive, or emitted a stop token
-    earlier in this call, counts as exited (never keeps the others from skipping a layer); its
-    outputs are junk the engine drops. Only active slots advance their cache index."""
-    rows = jnp.arange(slots.token.shape[0])
+def step_program(model, slots: Slots, settings: Settings, is_stop, rows, *, tokens: int):
+    """`tokens` decode steps of the slots `rows` [A] (the active ones, padded with free ones to a
+    bucket of A, so idle slots cost nothing: on a CPU a step's time grows with its rows). A slot
+    that is inactive, or emitted a stop token earlier in this call, counts as exited (never keeps
+    the others from skipping a layer); its outputs are junk the engine drops. Only active slots
+    advance their cache index. Returns the slots and a StepOutput of A rows, in `rows` order."""
+    part = jax.tree.map(lambda x: x[rows], slots)
+    policy = settings.policy
+    policy = type(policy)(policy.kinds[rows], policy.thresholds[rows], policy.layers[rows], policy.params,
+                          needs_logits=policy.needs_logits)
+    settings = Settings(policy, settings.temperature[rows], settings.top_p[rows], settings.active[rows])
+    index = jnp.arange(rows.shape[0])
 
     def one(carry, _):
         s, done = carry
@@ -104,12 +111,13 @@ def step_program(model, slots: Slots, settings: Settings, is_stop, *, tokens: in
         split = jax.vmap(jax.random.split)(s.rng)
         token = choose_tokens_per_row(logits, settings.temperature, settings.top_p, split[:, 1])
         logprob, top_ids, top_logprobs = _token_logprobs(logits, token)
-        key_valid = s.key_valid.at[rows, s.cache_slot].set(s.key_valid[rows, s.cache_slot] | settings.active)
+        key_valid = s.key_valid.at[index, s.cache_slot].set(s.key_valid[index, s.cache_slot] | settings.active)
         advance = settings.active.astype(jnp.int32)
         s = Slots(keys, values, key_valid, token, s.position + advance, s.cache_slot + advance, split[:, 0])
         return (s, done | is_stop[token]), StepOutput(token, exit_layer, logprob, top_ids, top_logprobs)
 
-    (slots, _), out = jax.lax.scan(one, (slots, ~settings.active), None, length=tokens)
+    (part, _), out = jax.lax.scan(one, (part, ~settings.active), None, length=tokens)
+    slots = jax.tree.map(lambda whole, new: whole.at[rows].set(new), slots, part)
     return slots, StepOutput(*(jnp.moveaxis(x, 0, 1) for x in out))
 
 

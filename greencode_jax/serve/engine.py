@@ -114,18 +114,17 @@ class Engine:
                                  f"server's context of {self.max_context} tokens")
 
     def warm_up(self):
-        """Compiles the step (with and without exit logits) and the first prompt bucket's admission
-        before the first request, so no client waits for a compile. Call before `start`."""
+        """Compiles the step for each bucket of active slots and the first prompt bucket's admission
+        before the first request, so no client waits for those compiles. Call before `start`."""
         ids = jnp.zeros((1, PROMPT_BUCKET), jnp.int32)
         valid = jnp.ones((1, PROMPT_BUCKET), bool)
         self._device, _ = admit_jit(self.model, self._device, ids, valid, jnp.int32(0), jnp.float32(0),
                                     jnp.float32(1), jax.random.key(0))
         settings = self._settings()
-        for needs_logits in (False, True):
-            rows = settings.policy
-            policy = PerRow(rows.kinds, rows.thresholds, rows.layers, rows.params, needs_logits=needs_logits)
-            self._device, out = step_jit(self.model, self._device, settings._replace(policy=policy), self.is_stop,
-                                         tokens=self.tokens_per_step)
+        # every bucket of active slots (the variant with exit logits compiles on first use)
+        for size in sorted({_bucket(n, self.slots) for n in range(1, self.slots + 1)}):
+            self._device, out = step_jit(self.model, self._device, settings, self.is_stop,
+                                         jnp.arange(size, dtype=jnp.int32), tokens=self.tokens_per_step)
         jax.block_until_ready(out)
 
     # ---- the engine thread ----
@@ -196,11 +195,14 @@ class Engine:
 
     def _step(self):
         settings = self._settings()
-        self.energy.begin()
-        self._device, out = step_jit(self.model, self._device, settings, self.is_stop, tokens=self.tokens_per_step)
-        out = jax.device_get(out)
         active = [(slot, job) for slot, job in enumerate(self._jobs) if job is not None]
-        kept = [self._deliver(slot, job, out, slot) for slot, job in active]
+        free = [slot for slot, job in enumerate(self._jobs) if job is None]
+        rows = [slot for slot, _ in active] + free[:_bucket(len(active), self.slots) - len(active)]
+        self.energy.begin()
+        self._device, out = step_jit(self.model, self._device, settings, self.is_stop, jnp.asarray(rows, jnp.int32),
+                                     tokens=self.tokens_per_step)
+        out = jax.device_get(out)
+        kept = [self._deliver(slot, job, out, row) for row, (slot, job) in enumerate(active)]
         self.energy.end([job for _, job in active], [sum(e + 1 for e in exits) for exits in kept])
 
     def _deliver(self, slot: int, job: Job, out, row: int) -> list:
@@ -256,6 +258,11 @@ class Engine:
                 jnp.asarray([j.top_p if j else 1.0 for j in self._jobs], jnp.float32),
                 jnp.asarray([j is not None for j in self._jobs]))
         return self._settings_cache
+
+
+def _bucket(active: int, slots: int) -> int:
+    """The rows a step computes for `active` slots: the next power of two, at most every slot."""
+    return min(1 << max(active - 1, 0).bit_length(), slots)
 
 
 def _eos_ids(config, tokenizer) -> list[int]:
