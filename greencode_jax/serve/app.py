@@ -99,7 +99,7 @@ def _jobs(body, served, engine, sink):
                 raise RequestError(str(error), "suffix") from None
         else:
             prompt_ids = list(prompt) if not isinstance(prompt, str) else served.tokenizer.encode(prompt)
-        if any(t >= served.model.config.vocab_size for t in prompt_ids):
+        if any(not 0 <= t < served.model.config.vocab_size for t in prompt_ids):
             raise RequestError(f"prompt {p}: a token id is outside the vocabulary", "prompt")
         try:
             engine.check(len(prompt_ids), body.max_tokens)
