@@ -12,9 +12,9 @@ import atexit
 import os
 import sys
 
-from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, train_cmd
+from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, serve_cmd, train_cmd
 from greencode_jax.cli.args import comma_list
-from greencode_jax.cli.bench_cmd import cmd_bench_decode, cmd_bench_forward
+from greencode_jax.cli.bench_cmd import cmd_bench_decode, cmd_bench_forward, register_bench_serve
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
 from greencode_jax import interrupts
 from greencode_jax.locks import output_lock
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl_cmd.register(sub)
     eval_cmd.register(sub)
     eval_cmd.register_certify(sub)
+    serve_cmd.register(sub)
 
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench_energy(bench_sub)
     rl_cmd.register_bench(bench_sub)
     eval_cmd.register_bench(bench_sub)
+    register_bench_serve(bench_sub)
     return parser
 
 

@@ -21,13 +21,15 @@ from greencode_jax.config.base import build_section
 from greencode_jax.config.fields import did_you_mean
 from greencode_jax.config.sections import (FINETUNE_SECTIONS, CheckpointSection, DataSection, EvalSection,
                                            FinetuneConfig, ModelSection, ParallelSection, RunSection, TrainSection)
+from greencode_jax.config.serve import ServeSection
 from greencode_jax.config.stages import CertifySection, EnergySection, RLSection, RolloutsSection
 from greencode_jax.errors import GreencodeError
 from greencode_jax.yamlfile import read_yaml
 
 SECTIONS = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
             "parallel": ParallelSection, "checkpoint": CheckpointSection, "eval": EvalSection,
-            "energy": EnergySection, "rollouts": RolloutsSection, "rl": RLSection, "certify": CertifySection}
+            "energy": EnergySection, "rollouts": RolloutsSection, "rl": RLSection, "certify": CertifySection,
+            "serve": ServeSection}
 PIPELINE_SECTIONS = tuple(name for name in SECTIONS if name not in FINETUNE_SECTIONS)  # read by `run`'s later stages
 INHERIT = "inherit"
 
@@ -43,6 +45,7 @@ class Config:
     rollouts: RolloutsSection = RolloutsSection()
     rl: RLSection = RLSection()
     certify: CertifySection = CertifySection()
+    serve: ServeSection = ServeSection()
 
     def __getattr__(self, name):  # run, model, data, train, parallel, checkpoint, eval
         if name in FINETUNE_SECTIONS:

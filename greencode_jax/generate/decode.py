@@ -98,7 +98,9 @@ def segments(num_layers: int, decisions) -> list[range]:
 def decode_token(model, policy, token, position, keys, values, key_valid, slot, skip: bool, finished=None):
     """One token through the early-exit stack. Returns (logits [B, V], exit layer [B], keys, values).
 
-    `key_valid` marks the cache slots written before this token; its own K/V go to `slot`.
+    `key_valid` marks the cache slots written before this token; its own K/V go to `slot`: a
+    scalar (generate: every row at one slot) or a [B] vector (serve's continuous batching: each
+    row at its own slot).
     Rows `finished` (a stop token was emitted; their output is discarded) count as exited
     from the start, so they never keep the batch from skipping a layer.
 
@@ -113,7 +115,9 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     batch = token.shape[0]
     h = model.embed(token[:, None], position[:, None])
     cos, sin = model.rope(position[:, None])
-    mask = attention_mask(jnp.ones((batch, 1), bool), key_valid, slot[None, None], jnp.arange(key_valid.shape[1])[None])
+    per_row = jnp.ndim(slot) == 1  # continuous batching (serve): each row at its own cache slot
+    query_slot = slot[:, None] if per_row else slot[None, None]
+    mask = attention_mask(jnp.ones((batch, 1), bool), key_valid, query_slot, jnp.arange(key_valid.shape[1])[None])
     decisions = decision_layers(config, policy)
     parts = segments(config.num_layers, decisions)
 
@@ -161,9 +165,22 @@ def decode_token(model, policy, token, position, keys, values, key_valid, slot, 
     # The cache is updated in place after the attention read it (see
     # models.layers.dot_product_attention); XLA must know that order, or it copies the cache.
     at = index_after(slot, logits)
+    if per_row:  # one row's update per slot; XLA still updates the cache in place
+        keys = tuple(_rows_update(c, k, at, 1) for c, (k, _) in zip(keys, new_kv))
+        values = tuple(_rows_update(c, v, at, 2) for c, (_, v) in zip(values, new_kv))
+        return logits, exit_layer, keys, values
     keys = tuple(jax.lax.dynamic_update_slice(c, k, (0, 0, at, 0)) for c, (k, _) in zip(keys, new_kv))
     values = tuple(jax.lax.dynamic_update_slice(c, v, (0, 0, 0, at)) for c, (_, v) in zip(values, new_kv))
     return logits, exit_layer, keys, values
+
+
+def _rows_update(cache, new, at, axis: int):
+    """cache [B, ...] with row b's `new[b]` written at index at[b] of (row) axis `axis`."""
+    def one(row, update, index):
+        start = [0] * row.ndim
+        start[axis] = index
+        return jax.lax.dynamic_update_slice(row, update, start)
+    return jax.vmap(one)(cache, new, at)
 
 
 # XLA's default kinds of command buffer, plus conditionals and while loops

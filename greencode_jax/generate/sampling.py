@@ -41,10 +41,26 @@ def choose_tokens(logits, sampling: Sampling, key):
         kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if sampling.top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-        cutoff_index = jnp.sum(cumulative < sampling.top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-        logits = jnp.where(logits < cutoff, neg, logits)
+        logits = _top_p_filter(logits, sampling.top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _top_p_filter(logits, top_p):
+    """logits [B, V] with every token outside the nucleus of mass `top_p` (a number or [B, 1]) masked."""
+    neg = jnp.finfo(logits.dtype).min
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    return jnp.where(logits < cutoff, neg, logits)
+
+
+def choose_tokens_per_row(logits, temperature, top_p, keys):
+    """logits [B, V] -> token ids [B] int32, each row with its own temperature [B] (0: greedy, the
+    argmax choose_tokens takes), top_p [B] and PRNG key [B] (serve: one request per row)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    filtered = _top_p_filter(scaled, top_p[:, None])
+    sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
