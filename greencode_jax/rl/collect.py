@@ -22,11 +22,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from greencode_jax.atomic import atomic_write_text, resumable_directory
+from greencode_jax.atomic import atomic_write_text
 from greencode_jax.convert import load_pretrained
 from greencode_jax.convert.fingerprint import check_corpus_tokenizer, model_fingerprint
 from greencode_jax.data.prepared import PreparedData
@@ -38,6 +37,9 @@ from greencode_jax.locks import holds_output_lock
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.parallel import make_mesh
 from greencode_jax.rl import store as st
+from greencode_jax.rl.processes import (
+    is_primary, joins_processes, shared_work_directory, total_over_processes,
+)
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
 CHUNK_BYTES = 64 << 20
@@ -77,6 +79,7 @@ def _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_token
             "chunk_episodes": chunk}
 
 
+@joins_processes
 @holds_output_lock("out_dir")
 def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", episodes: int = 512,
                      batch_size: int = 16, seed: int = 0, hidden_dtype: str = "float32", new_tokens: int = 15,
@@ -93,27 +96,31 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     chunk = chunk_episodes or max(batch_size, CHUNK_BYTES // per_episode // batch_size * batch_size)
     settings = _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_tokens, max_context, chunk)
 
-    work, _ = resumable_directory(out, settings, "collection", kind="rollouts", inputs=inputs, overwrite=overwrite)
+    work, _ = shared_work_directory(out, settings, "collection", kind="rollouts", inputs=inputs,
+                                    overwrite=overwrite)
     (work / st.CHUNKS).mkdir(exist_ok=True)
 
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
     plan = plan_episodes(tokens, eos, episodes, seed, new_tokens, max_context)
     num_chunks = -(-episodes // chunk)
     pid, pcount = jax.process_index(), jax.process_count()
+    # only process pid writes chunks pid, pid + P, ...: what it finds missing of them is exact
     mine = [k for k in range(pid, num_chunks, pcount) if not (work / st.CHUNKS / f"{k:05d}").is_dir()]
-    done = num_chunks - len(range(pid, num_chunks, pcount)) + (len(range(pid, num_chunks, pcount)) - len(mine))
+    done = num_chunks - total_over_processes(len(mine))
+    if not is_primary():  # the primary speaks for the run
+        log, progress = (lambda *a, **k: None), False
     recorder = _Recorder(model, new_tokens, hidden_dtype)
     log(f"collect-rollouts: {episodes} episodes of {new_tokens} tokens from '{split}' of {data_dir}, "
-        f"{len(decisions)} decision exits {list(decisions)}, batch {batch_size} over {recorder.devices} device(s), "
+        f"{len(decisions)} decision exits {list(decisions)}, batch {batch_size} over {recorder.devices} device(s)"
+        + (f" in each of {pcount} processes, " if pcount > 1 else ", ") +
         f"{num_chunks} chunk(s) of {chunk}" + (f"; resuming, {done} chunk(s) done" if done else ""))
     bar = tqdm(total=sum(min(chunk, episodes - k * chunk) for k in mine), unit="ep", disable=not progress,
                dynamic_ncols=True, desc="recording")
     start = time.perf_counter()
     recorded_tokens = _record_chunks(recorder, tokens, plan, mine, chunk, batch_size, hidden_dtype, work,
                                      num_chunks, bar, start)
-    if pcount > 1:
-        multihost_utils.sync_global_devices("greencode collect-rollouts: every chunk written")
-    if pid == 0:
+    recorded_tokens = total_over_processes(recorded_tokens)  # a barrier too: every chunk is written
+    if is_primary():  # the store's metadata and statistics, and the rename, are the primary's alone
         _finish(work, out, settings, decisions, num_chunks, overwrite)
     seconds = time.perf_counter() - start
     log(f"collect-rollouts: {recorded_tokens} tokens recorded in {seconds:.1f} s "
