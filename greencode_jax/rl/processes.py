@@ -10,16 +10,19 @@ shards of an Orbax checkpoint). In a one-process run every function here is what
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from greencode_jax.atomic import check_resumable, partial_path, read_settings, resumable_directory
+from greencode_jax.atomic import atomic_write_text, check_resumable, partial_path, read_settings, resumable_directory
 from greencode_jax.errors import GreencodeError
+from greencode_jax.interrupts import Interrupted, SafePoints
 from greencode_jax.parallel import initialize_distributed
 
 
@@ -45,11 +48,12 @@ def barrier(name: str):
         multihost_utils.sync_global_devices(name)
 
 
-def total_over_processes(count: int) -> int:
-    """The sum of `count` over every process (`count` itself in a one-process run); a barrier too."""
+def total_over_processes(*counts: int) -> list[int]:
+    """Each of `counts` summed over every process (as given in a one-process run); a barrier too."""
     if jax.process_count() == 1:
-        return count
-    return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+        return list(counts)
+    gathered = multihost_utils.process_allgather(np.asarray(counts, np.int64))  # [processes, counts]
+    return [int(v) for v in np.asarray(gathered).reshape(-1, len(counts)).sum(axis=0)]
 
 
 def any_process(flag: bool) -> bool:
@@ -57,6 +61,15 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
+
+
+def check_together(stop: SafePoints, detail=None):
+    """`stop.check(detail)` decided by every process at once: a signal that reached any of them stops
+    them all at this point (one stopping alone would leave the others waiting for it in the next
+    collective). A process stopped by another's signal reports SIGTERM, as a preempted one does."""
+    if any_process(stop.received is not None) and stop.received is None:
+        stop.received = "SIGTERM"
+    stop.check(detail)
 
 
 def shared_work_directory(out: Path, settings: dict, what: str, *, kind: str, inputs: dict,
@@ -77,3 +90,37 @@ def shared_work_directory(out: Path, settings: dict, what: str, *, kind: str, in
         raise GreencodeError(f"{work}: not prepared by the primary process; the processes of a run must share one "
                              "file system for their outputs")
     return work, resumed
+
+
+STOPPED = ".stopped-process-"  # + process index: the one line of a process that stopped early
+
+
+def clear_stop_marks(work: Path):
+    """Removes what processes of an interrupted run left with `mark_stopped` (the primary, before a barrier)."""
+    for mark in work.glob(STOPPED + "*"):
+        mark.unlink(missing_ok=True)
+
+
+def mark_stopped(work: Path, error: BaseException):
+    """Tells the other processes, through the shared work directory, that this one stops, and why."""
+    if isinstance(error, Interrupted):  # its detail, what is kept, is for the others to say
+        text = f"interrupted by {error.signal_name}"
+    else:
+        text = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    with contextlib.suppress(OSError):
+        atomic_write_text(work / f"{STOPPED}{jax.process_index()}", text + "\n")
+
+
+def wait_for_the_others(work: Path, finished, kept, poll_s: float = 0.2):
+    """Waits until `finished()` (the other processes' files exist), polling the file system instead of
+    waiting in a collective: a signal still stops this process at once, and a process that stopped
+    early (`mark_stopped`) stops it too, with that process's reason and `kept()`, what is kept."""
+    with SafePoints() as stop:
+        while not finished():
+            stop.check(kept)
+            marks = sorted(work.glob(STOPPED + "*"))
+            if marks:
+                process = marks[0].name[len(STOPPED):]
+                reason = marks[0].read_text().strip()
+                raise GreencodeError(f"process {process} of the run stopped ({reason}); {kept()}")
+            time.sleep(poll_s)

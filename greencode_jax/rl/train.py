@@ -37,7 +37,7 @@ from greencode_jax.rl import env as exit_env
 from greencode_jax.rl import validate
 from greencode_jax.rl.networks import learned_params
 from greencode_jax.rl.ppo import Trainer
-from greencode_jax.rl.processes import is_primary, joins_processes, shared_work_directory
+from greencode_jax.rl.processes import check_together, is_primary, joins_processes, shared_work_directory
 from greencode_jax.rl.store import RolloutStore
 from greencode_jax.state_checkpoints import StateCheckpoints
 
@@ -220,7 +220,7 @@ def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoin
     try:
         with SafePoints() as stop:  # a signal stops after a block and its checkpoint, never inside either
             while done < total:
-                stop.check(lambda: _kept(checkpoints.latest_step(), total, work))
+                check_together(stop, lambda: _kept(checkpoints.latest_step(), total, work))
                 n = min(cfg.checkpoint_every, total - done)
                 t0 = time.perf_counter()
                 state, metrics = trainer.block(state, env, n)
@@ -242,7 +242,7 @@ def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoin
                 bar.set_postfix_str(f"reward {last['episode_reward']:.2f} exit acc {last['exit_accuracy']:.3f} "
                                     f"layer {last['mean_exit_layer']:.2f} {rate:,.0f} ts/s")
             if diverged is None:
-                stop.check()  # a signal during the last block
+                check_together(stop)  # a signal during the last block
         kept = checkpoints.latest_step()
     except KeyboardInterrupt as error:  # a second Ctrl-C, at once: still say what is kept
         if isinstance(error, Interrupted):
