@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -26,8 +27,8 @@ from test_train_support import REPO, cli_command, compile_cache, stdlib_corpus, 
 TIMEOUT_S = 240
 # 12 episodes in 6 chunks of 2: process 0 records chunks 0, 2, 4 and process 1 chunks 1, 3, 5
 COLLECT = ["--episodes", 12, "--batch-size", 2, "--chunk-episodes", 2, "--max-context", 40, "--no-progress"]
-RL = {"num_envs": 8, "num_steps": 16, "minibatch_size": 64, "total_timesteps": 512, "hidden": [8, 8],
-      "checkpoint_every": 2, "seeds": 2}  # 4 updates in 2 blocks (a checkpoint between them), 2 seeds
+RL = {"num_envs": 8, "num_steps": 16, "minibatch_size": 64, "total_timesteps": 768, "hidden": [8, 8],
+      "checkpoint_every": 2, "seeds": 2}  # 6 updates in 3 blocks, a checkpoint after each; 2 seeds
 
 
 def start(processes: int, args, cache, **extra) -> list[subprocess.Popen]:
@@ -69,6 +70,24 @@ def store_files(root) -> dict:
             if p.is_file() and p.name != ".greencode-output.json"}
 
 
+def interrupt_process_1(procs, *paths):
+    """SIGINT to process 1 once one of `paths` exists, both processes frozen meanwhile: after the signal
+    each finishes at most the batch or block it is in."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(p.exists() for p in paths):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            finish(procs)
+            pytest.fail(f"none of {[str(p) for p in paths]} written before the deadline, or a process ended first")
+        time.sleep(0.01)
+    for p in procs:
+        os.kill(p.pid, signal.SIGSTOP)
+    os.kill(procs[1].pid, signal.SIGINT)
+    for p in procs:
+        os.kill(p.pid, signal.SIGCONT)
+
+
 @pytest.fixture(scope="module")
 def one_process_store(setup, compile_cache, tmp_path_factory):  # noqa: F811
     _, corpus, ckpt = setup
@@ -100,17 +119,7 @@ def test_an_interrupted_two_process_collection_resumes(setup, one_process_store,
     args = ["collect-rollouts", ckpt, "--data", corpus, "--out", out, *COLLECT]
     procs = start(2, args, compile_cache)
     chunks = tmp_path / "two.partial" / "chunks"
-    deadline = time.monotonic() + TIMEOUT_S
-    while not (chunks.is_dir() and any(p.name.isdigit() for p in chunks.iterdir())):
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            finish(procs)
-            pytest.fail("no chunk written before the deadline, or a process ended first")
-        time.sleep(0.01)
-    for p in procs:  # frozen while the signal is sent: each records at most one more chunk after it
-        os.kill(p.pid, signal.SIGSTOP)
-    os.kill(procs[1].pid, signal.SIGINT)
-    for p in procs:
-        os.kill(p.pid, signal.SIGCONT)
+    interrupt_process_1(procs, chunks / "00000", chunks / "00001")
     (status0, _, err0), (status1, _, err1) = finish(procs)
     assert status1 == 130 and "interrupted by SIGINT; collect-rollouts kept" in err1, err1[-3000:]
     assert status0 == 2 and "process 1 of the run stopped (interrupted by SIGINT)" in err0, err0[-3000:]
@@ -123,17 +132,27 @@ def test_an_interrupted_two_process_collection_resumes(setup, one_process_store,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
 
 
-@pytest.mark.slow  # two CLI trainings, each compiling PPO: about 30 s alone, 50 s on this shared CPU
-def test_two_processes_train_the_policy_one_process_trains_on_two_devices(one_process_store, compile_cache,
-                                                                           tmp_path):
+@pytest.mark.slow  # three CLI trainings, each compiling PPO: about 45 s alone, 80 s on this shared CPU
+def test_two_processes_train_the_policy_one_process_trains_on_two_devices_and_resume(one_process_store,
+                                                                                     compile_cache, tmp_path):
+    """Ctrl-C reaching process 1 alone stops both after the same block and its checkpoint; the same command
+    then finishes the training, which is the training of one process on two devices."""
     config = tmp_path / "rl.yaml"
     config.write_text(yaml.safe_dump({"rl": RL}))
     args = lambda out: ["train-policy", one_process_store, "--out", out, "--config", config,  # noqa: E731
                         "--no-progress"]
-    run(1, args(tmp_path / "one"), compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    (_, out0, _), (_, out1, _) = run(2, args(tmp_path / "two"), compile_cache)
-    assert "2 device(s) in 2 processes" in out0 and "train-policy" not in out1
     one, two = tmp_path / "one", tmp_path / "two"
+    run(1, args(one), compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = start(2, args(two), compile_cache)
+    interrupt_process_1(procs, tmp_path / "two.partial" / "checkpoints" / "2")
+    (status0, _, err0), (status1, _, err1) = finish(procs)
+    resumes = r"train-policy kept its checkpoint after update (2|4) of 6 in .*; the same command resumes at update"
+    assert status1 == 130 and re.search("interrupted by SIGINT; " + resumes, err1), err1[-3000:]
+    assert status0 == 143 and re.search("interrupted by SIGTERM; " + resumes, err0), err0[-3000:]
+    assert not two.exists()
+
+    (_, out0, _), (_, out1, _) = run(2, args(two), compile_cache)
+    assert "2 device(s) in 2 processes; resuming after update" in out0 and "train-policy" not in out1
     # The same program (PPO under shard_map over data=2) on the same mesh shape; its only cross-device
     # arithmetic is psum / pmean over two devices, and a sum of two floats is the same whichever device
     # adds: every learned number is bit-identical, not merely close. Only the timings differ.
@@ -144,7 +163,7 @@ def test_two_processes_train_the_policy_one_process_trains_on_two_devices(one_pr
     lines = untimed((two / "metrics.jsonl").read_text())
     assert lines == untimed((one / "metrics.jsonl").read_text())
     # written once: one line per update and seed (not one per process), and nothing else left behind
-    assert [(r["update"], r["seed"]) for r in lines] == [(u, s) for u in range(1, 5) for s in (0, 1)]
+    assert [(r["update"], r["seed"]) for r in lines] == [(u, s) for u in range(1, 7) for s in (0, 1)]
     policies = [json.loads((d / "policy.json").read_text()) for d in (one, two)]
     for policy in policies:
         for timed in ("seconds", "first_block_seconds"):
