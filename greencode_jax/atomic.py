@@ -164,7 +164,7 @@ def resumable_directory(out: str | Path, settings: dict, what: str, *, kind: str
     with `overwrite`, removed first when its manifest says it is ours. Returns (path, resumed)."""
     work = partial_path(out)
     settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
-    if check_resumable(out, settings, what, kind=kind, overwrite=overwrite):
+    if can_resume(out, settings, what, kind=kind, overwrite=overwrite):
         return work, True
     if work.exists() or work.is_symlink():
         shutil.rmtree(work)
@@ -174,7 +174,7 @@ def resumable_directory(out: str | Path, settings: dict, what: str, *, kind: str
     return work, False
 
 
-def check_resumable(out: str | Path, settings: dict, what: str, *, kind: str, overwrite: bool = False) -> bool:
+def can_resume(out: str | Path, settings: dict, what: str, *, kind: str, overwrite: bool = False) -> bool:
     """Whether `resumable_directory` would resume OUT.partial (True) or start afresh (False), without
     changing anything; raises its refusal of a work directory with other settings."""
     work = partial_path(out)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from greencode_jax.atomic import atomic_write_text, check_resumable, partial_path, read_settings, resumable_directory
+from greencode_jax.atomic import atomic_write_text, can_resume, partial_path, read_settings, resumable_directory
 from greencode_jax.errors import GreencodeError
 from greencode_jax.interrupts import Interrupted, SafePoints
 from greencode_jax.parallel import initialize_distributed
@@ -81,7 +81,7 @@ def shared_work_directory(out: Path, settings: dict, what: str, *, kind: str, in
     if jax.process_count() == 1:
         return resumable_directory(out, settings, what, kind=kind, inputs=inputs, overwrite=overwrite)
     work = partial_path(out)
-    resumed = check_resumable(out, settings, what, kind=kind, overwrite=overwrite)  # on every process
+    resumed = can_resume(out, settings, what, kind=kind, overwrite=overwrite)  # on every process
     barrier(f"greencode {what}: {work} checked")  # nobody changes it before every process has looked
     if is_primary():
         resumable_directory(out, settings, what, kind=kind, inputs=inputs, overwrite=overwrite)
