@@ -114,7 +114,9 @@ def mark_stopped(work: Path, error: BaseException):
 def wait_for_the_others(work: Path, finished, kept, poll_s: float = 0.2):
     """Waits until `finished()` (the other processes' files exist), polling the file system instead of
     waiting in a collective: a signal still stops this process at once, and a process that stopped
-    early (`mark_stopped`) stops it too, with that process's reason and `kept()`, what is kept."""
+    early (`mark_stopped`) stops it too, with that process's reason and `kept()`, what is kept. Then a
+    barrier, which every process reaches at once: none goes on (the primary, to rename `work`) before
+    every other has seen `finished()`."""
     with SafePoints() as stop:
         while not finished():
             stop.check(kept)
@@ -124,3 +126,4 @@ def wait_for_the_others(work: Path, finished, kept, poll_s: float = 0.2):
                 reason = marks[0].read_text().strip()
                 raise GreencodeError(f"process {process} of the run stopped ({reason}); {kept()}")
             time.sleep(poll_s)
+    barrier(f"greencode: {work} finished")
