@@ -20,6 +20,8 @@ import time
 import pytest
 import yaml
 
+from greencode_jax.locks import output_lock
+
 from test_parallel_distributed import free_port
 from test_rl_collect import setup  # noqa: F401 (fixture: the stdlib corpus and a tiny 4-layer checkpoint)
 from test_train_support import REPO, cli_command, compile_cache, stdlib_corpus, subprocess_env  # noqa: F401
@@ -130,6 +132,19 @@ def test_an_interrupted_two_process_collection_resumes(setup, one_process_store,
     assert f"resuming, {len(kept)} chunk(s) done" in out0
     assert store_files(out) == store_files(one_process_store)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
+
+
+def test_an_output_locked_by_another_command_is_every_process_s_error(setup, compile_cache, tmp_path):  # noqa: F811
+    """Only the primary takes the output's lock; that another command holds it is still every process's
+    one-line error (not the primary's alone, with the others left waiting for it at a barrier)."""
+    _, corpus, ckpt = setup
+    out = tmp_path / "two"
+    with output_lock(out):  # what a second command writing the same store would meet
+        (status0, _, err0), (status1, _, err1) = finish(start(
+            2, ["collect-rollouts", ckpt, "--data", corpus, "--out", out, *COLLECT], compile_cache))
+    assert status0 == 2 and f"{out}: another greencode command is writing it (PID {os.getpid()}" in err0, err0
+    assert status1 == 2 and f"{out}: the primary process could not lock it" in err1, err1
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow  # three CLI trainings, each compiling PPO: about 45 s alone, 80 s on this shared CPU

@@ -33,12 +33,11 @@ from greencode_jax.energy.cost_model import architecture
 from greencode_jax.errors import GreencodeError
 from greencode_jax.generate.record import record_jit
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
-from greencode_jax.locks import holds_output_lock
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.parallel import make_mesh
 from greencode_jax.rl import store as st
 from greencode_jax.rl.processes import (
-    clear_stop_marks, is_primary, joins_processes, mark_stopped, shared_work_directory, total_over_processes,
+    clear_stop_marks, holds_run_lock, is_primary, mark_stopped, shared_work_directory, total_over_processes,
     wait_for_the_others,
 )
 
@@ -80,8 +79,7 @@ def _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_token
             "chunk_episodes": chunk}
 
 
-@joins_processes
-@holds_output_lock("out_dir")
+@holds_run_lock("out_dir")
 def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", episodes: int = 512,
                      batch_size: int = 16, seed: int = 0, hidden_dtype: str = "float32", new_tokens: int = 15,
                      max_context: int | None = None, chunk_episodes: int | None = None, overwrite: bool = False,

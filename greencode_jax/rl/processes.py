@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import time
 from pathlib import Path
@@ -23,19 +24,36 @@ from jax.experimental import multihost_utils
 from greencode_jax.atomic import atomic_write_text, can_resume, partial_path, read_settings, resumable_directory
 from greencode_jax.errors import GreencodeError
 from greencode_jax.interrupts import Interrupted, SafePoints
+from greencode_jax.locks import output_lock
 from greencode_jax.parallel import initialize_distributed
 
 
-def joins_processes(function):
-    """Decorator: the function first joins the other processes of a multi-process run (the
-    GREENCODE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID environment, SLURM, TPU pods; a no-op
-    in one process, or once joined). Put it above `holds_output_lock`, which asks JAX which
-    process this is."""
-    @functools.wraps(function)
-    def joined(*args, **kwargs):
-        initialize_distributed()
-        return function(*args, **kwargs)
-    return joined
+def holds_run_lock(argument: str):
+    """Decorator, `locks.holds_output_lock` for a run of one or several processes: the function first
+    joins the other processes (the GREENCODE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID environment,
+    SLURM, TPU pods; nothing in one process, or once joined), then the primary takes the lock of the
+    output its argument `argument` names, and every process learns whether it could: a lock held by
+    another command is every process's error, not the primary's alone while the others wait for it."""
+    def wrap(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args, **kwargs):
+            initialize_distributed()
+            out = signature.bind(*args, **kwargs).arguments[argument]
+            with contextlib.ExitStack() as held:
+                refused = None
+                if is_primary():
+                    try:
+                        held.enter_context(output_lock(out))
+                    except GreencodeError as error:
+                        refused = error
+                if any_process(refused is not None):
+                    raise refused or GreencodeError(f"{out}: the primary process could not lock it (another "
+                                                    "greencode command is writing it)")
+                return function(*args, **kwargs)
+        return locked
+    return wrap
 
 
 def is_primary() -> bool:

@@ -29,7 +29,6 @@ from greencode_jax.energy.cost_model import joules_per_token, load_cost_model
 from greencode_jax.errors import GreencodeError
 from greencode_jax.generate.policies import Learned
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
-from greencode_jax.locks import holds_output_lock
 from greencode_jax.metrics_log import append_metrics, read_metrics, trim_metrics
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.parallel import make_mesh
@@ -37,7 +36,7 @@ from greencode_jax.rl import env as exit_env
 from greencode_jax.rl import validate
 from greencode_jax.rl.networks import learned_params
 from greencode_jax.rl.ppo import Trainer
-from greencode_jax.rl.processes import check_together, is_primary, joins_processes, shared_work_directory
+from greencode_jax.rl.processes import check_together, holds_run_lock, is_primary, shared_work_directory
 from greencode_jax.rl.store import RolloutStore
 from greencode_jax.state_checkpoints import StateCheckpoints
 
@@ -125,8 +124,7 @@ def _divergence(found, done: int, total: int, seeds, cfg: RLSection, work: Path,
             f"rl.energy_weight); {left}")
 
 
-@joins_processes
-@holds_output_lock("out_dir")
+@holds_run_lock("out_dir")
 def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, overwrite: bool = False,
                  progress: bool = True, log=print) -> dict:
     out = Path(out_dir)
