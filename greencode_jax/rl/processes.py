@@ -81,13 +81,25 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
 
 
+def run_safe_points() -> SafePoints:
+    """`SafePoints` for a block loop whose stops are decided with `check_together`. With several
+    processes, a signal arriving after the last check is not raised when the block ends: the others,
+    which voted to go on, go on, and so does this one."""
+    return SafePoints(raise_pending=jax.process_count() == 1)
+
+
 def check_together(stop: SafePoints, detail=None):
     """`stop.check(detail)` decided by every process at once: a signal that reached any of them stops
     them all at this point (one stopping alone would leave the others waiting for it in the next
-    collective). A process stopped by another's signal reports SIGTERM, as a preempted one does."""
-    if any_process(stop.received is not None) and stop.received is None:
-        stop.received = "SIGTERM"
-    stop.check(detail)
+    collective). Only the vote counts: a signal arriving during it waits for the next check. A process
+    stopped by another's signal reports SIGTERM, as a preempted one does."""
+    if jax.process_count() == 1:
+        stop.check(detail)
+        return
+    if any_process(stop.received is not None):
+        if stop.received is None:
+            stop.received = "SIGTERM"
+        stop.check(detail)
 
 
 def shared_work_directory(out: Path, settings: dict, what: str, *, kind: str, inputs: dict,

@@ -28,7 +28,7 @@ from greencode_jax.config import RLSection
 from greencode_jax.energy.cost_model import joules_per_token, load_cost_model
 from greencode_jax.errors import GreencodeError
 from greencode_jax.generate.policies import Learned
-from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
+from greencode_jax.interrupts import Interrupted, interrupted
 from greencode_jax.metrics_log import append_metrics, read_metrics, trim_metrics
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.parallel import make_mesh
@@ -36,7 +36,9 @@ from greencode_jax.rl import env as exit_env
 from greencode_jax.rl import validate
 from greencode_jax.rl.networks import learned_params
 from greencode_jax.rl.ppo import Trainer
-from greencode_jax.rl.processes import check_together, holds_run_lock, is_primary, shared_work_directory
+from greencode_jax.rl.processes import (
+    check_together, holds_run_lock, is_primary, run_safe_points, shared_work_directory,
+)
 from greencode_jax.rl.store import RolloutStore
 from greencode_jax.state_checkpoints import StateCheckpoints
 
@@ -216,7 +218,7 @@ def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoin
     metrics_path = work / "metrics.jsonl"
     compile_s = diverged = metrics = None
     try:
-        with SafePoints() as stop:  # a signal stops after a block and its checkpoint, never inside either
+        with run_safe_points() as stop:  # a signal stops after a block and its checkpoint, never inside either
             while done < total:
                 check_together(stop, lambda: _kept(checkpoints.latest_step(), total, work))
                 n = min(cfg.checkpoint_every, total - done)
