@@ -147,7 +147,7 @@ def test_an_output_locked_by_another_command_is_every_process_s_error(setup, com
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow  # three CLI trainings, each compiling PPO: about 45 s alone, 80 s on this shared CPU
+@pytest.mark.slow  # three CLI trainings, each compiling PPO: 60 to 110 s on this shared CPU
 def test_two_processes_train_the_policy_one_process_trains_on_two_devices_and_resume(one_process_store,
                                                                                      compile_cache, tmp_path):
     """Ctrl-C reaching process 1 alone stops both after the same block and its checkpoint; the same command
