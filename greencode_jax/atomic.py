@@ -164,18 +164,29 @@ def resumable_directory(out: str | Path, settings: dict, what: str, *, kind: str
     with `overwrite`, removed first when its manifest says it is ours. Returns (path, resumed)."""
     work = partial_path(out)
     settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
+    if can_resume(out, settings, what, kind=kind, overwrite=overwrite):
+        return work, True
     if work.exists() or work.is_symlink():
-        if read_settings(work) == settings:
-            return work, True
-        if not overwrite:
-            raise GreencodeError(f"{work}: an interrupted {what} with other settings (or another model); rerun with "
-                                 "the same arguments to resume it, or pass --overwrite to start afresh")
-        check_replaceable_dir(work, kind)
         shutil.rmtree(work)
     with atomic_directory(work) as tmp:  # with its manifest and settings, or not at all
         write_manifest(tmp, kind, inputs)
         (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     return work, False
+
+
+def can_resume(out: str | Path, settings: dict, what: str, *, kind: str, overwrite: bool = False) -> bool:
+    """Whether `resumable_directory` would resume OUT.partial (True) or start afresh (False), without
+    changing anything; raises its refusal of a work directory with other settings."""
+    work = partial_path(out)
+    if not (work.exists() or work.is_symlink()):
+        return False
+    if read_settings(work) == json.loads(json.dumps(settings)):
+        return True
+    if not overwrite:
+        raise GreencodeError(f"{work}: an interrupted {what} with other settings (or another model); rerun with "
+                             "the same arguments to resume it, or pass --overwrite to start afresh")
+    check_replaceable_dir(work, kind)
+    return False
 
 
 def read_settings(work: Path):

@@ -22,11 +22,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from greencode_jax.atomic import atomic_write_text, resumable_directory
+from greencode_jax.atomic import atomic_write_text
 from greencode_jax.convert import load_pretrained
 from greencode_jax.convert.fingerprint import check_corpus_tokenizer, model_fingerprint
 from greencode_jax.data.prepared import PreparedData
@@ -34,10 +33,13 @@ from greencode_jax.energy.cost_model import architecture
 from greencode_jax.errors import GreencodeError
 from greencode_jax.generate.record import record_jit
 from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
-from greencode_jax.locks import holds_output_lock
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.parallel import make_mesh
 from greencode_jax.rl import store as st
+from greencode_jax.rl.processes import (
+    clear_stop_marks, holds_run_lock, is_primary, mark_stopped, shared_work_directory, total_over_processes,
+    wait_for_the_others,
+)
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one compile per bucket
 CHUNK_BYTES = 64 << 20
@@ -77,7 +79,7 @@ def _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_token
             "chunk_episodes": chunk}
 
 
-@holds_output_lock("out_dir")
+@holds_run_lock("out_dir")
 def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", episodes: int = 512,
                      batch_size: int = 16, seed: int = 0, hidden_dtype: str = "float32", new_tokens: int = 15,
                      max_context: int | None = None, chunk_episodes: int | None = None, overwrite: bool = False,
@@ -93,27 +95,41 @@ def collect_rollouts(checkpoint, data_dir, out_dir, *, split: str = "train", epi
     chunk = chunk_episodes or max(batch_size, CHUNK_BYTES // per_episode // batch_size * batch_size)
     settings = _settings(identity, data_dir, split, episodes, seed, hidden_dtype, new_tokens, max_context, chunk)
 
-    work, _ = resumable_directory(out, settings, "collection", kind="rollouts", inputs=inputs, overwrite=overwrite)
+    work, _ = shared_work_directory(out, settings, "collection", kind="rollouts", inputs=inputs,
+                                    overwrite=overwrite)
     (work / st.CHUNKS).mkdir(exist_ok=True)
+    if is_primary():
+        clear_stop_marks(work)  # before total_over_processes, a barrier: no process reads them before
 
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None
     plan = plan_episodes(tokens, eos, episodes, seed, new_tokens, max_context)
     num_chunks = -(-episodes // chunk)
     pid, pcount = jax.process_index(), jax.process_count()
+    # only process pid writes chunks pid, pid + P, ...: what it finds missing of them is exact
     mine = [k for k in range(pid, num_chunks, pcount) if not (work / st.CHUNKS / f"{k:05d}").is_dir()]
-    done = num_chunks - len(range(pid, num_chunks, pcount)) + (len(range(pid, num_chunks, pcount)) - len(mine))
+    sizes = [min(chunk, episodes - k * chunk) for k in mine]
+    missing, to_record = total_over_processes(len(mine), sum(sizes))
+    done = num_chunks - missing
+    if not is_primary():  # the primary speaks for the run
+        log, progress = (lambda *a, **k: None), False
     recorder = _Recorder(model, new_tokens, hidden_dtype)
     log(f"collect-rollouts: {episodes} episodes of {new_tokens} tokens from '{split}' of {data_dir}, "
-        f"{len(decisions)} decision exits {list(decisions)}, batch {batch_size} over {recorder.devices} device(s), "
+        f"{len(decisions)} decision exits {list(decisions)}, batch {batch_size} over {recorder.devices} device(s)"
+        + (f" in each of {pcount} processes, " if pcount > 1 else ", ") +
         f"{num_chunks} chunk(s) of {chunk}" + (f"; resuming, {done} chunk(s) done" if done else ""))
-    bar = tqdm(total=sum(min(chunk, episodes - k * chunk) for k in mine), unit="ep", disable=not progress,
-               dynamic_ncols=True, desc="recording")
+    bar = tqdm(total=sum(sizes), unit="ep", disable=not progress, dynamic_ncols=True, desc="recording")
     start = time.perf_counter()
-    recorded_tokens = _record_chunks(recorder, tokens, plan, mine, chunk, batch_size, hidden_dtype, work,
-                                     num_chunks, bar, start)
-    if pcount > 1:
-        multihost_utils.sync_global_devices("greencode collect-rollouts: every chunk written")
-    if pid == 0:
+    try:
+        _record_chunks(recorder, tokens, plan, mine, chunk, batch_size, hidden_dtype, work, num_chunks, bar, start)
+        if pcount > 1:  # the others' chunks; on the file system: a collective would not see a signal
+            wait_for_the_others(work, lambda: _missing(work, num_chunks) == [],
+                                functools.partial(_kept, work, num_chunks))
+    except BaseException as error:
+        if pcount > 1:
+            mark_stopped(work, error)  # the others stop too, instead of waiting for this one's chunks
+        raise
+    recorded_tokens = to_record * new_tokens
+    if is_primary():  # the store's metadata and statistics, and the rename, are the primary's alone
         _finish(work, out, settings, decisions, num_chunks, overwrite)
     seconds = time.perf_counter() - start
     log(f"collect-rollouts: {recorded_tokens} tokens recorded in {seconds:.1f} s "
@@ -158,17 +174,21 @@ def _load_checked(checkpoint, data_dir, split: str, new_tokens: int, max_context
     return tokens, model, decisions, max_context
 
 
+def _missing(work: Path, num_chunks: int) -> list[int]:
+    return [k for k in range(num_chunks) if not (work / st.CHUNKS / f"{k:05d}").is_dir()]
+
+
 def _kept(work: Path, num_chunks: int) -> str:
     """What an interrupted collection keeps, in one line."""
-    n = sum((work / st.CHUNKS / f"{k:05d}").is_dir() for k in range(num_chunks))
+    n = num_chunks - len(_missing(work, num_chunks))
     then = "finishes the store" if n == num_chunks else "records the rest"
     return f"collect-rollouts kept {n} of {num_chunks} chunks in {work}; the same command {then}"
 
 
 def _record_chunks(recorder, tokens, plan, mine, chunk: int, batch_size: int, hidden_dtype: str, work: Path,
-                   num_chunks: int, bar, start: float) -> int:
+                   num_chunks: int, bar, start: float):
     """Records this process's missing chunks, batch by batch, each chunk written atomically; a signal stops
-    between batches (the chunk in progress is recorded again). Closes `bar`; returns the tokens recorded."""
+    between batches (the chunk in progress is recorded again). Closes `bar`."""
     episodes = len(plan)
     kept = functools.partial(_kept, work, num_chunks)
     recorded_tokens = 0
@@ -195,7 +215,6 @@ def _record_chunks(recorder, tokens, plan, mine, chunk: int, batch_size: int, hi
         raise interrupted(kept()) from None
     finally:
         bar.close()
-    return recorded_tokens
 
 
 def _chunk_arrays(parts, plan, rows) -> dict:
@@ -210,7 +229,7 @@ def _doc(tokens, index: int) -> np.ndarray:
 
 
 def _finish(work: Path, out: Path, settings: dict, decisions, num_chunks: int, overwrite: bool):
-    missing = [k for k in range(num_chunks) if not (work / st.CHUNKS / f"{k:05d}").is_dir()]
+    missing = _missing(work, num_chunks)
     if missing:
         raise GreencodeError(f"{work}: chunks {missing[:5]} missing after collection")
     mean, std = st.obs_stats(work, num_chunks)

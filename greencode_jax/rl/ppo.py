@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import rlax
 from jax.sharding import NamedSharding
@@ -114,6 +115,12 @@ class Trainer:
         specs = self.state_specs()
         return TrainState(*(jax.tree.map(lambda _: s, sub) if isinstance(s, P) else s
                             for s, sub in zip(specs, state)))
+
+    def place_env(self, env: exit_env.EnvArrays) -> exit_env.EnvArrays:
+        """The environment's arrays replicated on every device of the mesh: in a multi-process run every
+        process has read the whole store and places its copy on its own devices."""
+        replicated = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(replicated, np.asarray(a)), env)
 
     def init(self, env: exit_env.EnvArrays, seeds) -> TrainState:
         """K training states [K, ...] for the seeds, placed on the mesh."""

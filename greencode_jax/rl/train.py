@@ -23,13 +23,12 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from greencode_jax.atomic import atomic_write_text, resumable_directory
+from greencode_jax.atomic import atomic_write_text
 from greencode_jax.config import RLSection
 from greencode_jax.energy.cost_model import joules_per_token, load_cost_model
 from greencode_jax.errors import GreencodeError
 from greencode_jax.generate.policies import Learned
-from greencode_jax.interrupts import Interrupted, SafePoints, interrupted
-from greencode_jax.locks import holds_output_lock
+from greencode_jax.interrupts import Interrupted, interrupted
 from greencode_jax.metrics_log import append_metrics, read_metrics, trim_metrics
 from greencode_jax.ownership import check_output_dir
 from greencode_jax.parallel import make_mesh
@@ -37,6 +36,9 @@ from greencode_jax.rl import env as exit_env
 from greencode_jax.rl import validate
 from greencode_jax.rl.networks import learned_params
 from greencode_jax.rl.ppo import Trainer
+from greencode_jax.rl.processes import (
+    check_together, holds_run_lock, is_primary, run_safe_points, shared_work_directory,
+)
 from greencode_jax.rl.store import RolloutStore
 from greencode_jax.state_checkpoints import StateCheckpoints
 
@@ -114,7 +116,8 @@ def _divergence(found, done: int, total: int, seeds, cfg: RLSection, work: Path,
     if kept:
         left = f"the last good checkpoint, after update {kept}, stays in {work} (other settings: pass --overwrite)"
     elif not resumed:
-        shutil.rmtree(work, ignore_errors=True)
+        if is_primary():
+            shutil.rmtree(work, ignore_errors=True)
         left = f"nothing saved, {work} removed"
     else:
         left = f"nothing saved; {work} holds no checkpoint (pass --overwrite to start with other settings)"
@@ -123,13 +126,15 @@ def _divergence(found, done: int, total: int, seeds, cfg: RLSection, work: Path,
             f"rl.energy_weight); {left}")
 
 
-@holds_output_lock("out_dir")
+@holds_run_lock("out_dir")
 def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, overwrite: bool = False,
                  progress: bool = True, log=print) -> dict:
     out = Path(out_dir)
     inputs = {"rollouts": rollouts_dir, "validation": validation_dir, "cost_model": cfg.cost_model or None}
     check_output_dir(out, "policy", inputs=inputs, overwrite=overwrite)
     store, validation = _open_stores(rollouts_dir, validation_dir)
+    if not is_primary():  # the primary speaks for the run
+        log, progress = (lambda *a, **k: None), False
     layers = list(store.decision_layers) + [store.model["num_layers"] - 1]
     reward_kwargs, reward_record = reward_parameters(cfg, store.model["num_layers"], store.architecture,
                                                      store.decision_layers)
@@ -137,8 +142,8 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     settings = _settings(store, cfg, validation, jax.device_count())
 
     hidden, agree = store.array("hidden"), store.array("agree")
-    env = exit_env.make_env(hidden, agree, layers, reward_kwargs)
     trainer = Trainer(cfg, store.model["hidden_size"], store.obs_mean, store.obs_std, mesh)
+    env = trainer.place_env(exit_env.make_env(hidden, agree, layers, reward_kwargs))
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     state = trainer.init(env, seeds)
     # everything checked: the work directory starts here
@@ -147,6 +152,7 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
     log(f"train-policy: {store.episodes} episodes x {agree.shape[1]} tokens, decisions at layers "
         f"{list(store.decision_layers)}, reward {cfg.reward}; {total} updates of {cfg.steps_per_update} steps "
         f"({total * cfg.steps_per_update} timesteps), {cfg.seeds} seed(s), {jax.device_count()} device(s)"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
         + (f"; resuming after update {done}" if done else ""))
     bar = tqdm(total=total, initial=done, unit="upd", disable=not progress, dynamic_ncols=True, desc="PPO")
     start = time.perf_counter()
@@ -162,7 +168,8 @@ def train_policy(rollouts_dir, out_dir, cfg: RLSection, *, validation_dir=None, 
               "judged_on": "validation" if validation is not None else "training", "updates": total,
               "timesteps": total * cfg.steps_per_update, "seconds": seconds, "first_block_seconds": compile_s,
               "final_metrics": final}
-    _write_policy(out, work, store, validation, actors[best], cfg, reward_record, result, table, inputs)
+    if is_primary():  # the policy directory is the primary's alone
+        _write_policy(out, work, store, validation, actors[best], cfg, reward_record, result, table, inputs)
     log(validate.format_table(table))
     log(f"train-policy: seed {seeds[best]} kept (validation return {returns[best]:.3f} on the "
         f"{result['judged_on']} store); {total} updates in {seconds:.1f} s -> {out}")
@@ -186,7 +193,8 @@ def _open_stores(rollouts_dir, validation_dir) -> tuple[RolloutStore, RolloutSto
 def _resume(out: Path, settings: dict, inputs: dict, overwrite: bool, trainer: Trainer, state):
     """The work directory DIR.partial and its checkpoints: (work, resumed, checkpoints, updates done, state),
     the state and metrics.jsonl those of the last checkpoint where there is one, else `state` as given."""
-    work, resumed = resumable_directory(out, settings, "training", kind="policy", inputs=inputs, overwrite=overwrite)
+    work, resumed = shared_work_directory(out, settings, "training", kind="policy", inputs=inputs,
+                                          overwrite=overwrite)
     # cleanup_tmp: a save cut by SIGKILL leaves N.orbax-checkpoint-tmp, removed at the next open
     checkpoints = StateCheckpoints(work / "checkpoints", keep=1, async_save=False, cleanup_tmp=True)
     done = checkpoints.latest_step() or 0
@@ -195,7 +203,8 @@ def _resume(out: Path, settings: dict, inputs: dict, overwrite: bool, trainer: T
                                 trainer.state_shardings(state))
         state = checkpoints.restore(done, abstract)
     # lines of updates after the last checkpoint (all of them without one) go: they are trained again
-    trim_metrics(work / "metrics.jsonl", "update", done or None)
+    if is_primary():
+        trim_metrics(work / "metrics.jsonl", "update", done or None)
     return work, resumed, checkpoints, done, state
 
 
@@ -209,9 +218,9 @@ def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoin
     metrics_path = work / "metrics.jsonl"
     compile_s = diverged = metrics = None
     try:
-        with SafePoints() as stop:  # a signal stops after a block and its checkpoint, never inside either
+        with run_safe_points() as stop:  # a signal stops after a block and its checkpoint, never inside either
             while done < total:
-                stop.check(lambda: _kept(checkpoints.latest_step(), total, work))
+                check_together(stop, lambda: _kept(checkpoints.latest_step(), total, work))
                 n = min(cfg.checkpoint_every, total - done)
                 t0 = time.perf_counter()
                 state, metrics = trainer.block(state, env, n)
@@ -223,7 +232,8 @@ def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoin
                 if compile_s is None:
                     compile_s = seconds  # includes compiling; reported apart from the throughput
                 rate = n * cfg.steps_per_update * cfg.seeds / seconds
-                _append_block_metrics(metrics_path, metrics, done, n, seeds, cfg.steps_per_update, rate)
+                if is_primary():
+                    _append_block_metrics(metrics_path, metrics, done, n, seeds, cfg.steps_per_update, rate)
                 with stop.critical():  # even a second Ctrl-C waits: no half-written checkpoint
                     checkpoints.save(done + n, state)
                 done += n
@@ -232,7 +242,7 @@ def _train_blocks(trainer: Trainer, state, env, cfg: RLSection, seeds, checkpoin
                 bar.set_postfix_str(f"reward {last['episode_reward']:.2f} exit acc {last['exit_accuracy']:.3f} "
                                     f"layer {last['mean_exit_layer']:.2f} {rate:,.0f} ts/s")
             if diverged is None:
-                stop.check()  # a signal during the last block
+                check_together(stop)  # a signal during the last block
         kept = checkpoints.latest_step()
     except KeyboardInterrupt as error:  # a second Ctrl-C, at once: still say what is kept
         if isinstance(error, Interrupted):
