@@ -217,3 +217,22 @@ def test_faults_bad_requests_disconnects_and_a_full_queue_leave_every_slot_free(
     assert 'greencode:request_success_total{finished_reason="cancelled",model_name="tiny-llama"}' in metrics
     assert "greencode:exit_layer_bucket" in metrics and 'greencode:energy_joules_total{method="estimated"' in metrics
     assert server.engine.running == 0 and server.engine.waiting == 0
+
+
+def test_the_sequential_engine_serves_what_the_batched_one_does(server):
+    """serve.engine=sequential (bench serve's baseline, GREEN-CODE's shape): the same HTTP side over
+    one generate per request; its replies equal the batched engine's, and it refuses logprobs."""
+    section = ServeSection(port=0, slots=4, max_context=256, max_queue=12, engine="sequential")
+    body = {"prompt": "def add(a, b):", "max_tokens": 7, "temperature": 0}
+    with Server(server.served, section, EnergyMeter()).in_thread() as sequential:
+        with httpx.Client(timeout=TIMEOUT) as http:
+            for policy in ("full", "fixed:1", "learned"):
+                replies = [http.post(s.url + "/v1/completions", json={**body, "policy": policy}).json()
+                           for s in (server, sequential)]
+                batched, alone = replies
+                assert alone["choices"][0]["text"] == batched["choices"][0]["text"]
+                assert alone["exits"]["per_token"] == batched["exits"]["per_token"]
+                assert alone["usage"] == batched["usage"]
+                assert alone["energy"]["joules"] > 0
+            refused = http.post(sequential.url + "/v1/completions", json={**body, "logprobs": 1})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"

@@ -5,9 +5,11 @@ The server runs as `greencode serve` in a subprocess (so its energy windows coun
 time, not the load generator's); the load generator streams requests over loopback at each
 concurrency (a bounded number of requests, each with its own prompt), and reads requests/s,
 output tokens/s, time to first token and inter-token latency (p50, p99) and joules per token
-(the replies' `energy`). The baseline runs `generate` in this process, request by request,
-in an energy window each; its time to first token is the whole generation (GREEN-CODE's endpoint
-answers once, at the end).
+(the replies' `energy`). The baseline is the same server with `serve.engine=sequential`: one
+request at a time, one `generate` each, the reply whole at the end (GREEN-CODE's endpoint), under
+the same load at concurrency 16 through the same HTTP side; its time to first token is the whole
+generation. A reference row runs `generate` in this process, request by request, without HTTP:
+the floor of the baseline on this machine.
 
 Without CHECKPOINT: the quickstart's model shape (8-layer Llama, hidden 128, exits 1, 3, 5, 7)
 at random weights with a byte-level BPE of 2048 tokens trained on Python's standard library,
@@ -20,6 +22,7 @@ request runs `learned` at its default (certified) threshold. The same on both si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -87,9 +90,11 @@ def percentile(values, q: float):
     return float(np.percentile(values, q)) if values else None
 
 
-async def _one(client, url: str, prompt, policy: str, max_tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "logprobs": 0,
-            "stream_options": {"include_usage": True}, "policy": policy}
+async def _one(client, url: str, prompt, policy: str, max_tokens: int, count_tokens: bool = True) -> dict:
+    """One streamed request. `count_tokens`: ask for logprobs (0 alternatives) to learn how many tokens
+    each chunk holds (inter-token latency); without, only the first chunk's time is read."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "policy": policy, **({"logprobs": 0} if count_tokens else {})}
     start = time.perf_counter()
     first, gaps, last, final = None, [], None, None
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -104,7 +109,9 @@ async def _one(client, url: str, prompt, policy: str, max_tokens: int) -> dict:
                 final = data
                 continue
             tokens = len((data["choices"][0].get("logprobs") or {}).get("tokens") or [])
-            if tokens:
+            if not count_tokens and first is None:
+                first = now - start
+            elif tokens:
                 if first is None:
                     first = now - start
                     tokens -= 1
@@ -115,14 +122,14 @@ async def _one(client, url: str, prompt, policy: str, max_tokens: int) -> dict:
             "joules": final["energy"]["joules"], "method": final["energy"]["method"]}
 
 
-async def _load(url: str, jobs, concurrency: int, max_tokens: int) -> tuple[list, float]:
+async def _load(url: str, jobs, concurrency: int, max_tokens: int, count_tokens: bool = True) -> tuple[list, float]:
     import httpx
 
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
         async def bounded(prompt, policy):
             async with limit:
-                return await _one(client, url, prompt, policy, max_tokens)
+                return await _one(client, url, prompt, policy, max_tokens, count_tokens)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(p, policy) for p, policy in jobs))
@@ -147,8 +154,9 @@ def policy_cycle(exit_layers, learned: bool) -> tuple:
     return ("full", *dict.fromkeys(f"fixed:{early[len(early) * k // 3]}" for k in (1, 2)))
 
 
-def baseline(served, jobs, max_tokens: int, meter) -> dict:
-    """GREEN-CODE's shape: one request at a time, one generate each, in an energy window."""
+def generate_alone(served, jobs, max_tokens: int, meter) -> dict:
+    """The floor of the baseline: the same requests one at a time, one generate each, in this
+    process without HTTP, each in an energy window."""
     import jax
 
     model, resolver = served.model, served.policies
@@ -174,6 +182,16 @@ def baseline(served, jobs, max_tokens: int, meter) -> dict:
     wall = time.perf_counter() - start
     return {"requests": len(jobs), "seconds": wall, "requests_per_s": len(jobs) / wall,
             **_latencies(tokens / wall, ttft, gaps, None if None in joules else sum(joules) / tokens, methods)}
+
+
+@contextlib.contextmanager
+def _server(checkpoint, slots: int, max_context: int, extra: list[str], log: Path):
+    process, url = _start_server(checkpoint, slots, max_context, extra, log)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 def _start_server(checkpoint, slots: int, max_context: int, extra: list[str], log: Path):
@@ -213,20 +231,23 @@ def run_bench_serve(checkpoint=None, *, policy_dir=None, requests: int = 32, max
                    "policies": [served.policies.resolve(p, None)[2] for p in cycle], "concurrency": {}}
         extra = [*(["--policy", str(policy_dir)] if policy_dir else []), *overrides]
         # the context the load needs, no more: every step reads each slot's whole cache row
-        process, url = _start_server(checkpoint, slots, max_prompt + max_tokens, extra, Path(tmp) / "server.log")
-        try:
+        context = max_prompt + max_tokens
+        with _server(checkpoint, slots, context, extra, Path(tmp) / "server.log") as url:
             asyncio.run(_load(url, jobs[:6], 2, max_tokens))  # every prompt bucket compiled
             for concurrency in CONCURRENCY:
                 progress(f"server, concurrency {concurrency}: {requests} requests")
                 results["concurrency"][str(concurrency)] = _figures(*asyncio.run(_load(url, jobs, concurrency,
                                                                                        max_tokens)))
-        finally:
-            process.terminate()
-            process.wait(60)
-        progress(f"baseline: {requests} requests, one generate each")
-        results["baseline"] = baseline(served, jobs, max_tokens, EnergyMeter())
+        progress(f"baseline: the same server one request at a time, one generate each, at concurrency "
+                 f"{CONCURRENCY[-1]}: {requests} requests")
+        with _server(checkpoint, 1, context, [*extra, "serve.engine=sequential"], Path(tmp) / "baseline.log") as url:
+            asyncio.run(_load(url, jobs[:6], 1, max_tokens, count_tokens=False))  # every (bucket, kind) compiled
+            results["baseline"] = _figures(*asyncio.run(_load(url, jobs, CONCURRENCY[-1], max_tokens,
+                                                              count_tokens=False)))
+        progress(f"reference: generate alone in this process, no HTTP: {requests} requests")
+        results["generate"] = generate_alone(served, jobs, max_tokens, EnergyMeter())
     base = results["baseline"]
-    for figures in results["concurrency"].values():
+    for figures in [*results["concurrency"].values(), results["generate"]]:
         figures["tokens_per_s_vs_baseline"] = figures["output_tokens_per_s"] / base["output_tokens_per_s"]
         if figures["joules_per_token"] and base["joules_per_token"]:
             figures["joules_per_token_vs_baseline"] = figures["joules_per_token"] / base["joules_per_token"]
@@ -241,7 +262,8 @@ def format_bench_serve(results: dict) -> str:
              f"{results['slots']} slots, policies {', '.join(results['policies'])} in turn",
              f"{'run':<16}{'req/s':>7}{'tok/s':>8}{'x base':>8}{'TTFT p50/p99 ms':>17}{'ITL p50/p99 ms':>16}"
              f"{'J/token':>10}{'x base':>8}  method"]
-    rows = [(f"concurrency {c}", f) for c, f in results["concurrency"].items()] + [("baseline", results["baseline"])]
+    rows = [(f"concurrency {c}", f) for c, f in results["concurrency"].items()] + [
+        (f"baseline c{CONCURRENCY[-1]}", results["baseline"]), ("generate alone", results["generate"])]
     for name, f in rows:
         jpt = f["joules_per_token"]
         lines.append(f"{name:<16}{f['requests_per_s']:>7.2f}{f['output_tokens_per_s']:>8.1f}"

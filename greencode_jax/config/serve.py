@@ -9,6 +9,9 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.yamlfile import check_finite
 
 
+ENGINES = ("batched", "sequential")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServeSection(Section):
     NAME = "serve"
@@ -23,6 +26,7 @@ class ServeSection(Section):
     temperature: float = 0.0  # the default temperature (0: greedy, as GREEN-CODE's endpoint decodes)
     max_n: int = 4  # the largest `n` (choices per prompt) a request may ask
     cost_model: str = ""  # `greencode energy calibrate --out` JSON for modelled joules ("": none)
+    engine: str = "batched"  # "sequential": GREEN-CODE's shape, one request at a time, one generate each
 
     def __post_init__(self):
         check_finite(self, "serve")
@@ -33,5 +37,7 @@ class ServeSection(Section):
             raise GreencodeError(f"serve.port={self.port}: expected 0..65535 (0: any free port)")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise GreencodeError(f"serve.threshold={self.threshold}: expected a number in [0, 1]")
+        if self.engine not in ENGINES:
+            raise GreencodeError(f"serve.engine={self.engine!r}: expected one of {list(ENGINES)}")
         if self.temperature < 0:
             raise GreencodeError(f"serve.temperature={self.temperature}: expected >= 0 (0: greedy)")

@@ -58,9 +58,15 @@ def _top_p_filter(logits, top_p):
 
 def choose_tokens_per_row(logits, temperature, top_p, keys):
     """logits [B, V] -> token ids [B] int32, each row with its own temperature [B] (0: greedy, the
-    argmax choose_tokens takes), top_p [B] and PRNG key [B] (serve: one request per row)."""
+    argmax choose_tokens takes), top_p [B] and PRNG key [B] (serve: one request per row). The
+    sampling path (a sort of the vocabulary per row) runs only when some row samples: on a CPU it
+    cost more than the decode step's matmuls for an all-greedy batch."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    filtered = _top_p_filter(scaled, top_p[:, None])
-    sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def sample():
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        filtered = _top_p_filter(scaled, top_p[:, None])
+        sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
+        return jnp.where(temperature > 0, sampled, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)

@@ -40,6 +40,7 @@ class Settings(NamedTuple):
     temperature: jax.Array  # [S] float32, 0: greedy
     top_p: jax.Array  # [S] float32
     active: jax.Array  # [S] bool: the slot holds a request
+    alternatives: jax.Array  # bool: some request asked for top logprobs (else they are not computed)
 
 
 class StepOutput(NamedTuple):
@@ -62,13 +63,24 @@ def empty_slots(model, slots: int, cache_len: int) -> Slots:
     return jax.device_put(state, jax.local_devices()[0])
 
 
-def _token_logprobs(logits, tokens):
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-    return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_logprobs
+def _token_logprobs(logits, tokens, alternatives):
+    """The chosen tokens' log-probabilities [B], and the top TOP_LOGPROBS alternatives (ids and
+    log-probabilities [B, TOP_LOGPROBS]) only when `alternatives`: a top-k over the vocabulary per
+    row and token costs as much as a small model's decode step on a CPU."""
+    logits = logits.astype(jnp.float32)
+    normaliser = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - normaliser
+
+    def top():
+        top_logits, top_ids = jax.lax.top_k(logits, TOP_LOGPROBS)
+        return top_ids.astype(jnp.int32), top_logits - normaliser[:, None]
+
+    shape = (logits.shape[0], TOP_LOGPROBS)
+    none = (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32))
+    return (chosen, *jax.lax.cond(alternatives, top, lambda: none))
 
 
-def admit_program(model, slots: Slots, ids, valid, slot, temperature, top_p, rng):
+def admit_program(model, slots: Slots, ids, valid, slot, temperature, top_p, rng, alternatives):
     """Prefills one prompt (ids, valid [1, P]) into slot `slot` and chooses its first token as
     generate does (the last layer's head). Returns the slots and the first token's StepOutput row."""
     cache_len = slots.key_valid.shape[1]
@@ -76,7 +88,7 @@ def admit_program(model, slots: Slots, ids, valid, slot, temperature, top_p, rng
     rng, first_key = jax.random.split(rng)
     logits = model.exit_head(last_hidden)
     first = choose_tokens_per_row(logits, temperature[None], top_p[None], first_key[None])
-    logprob, top_ids, top_logprobs = _token_logprobs(logits, first)
+    logprob, top_ids, top_logprobs = _token_logprobs(logits, first, alternatives)
     prompt_len = ids.shape[1]
     row_valid = jnp.zeros(cache_len, bool).at[:prompt_len].set(valid[0])
     slots = Slots(
@@ -100,7 +112,8 @@ def step_program(model, slots: Slots, settings: Settings, is_stop, rows, *, toke
     policy = settings.policy
     policy = type(policy)(policy.kinds[rows], policy.thresholds[rows], policy.layers[rows], policy.params,
                           needs_logits=policy.needs_logits)
-    settings = Settings(policy, settings.temperature[rows], settings.top_p[rows], settings.active[rows])
+    settings = Settings(policy, settings.temperature[rows], settings.top_p[rows], settings.active[rows],
+                        settings.alternatives)
     index = jnp.arange(rows.shape[0])
 
     def one(carry, _):
@@ -110,7 +123,7 @@ def step_program(model, slots: Slots, settings: Settings, is_stop, rows, *, toke
             finished=done)
         split = jax.vmap(jax.random.split)(s.rng)
         token = choose_tokens_per_row(logits, settings.temperature, settings.top_p, split[:, 1])
-        logprob, top_ids, top_logprobs = _token_logprobs(logits, token)
+        logprob, top_ids, top_logprobs = _token_logprobs(logits, token, settings.alternatives)
         key_valid = s.key_valid.at[index, s.cache_slot].set(s.key_valid[index, s.cache_slot] | settings.active)
         advance = settings.active.astype(jnp.int32)
         s = Slots(keys, values, key_valid, token, s.position + advance, s.cache_slot + advance, split[:, 0])

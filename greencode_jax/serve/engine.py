@@ -119,7 +119,7 @@ class Engine:
         ids = jnp.zeros((1, PROMPT_BUCKET), jnp.int32)
         valid = jnp.ones((1, PROMPT_BUCKET), bool)
         self._device, _ = admit_jit(self.model, self._device, ids, valid, jnp.int32(0), jnp.float32(0),
-                                    jnp.float32(1), jax.random.key(0))
+                                    jnp.float32(1), jax.random.key(0), jnp.bool_(False))
         settings = self._settings()
         # every bucket of active slots (the variant with exit logits compiles on first use)
         for size in sorted({_bucket(n, self.slots) for n in range(1, self.slots + 1)}):
@@ -184,7 +184,8 @@ class Engine:
         rng = jax.random.key(job.seed if job.seed is not None else job.id)
         self.energy.begin()
         self._device, out = admit_jit(self.model, self._device, jnp.asarray(ids), jnp.asarray(valid),
-                                      jnp.int32(slot), jnp.float32(job.temperature), jnp.float32(job.top_p), rng)
+                                      jnp.int32(slot), jnp.float32(job.temperature), jnp.float32(job.top_p), rng,
+                                      jnp.bool_(bool(job.top_logprobs)))
         out = jax.device_get(out)
         self.energy.end([job], [self.model.config.num_layers])
         self._jobs[slot] = job
@@ -256,7 +257,8 @@ class Engine:
             self._settings_cache = Settings(
                 rows, jnp.asarray([j.temperature if j else 0.0 for j in self._jobs], jnp.float32),
                 jnp.asarray([j.top_p if j else 1.0 for j in self._jobs], jnp.float32),
-                jnp.asarray([j is not None for j in self._jobs]))
+                jnp.asarray([j is not None for j in self._jobs]),
+                jnp.bool_(any(j is not None and bool(j.top_logprobs) for j in self._jobs)))
         return self._settings_cache
 
 

@@ -21,6 +21,7 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.serve.app import create_app
 from greencode_jax.serve.energy import reply_energy
 from greencode_jax.serve.engine import Engine
+from greencode_jax.serve.sequential import SequentialEngine
 from greencode_jax.serve.metrics import Observer
 
 GRACEFUL_SHUTDOWN_S = 5
@@ -31,7 +32,8 @@ class Server:
     def __init__(self, served, section, meter=None):
         self.served, self.section = served, section
         config = served.model.config
-        self.engine = Engine(served.model, served.tokenizer, slots=section.slots,
+        engine = SequentialEngine if section.engine == "sequential" else Engine
+        self.engine = engine(served.model, served.tokenizer, slots=section.slots,
                              max_context=min(section.max_context, config.max_position_embeddings),
                              max_queue=section.max_queue, tokens_per_step=section.tokens_per_step,
                              learned=served.learned, meter=meter)
