@@ -145,3 +145,109 @@ def test_a_bad_sweep_file_is_one_error_before_anything_runs(sweep, expected, tmp
     assert len(err.strip().splitlines()) == 1 and err.startswith("greencode: error: s.yaml: "), err
     assert all(part in err for part in expected), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.yaml", "broken.yaml", "s.yaml"]  # nothing written
+
+
+def deterministic_rows(root: Path) -> list[dict]:
+    """summary.csv less its timed figures (measured joules and what is derived from them)."""
+    rows = csv.DictReader((root / "sweeps/tiny/summary.csv").open())
+    return sorted(({k: v for k, v in row.items() if "measured" not in k} for row in rows),
+                  key=lambda r: (r["arm"], r["policy"]))
+
+
+@pytest.mark.slow
+def test_the_ray_backend_gives_the_local_summary(swept, stdlib_corpus, env, tmp_path, monkeypatch, capsys):
+    """On a local Ray cluster this test starts (127.0.0.1, 2 CPUs) and stops: the same table, the same
+    compiled programs on the same machine giving bit-identical deterministic figures."""
+    ray = pytest.importorskip("ray")
+    write_world(tmp_path, stdlib_corpus)
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():  # the Ray workers inherit the environment of the cluster's start
+        monkeypatch.setenv(name, value)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    try:
+        assert main(["sweep", "sweep.yaml", "--backend", "ray"]) == 2  # the broken arm, as on the local backend
+    finally:
+        ray.shutdown()
+    assert "broken: [policy] " in capsys.readouterr().err
+    assert launches(tmp_path) == launches(swept[0])
+    assert deterministic_rows(tmp_path) == deterministic_rows(swept[0])
+
+
+@pytest.mark.slow
+def test_the_slurm_backend_through_submitits_local_executor_gives_the_local_summary(swept, stdlib_corpus, env,
+                                                                                    tmp_path):
+    write_world(tmp_path, stdlib_corpus)
+    result = sweep_cli(["sweep.yaml", "--backend", "slurm"], tmp_path, env)
+    assert result.returncode == 2 and "broken: [policy] " in result.stderr, result.stderr
+    assert launches(tmp_path) == launches(swept[0])
+    assert deterministic_rows(tmp_path) == deterministic_rows(swept[0])
+    assert list((tmp_path / "sweeps/.submitit").glob("*/*_submission.sh")) or list(
+        (tmp_path / "sweeps/.submitit").glob("*/*.pkl")), "submitit wrote no job files"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs/sweeps").glob("*.yaml")))
+def test_every_shipped_sweep_loads_and_plans(name):
+    from greencode_jax.pipeline.sweep import plan_sweep
+    from greencode_jax.pipeline.sweep_file import read_sweep
+
+    plan = plan_sweep(read_sweep(REPO / "configs/sweeps" / name))
+    assert len(plan.sweep.runs) >= 4 and all(len(job.runs) >= 1 for job in plan.jobs.values())
+
+
+def _wait_for(condition, process: subprocess.Popen, seconds: float = 600):
+    """Polls `condition` (bounded in time) while `process` runs; returns its first true value."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        assert process.poll() is None, "the sweep ended before the awaited moment"
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def _policy_with_a_checkpoint(root: Path):
+    """The store directory of a policy job that is running and has saved a PPO checkpoint."""
+    for directory in (root / "runs/.stages").glob("policy-*"):
+        status = json.loads((directory / "status.json").read_text()) if (directory / "status.json").exists() else {}
+        checkpoints = directory / "policy.partial" / "checkpoints"
+        if status.get("status") == "running" and checkpoints.is_dir() and any(checkpoints.iterdir()):
+            return directory, status["pid"]
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_its_arm_ctrl_c_stops_the_workers_and_a_rerun_resumes(stdlib_corpus, env, tmp_path):
+    import os
+    import signal
+
+    cost = write_chain_cost(stdlib_corpus, tmp_path / "cost.json")
+    config = chain_config(stdlib_corpus, cost, policies="full; learned@0.5", samples=2, timesteps=8 * 16 * 120)
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(config))  # a policy stage long enough to interrupt
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({**SWEEP, "arms": SWEEP["arms"][:2]}))
+    command = [sys.executable, "-m", "greencode_jax.cli.main", "sweep", "sweep.yaml"]
+
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, pid = _wait_for(lambda: _policy_with_a_checkpoint(tmp_path), sweep)
+    os.kill(pid, signal.SIGKILL)  # a worker dies (out of memory, a lost node)
+    out, err = sweep.communicate(timeout=900)
+    assert sweep.returncode == 2 and f"[policy] {killed.name} FAILED: exit status -9" in out, out + err
+    assert "runs failed" in err and "exit status -9" in err, err
+
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    again, pid = _wait_for(lambda: _policy_with_a_checkpoint(tmp_path), sweep)
+    sweep.send_signal(signal.SIGINT)  # Ctrl-C: the sweep stops its workers, each at a clean point
+    out, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 130 and err.strip().splitlines()[-1].startswith("greencode: interrupted by SIGINT"), err
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the worker is gone
+    assert json.loads((again / "status.json").read_text())["status"] == "stopped"
+
+    last = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert last.returncode == 0, last.stdout + last.stderr
+    logs = {p.name: p.read_text() for p in (tmp_path / "sweeps/tiny/logs").glob("policy-*.log")}
+    assert all("resuming after update" in text for name, text in logs.items() if name.startswith(killed.name)), logs
+    assert len(list(csv.DictReader((tmp_path / "sweeps/tiny/summary.csv").open()))) > 0

@@ -173,7 +173,9 @@ def _short(field: str, axes: list) -> str:
 
 
 def _show(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value).replace(" ", "")
+    """A value as an arm's name shows it (a directory name: no spaces, no slashes)."""
+    text = value if isinstance(value, str) else json.dumps(value).replace(" ", "")
+    return text.replace("/", "_")
 
 
 def _run(path: Path, base: Path, arm: str, values: dict, seed) -> Run:

@@ -9,9 +9,9 @@ import subprocess
 import time
 
 from greencode_jax.errors import GreencodeError
+from greencode_jax.pipeline.backends.command import STOP_SECONDS, job_env
 
 POLL_SECONDS = 0.2
-STOP_SECONDS = 120  # a stopped worker saves its checkpoint first; then it is killed
 
 
 class LocalBackend:
@@ -22,7 +22,7 @@ class LocalBackend:
         self._running = {}  # job id -> (Popen, log file, start)
 
     def start(self, job, command: list[str], log_path):
-        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        env = dict(os.environ, **job_env())
         log = open(log_path, "ab")
         # its own session: a terminal's Ctrl-C reaches the sweep only, which stops each worker once
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
