@@ -251,3 +251,17 @@ def test_a_killed_worker_fails_its_arm_ctrl_c_stops_the_workers_and_a_rerun_resu
     logs = {p.name: p.read_text() for p in (tmp_path / "sweeps/tiny/logs").glob("policy-*.log")}
     assert all("resuming after update" in text for name, text in logs.items() if name.startswith(killed.name)), logs
     assert len(list(csv.DictReader((tmp_path / "sweeps/tiny/summary.csv").open()))) > 0
+
+
+def test_the_paper_sweep_arms_are_the_four_shipped_configs():
+    """Each arm of configs/sweeps/paper-models.yaml, its run section aside, is the shipped config of its name."""
+    from greencode_jax.config import load_config
+    from greencode_jax.pipeline.sweep_file import read_sweep
+
+    sweep = read_sweep(REPO / "configs/sweeps/paper-models.yaml")
+    assert [run.arm for run in sweep.runs] == ["llama3.2-3b-python", "llama3.2-3b-java", "opt-2.7b-python",
+                                               "opt-2.7b-java"]
+    for run in sweep.runs:
+        shipped = load_config(REPO / "configs" / f"{run.arm}.yaml").mapping
+        assert {k: v for k, v in run.config.mapping.items() if k != "run"} == \
+            {k: v for k, v in shipped.items() if k != "run"}, run.arm
