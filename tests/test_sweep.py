@@ -87,6 +87,12 @@ def test_each_shared_stage_runs_once_and_a_failing_arm_leaves_the_others(swept):
     assert "**failed**: broken: [policy]" in report and "| rl.beta | 1.0 | 1 |" in report, report
     assert (root / "sweeps/tiny/pareto.png").read_bytes().startswith(b"\x89PNG")
     assert "| beta=2.0 | learned@0.5 |" in result.stdout  # the command ends with the table
+    # the calibration measures the machine: it ran alone, though two jobs may run at once
+    events = [line for line in result.stdout.splitlines() if line.startswith("[") and " started (" in line
+              or " done in " in line]
+    start = next(i for i, line in enumerate(events) if line.startswith("[calibrate]"))
+    assert events[start + 1].startswith("[calibrate]") and "done in" in events[start + 1], events
+    assert sum(" started (" in line for line in events[:start]) == sum(" done in " in line for line in events[:start])
 
 
 def test_a_rerun_launches_only_what_failed_and_shares_with_greencode_run(swept, env):

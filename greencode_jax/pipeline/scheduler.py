@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 ERROR_PREFIXES = ("greencode: error: ", "greencode: ")
+# Stages that measure the machine: each runs alone, so that no other job's load enters its energy fit.
+ALONE = ("calibrate",)
 
 
 def error_line(log_path: Path, status) -> str:
@@ -40,8 +42,7 @@ def run_jobs(jobs: dict, backend, out: Path, command_of, log) -> dict:
     try:
         while pending or running:
             _fail_downstream(pending, errors, log)
-            ready = [job for job in pending if all(jobs[d].done for d in job.deps)]
-            for job in ready[:max(0, backend.slots - len(running))]:
+            for job in _startable(pending, running, jobs, backend.slots):
                 pending.remove(job)
                 running[job.id] = job
                 log(f"[{job.stage}] {job.id} started ({_runs(job)})")
@@ -61,6 +62,17 @@ def run_jobs(jobs: dict, backend, out: Path, command_of, log) -> dict:
         backend.stop()
         raise
     return errors
+
+
+def _startable(pending: list, running: dict, jobs: dict, slots: int) -> list:
+    """The ready jobs to start now: as many as the free slots, a calibration only on an idle backend."""
+    if any(job.stage in ALONE for job in running.values()):
+        return []
+    ready = [job for job in pending if all(jobs[d].done for d in job.deps)]
+    alone = [job for job in ready if job.stage in ALONE]
+    if alone:
+        return alone[:1] if not running else []
+    return ready[:max(0, slots - len(running))]
 
 
 def _fail_downstream(pending: list, errors: dict, log):
