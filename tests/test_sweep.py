@@ -215,12 +215,14 @@ def _wait_for(condition, process: subprocess.Popen, seconds: float = 600):
     raise AssertionError("timed out waiting")
 
 
-def _policy_with_a_checkpoint(root: Path):
-    """The store directory of a policy job that is running and has saved a PPO checkpoint."""
+def _policy_with_a_checkpoint(root: Path, not_pid: int | None = None):
+    """The store directory of a policy job that is running (in a worker other than `not_pid`) and has a
+    PPO checkpoint."""
     for directory in (root / "runs/.stages").glob("policy-*"):
         status = json.loads((directory / "status.json").read_text()) if (directory / "status.json").exists() else {}
         checkpoints = directory / "policy.partial" / "checkpoints"
-        if status.get("status") == "running" and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if status.get("status") == "running" and status.get("pid") != not_pid and checkpoints.is_dir() and any(
+                checkpoints.iterdir()):
             return directory, status["pid"]
     return None
 
@@ -244,7 +246,8 @@ def test_a_killed_worker_fails_its_arm_ctrl_c_stops_the_workers_and_a_rerun_resu
     assert "runs failed" in err and "exit status -9" in err, err
 
     sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    again, pid = _wait_for(lambda: _policy_with_a_checkpoint(tmp_path), sweep)
+    again, pid = _wait_for(lambda: _policy_with_a_checkpoint(tmp_path, not_pid=pid), sweep)  # (the killed
+    # worker's status still says running: a status is a record, the lease is the lock)
     sweep.send_signal(signal.SIGINT)  # Ctrl-C: the sweep stops its workers, each at a clean point
     out, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 130 and err.strip().splitlines()[-1].startswith("greencode: interrupted by SIGINT"), err

@@ -17,6 +17,7 @@ from pathlib import Path
 from greencode_jax.atomic import atomic_write_bytes, atomic_write_text
 from greencode_jax.eval.metrics import METRICS
 from greencode_jax.eval.plots import _figure, _png  # the report's Agg canvas, shared with evaluate's plots
+from greencode_jax.eval.report import main_table
 from greencode_jax.pipeline.stages import read_stage_json
 
 FIGURES = ("saved_modelled_pct", "saved_measured_pct", "quality_change_pct", "modelled_j", "measured_j")
@@ -43,13 +44,16 @@ def collect_rows(plan, out: Path, failed: dict) -> list[dict]:
             continue
         summary = read_stage_json(out / "runs" / run.name / "evaluate" / "summary.json", "evaluate")
         for protocol, proto in summary["protocols"].items():
+            headline = {row["policy"] for row in main_table(summary, protocol)}
             for key, p in proto["policies"].items():
-                entry = per_arm.setdefault((run.arm, protocol, key), {"family": p["family"], "seeds": []})
+                entry = per_arm.setdefault((run.arm, protocol, key), {"family": p["family"], "seeds": [],
+                                                                     "headline": key in headline})
                 entry["seeds"].append(_policy_figures(p))
     rows = []
     for (arm, protocol, policy), entry in per_arm.items():
         row = {"arm": arm, **{field: plan.sweep.arms[arm].get(field, "") for field in plan.sweep.varied},
-               "protocol": protocol, "policy": policy, "family": entry["family"], "seeds": len(entry["seeds"])}
+               "protocol": protocol, "policy": policy, "family": entry["family"], "headline": entry["headline"],
+               "seeds": len(entry["seeds"])}
         for name in entry["seeds"][0]:
             values = [s[name] for s in entry["seeds"] if s[name] is not None]
             row[name] = statistics.fmean(values) if values else None
@@ -89,11 +93,12 @@ def _with_sd(row: dict, name: str, digits: int = 3) -> str:
 
 
 def table_lines(rows: list[dict], protocol: str) -> list[str]:
-    """The report's table of one protocol: per arm, Full() and every learned and confidence policy."""
+    """The report's table of one protocol: per arm, the rows of its own report's main table (Full(), the
+    best fixed exit and confidence setting, every learned threshold, the certified ones)."""
     lines = ["| arm | policy | saved % modelled | saved % measured | ROUGE-L [95 % CI] | ΔROUGE-L % |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        if r["protocol"] != protocol or r["family"] not in ("full", "learned", "confidence"):
+        if r["protocol"] != protocol or not r["headline"]:
             continue
         interval = "" if r["rouge_l_low"] is None else f" [{r['rouge_l_low']:.3f}, {r['rouge_l_high']:.3f}]"
         lines.append(f"| {r['arm']} | {r['policy']} | {_pct(r['saved_modelled_pct'])} | "
