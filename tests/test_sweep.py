@@ -221,8 +221,8 @@ def _policy_with_a_checkpoint(root: Path, not_pid: int | None = None):
     for directory in (root / "runs/.stages").glob("policy-*"):
         status = json.loads((directory / "status.json").read_text()) if (directory / "status.json").exists() else {}
         checkpoints = directory / "policy.partial" / "checkpoints"
-        if status.get("status") == "running" and status.get("pid") != not_pid and checkpoints.is_dir() and any(
-                checkpoints.iterdir()):
+        saved = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())  # a whole checkpoint
+        if status.get("status") == "running" and status.get("pid") != not_pid and saved:
             return directory, status["pid"]
     return None
 
@@ -248,6 +248,8 @@ def test_a_killed_worker_fails_its_arm_ctrl_c_stops_the_workers_and_a_rerun_resu
     sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     again, pid = _wait_for(lambda: _policy_with_a_checkpoint(tmp_path, not_pid=pid), sweep)  # (the killed
     # worker's status still says running: a status is a record, the lease is the lock)
+    log = tmp_path / "sweeps/tiny/logs" / f"{again.name}.log"
+    _wait_for(lambda: "resuming after update" in log.read_text(errors="replace"), sweep)  # it resumed
     sweep.send_signal(signal.SIGINT)  # Ctrl-C: the sweep stops its workers, each at a clean point
     out, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 130 and err.strip().splitlines()[-1].startswith("greencode: interrupted by SIGINT"), err
