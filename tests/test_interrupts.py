@@ -263,7 +263,11 @@ def test_run_interrupted_in_the_policy_stage_says_so_in_one_line_and_resumes(std
     config = chain_config(stdlib_corpus, cost, policies="full; learned@0.5", samples=2, timesteps=8 * 16 * 120)
     path = tmp_path / "chain.yaml"
     path.write_text(yaml.safe_dump(config))
-    partial = tmp_path / "runs" / "chain" / "policy.partial"
+    from greencode_jax.config import load_config
+    from greencode_jax.pipeline.plan import plan_stages
+
+    policy_dir = plan_stages(load_config(path))["policy"].dir  # runs/.stages/policy-KEY: its stage directory
+    partial = tmp_path / policy_dir / "policy.partial"
     command = Command(["run", path], env, tmp_path / "first", cwd=tmp_path)
     try:
         command.wait_for(lambda: (partial / "checkpoints").is_dir() and _saved(partial))
@@ -273,7 +277,7 @@ def test_run_interrupted_in_the_policy_stage_says_so_in_one_line_and_resumes(std
     saved = _saved(partial)
     line = the_line(command, 143, "greencode: interrupted by SIGTERM; [policy] ")
     assert line == (f"greencode: interrupted by SIGTERM; [policy] train-policy kept its checkpoint after update "
-                    f"{saved[-1]} of 120 in {Path('runs/chain/policy.partial')}; the same command resumes at update "
+                    f"{saved[-1]} of 120 in {policy_dir / 'policy.partial'}; the same command resumes at update "
                     f"{saved[-1] + 1}"), line
     assert not leftovers(tmp_path)
 

@@ -32,6 +32,13 @@ def test_every_stage_runs_then_a_rerun_skips_them(stdlib_corpus, tmp_path, monke
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.count("up to date") == 6, out
+    # Another run name (and log cadence) with the same config reuses every stage directory of the store.
+    assert main(["run", str(path), "run.name=other", "run.log_every=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 6, out
+    other = tmp_path / "runs" / "other"
+    assert (other / "evaluate").resolve() == (run / "evaluate").resolve()
+    assert (other / "evaluate").resolve().parent.parent == tmp_path / "runs" / ".stages"
     assert main(["run", str(path), "rl.beta=2"]) == 0
     out = capsys.readouterr().out
     assert "[rollouts] up to date" in out and "[policy] done in" in out and "[evaluate] done in" in out, out

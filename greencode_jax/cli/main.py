@@ -12,7 +12,7 @@ import atexit
 import os
 import sys
 
-from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, serve_cmd, train_cmd
+from greencode_jax.cli import data_cmd, eval_cmd, rl_cmd, serve_cmd, sweep_cmd, train_cmd
 from greencode_jax.cli.args import comma_list
 from greencode_jax.cli.bench_cmd import cmd_bench_decode, cmd_bench_forward, register_bench_serve
 from greencode_jax.cli.energy_cmd import register as register_energy, register_bench as register_bench_energy
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.register(sub)
     eval_cmd.register_certify(sub)
     serve_cmd.register(sub)
+    sweep_cmd.register(sub)
 
     bench = sub.add_parser("bench", help="benchmarks against the PyTorch reference, measured in the same run")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

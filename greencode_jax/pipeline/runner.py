@@ -2,10 +2,12 @@
 
     data (prepared by finetune if absent) -> finetune -> calibrate -> collect (train +
     validation rollouts) -> train policy -> certify -> evaluate -> report
-Everything goes under runs/<name>/ as each stage's own command writes it. A stage is
-skipped when its output exists for the same inputs: pipeline.json keeps, per stage, a hash
-of the config fields it reads and of the stages before it. An interrupted run (Ctrl-C,
-SIGTERM) stops inside a stage that resumes (finetune, collect, train-policy, evaluate)
+Each stage writes into its directory of the stage store, <run.out_dir>/.stages/<stage>-<key>/
+(plan.py: the key hashes the config fields that change its result and its upstream keys), and is
+skipped when that directory is done, whichever run or sweep made it. runs/<name>/ holds the run's
+pipeline.yaml and pipeline.json and relative links to its stages' outputs under their usual names
+(final, eval.json, cost_model.json, rollouts, policy, certify.json, evaluate). An interrupted run
+(Ctrl-C, SIGTERM) stops inside a stage that resumes (finetune, collect, train-policy, evaluate)
 or between stages; the same call continues.
 
 One YAML file holds every stage's section (greencode_jax.config): finetune's (run, model, data,
@@ -33,7 +35,9 @@ from greencode_jax.errors import GreencodeError
 from greencode_jax.eval.certify_run import certify as run_certify
 from greencode_jax.eval.run import evaluate
 from greencode_jax.locks import output_lock
-from greencode_jax.pipeline.stages import Stages, digest, read_stage_json, say
+from greencode_jax.pipeline.plan import FINETUNE_RUN, base_model, plan_stages, policy_rl
+from greencode_jax.pipeline.stages import RunRecord, read_stage_json, say
+from greencode_jax.pipeline.store import is_done, link_outputs, run_stage
 from greencode_jax.rl.collect import collect_rollouts
 from greencode_jax.rl.train import train_policy
 from greencode_jax.train import train
@@ -98,126 +102,137 @@ class _Run:
 
 
 def _run_stages(run_dir: Path, config: Config, log, show_evaluation) -> PipelineResult:
-    stages = Stages(run_dir, log)  # a corrupt pipeline.json is named before anything is written
+    record = RunRecord(run_dir)  # a corrupt pipeline.json is named before anything is written
     atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(config.mapping, sort_keys=False))
-    run = _Run(run_dir, config, stages, log)
-    _finetune_stage(run)
-    if show_evaluation is not None:
-        show_evaluation(read_stage_json(run_dir / "eval.json", "finetune"))
-    cost = _calibrate_stage(run, config.energy)
-    train_store, validation_store = _rollouts_stage(run, config.rollouts)
-    policy_dir = _policy_stage(run, config.rl, cost, train_store, validation_store)
-    certification = _certify_stage(run, config.certify, config.eval, policy_dir)
-    eval_dir = _evaluate_stage(run, config.eval, policy_dir, cost, certification)
-    return PipelineResult(run_dir=run_dir, eval_dir=eval_dir, policy_dir=policy_dir, seconds=dict(stages.seconds))
+    plan = plan_stages(config)
+    for stage in plan.values():  # what stands in the way of a link is named before any stage runs
+        link_outputs(run_dir, stage, check_only=True)
+    seconds = {}
+    for name, stage in plan.items():
+        seconds[name] = run_planned_stage(config, plan, name, log)
+        link_outputs(run_dir, stage)
+        record.save(stage, seconds[name])
+        if name == "finetune" and show_evaluation is not None:
+            show_evaluation(read_stage_json(run_dir / "eval.json", "finetune"))
+    return PipelineResult(run_dir=run_dir, eval_dir=run_dir / "evaluate", policy_dir=run_dir / "policy",
+                          seconds=seconds)
 
 
-def _finetune_stage(run: _Run):
-    run.keys["finetune"] = digest(run.finetune.to_dict())
+def run_planned_stage(config: Config, plan: dict, name: str, log=say) -> float:
+    """Stage `name` of `config` (planned by `plan_stages`) into its store directory, unless it is done
+    there; the stages it reads must be done. Returns its seconds (0.0 when up to date)."""
+    missing = [dep for dep in plan[name].deps if not is_done(plan[dep])]
+    if missing:
+        raise GreencodeError(f"[{name}] needs the {', '.join(missing)} stage first ({plan[missing[0]].dir} is not "
+                             "done)")
+    build, what = _BUILDERS[name](config, plan, log)
+    return run_stage(plan[name], build, what, log)
+
+
+def _finetune(config: Config, plan: dict, log):
+    finetune = config.finetune
+    into = dataclasses.replace(finetune, run=dataclasses.replace(finetune.run, out_dir=str(plan["finetune"].dir),
+                                                                  name=FINETUNE_RUN))
 
     def build():
-        result = train(run.finetune, source=run.config.source, resolved_yaml=run.config.finetune_yaml, progress=None)
+        result = train(into, source=config.source, resolved_yaml=yaml.safe_dump(into.to_dict(), sort_keys=False),
+                       progress=None)
         if result.stopped_by is not None:
             raise result.interruption()
 
-    run.stages.run("finetune", run.keys["finetune"], [run.final, run.run_dir / "eval.json"], build,
-                   f"data + exit fine-tune ({run.finetune.train.steps or 'epochs'} steps) -> {run.final}")
+    return build, f"data + exit fine-tune ({finetune.train.steps or 'epochs'} steps) -> {plan['finetune'].dir}"
 
 
-def _calibrate_stage(run: _Run, energy) -> Path:
-    cost = run.run_dir / "cost_model.json"
-    run.keys["calibrate"] = digest(run.keys["finetune"], dataclasses.asdict(energy))
+def _calibrate(config: Config, plan: dict, log):
+    energy, final, cost = config.energy, plan["finetune"].links["final"], plan["calibrate"].links["cost_model.json"]
 
     def build():
         if energy.cost_model:
-            _use_given_cost_model(run, energy.cost_model, cost)
+            _use_given_cost_model(final, energy.cost_model, cost, log)
             return
         for attempt in range(3):  # a noisy machine can fit a non-positive slope: measure again, longer
-            fit = calibrate(str(run.final), tokens=energy.tokens, new_tokens=energy.new_tokens, batch=energy.batch,
+            fit = calibrate(str(final), tokens=energy.tokens, new_tokens=energy.new_tokens, batch=energy.batch,
                             repeats=energy.repeats, min_seconds=energy.min_seconds * (attempt + 1), out=str(cost),
-                            energy_overrides=list(energy.set), log=run.log)
+                            energy_overrides=list(energy.set), log=log)
             if fit.b_j_per_layer > 0:
                 return
-            run.log(f"  the fit's J per layer is {fit.b_j_per_layer:.3g}: calibrating again with longer windows")
+            log(f"  the fit's J per layer is {fit.b_j_per_layer:.3g}: calibrating again with longer windows")
         raise GreencodeError(f"{cost}: the cost per layer did not come out positive in 3 calibrations; the machine "
                              "is too noisy (raise energy.min_seconds)")
 
     what = ("joules per token = a + b x layers + c x head evaluations + d x decisions (energy calibrate)"
             if not energy.cost_model else f"the cost model {energy.cost_model}")
-    run.stages.run("calibrate", run.keys["calibrate"], [cost], build, stale=[cost], what=what)
-    return cost
+    return build, what
 
 
-def _use_given_cost_model(run: _Run, given: str, cost: Path):
+def _use_given_cost_model(final: Path, given: str, cost: Path, log):
     """`energy.cost_model`: a fit made elsewhere (e.g. on the target GPU), checked against this model
     and copied into the run."""
-    fit = load_cost_model(given, architecture(load_model_config(run.final)), what="energy.cost_model")
+    fit = load_cost_model(given, architecture(load_model_config(final)), what="energy.cost_model")
     fit.pop("path")
     if fit["b_j_per_layer"] <= 0:
         raise GreencodeError(f"{given}: {fit['b_j_per_layer']:g} J per layer; expected a cost that grows with depth")
     write_json_output(cost, fit, "cost-model", inputs={"cost_model": given})
-    run.log(f"  {given}: {describe(fit)} ({fit['method']}), used as given")
+    log(f"  {given}: {describe(fit)} ({fit['method']}), used as given")
 
 
-def _rollouts_stage(run: _Run, rollouts) -> tuple[Path, Path]:
-    stores = {"train": run.run_dir / "rollouts" / "train", "validation": run.run_dir / "rollouts" / "validation"}
-    run.keys["rollouts"] = digest(run.keys["finetune"], dataclasses.asdict(rollouts))
+def _rollouts(config: Config, plan: dict, log):
+    rollouts, final = config.rollouts, plan["finetune"].links["final"]
+    stores = rollout_stores(plan)
 
     def build():
-        for split, path, n in (("train", stores["train"], rollouts.episodes),
-                               (rollouts.validation_split, stores["validation"], rollouts.validation_episodes)):
+        for split, path, n in (("train", stores[0], rollouts.episodes),
+                               (rollouts.validation_split, stores[1], rollouts.validation_episodes)):
             if path.exists():
                 continue  # collected before an interruption of the other store
-            collect_rollouts(run.final, run.data_dir, path, split=split, episodes=n, batch_size=rollouts.batch_size,
-                             seed=rollouts.seed + (split != "train"), hidden_dtype=rollouts.hidden_dtype,
-                             max_context=rollouts.max_context or None)
+            collect_rollouts(final, Path(config.finetune.data.path), path, split=split, episodes=n,
+                             batch_size=rollouts.batch_size, seed=rollouts.seed + (split != "train"),
+                             hidden_dtype=rollouts.hidden_dtype, max_context=rollouts.max_context or None)
 
-    run.stages.run("rollouts", run.keys["rollouts"], list(stores.values()), build,
-                   f"{rollouts.episodes} training + {rollouts.validation_episodes} validation episodes",
-                   stale=list(stores.values()))
-    return stores["train"], stores["validation"]
+    return build, f"{rollouts.episodes} training + {rollouts.validation_episodes} validation episodes"
 
 
-def _policy_stage(run: _Run, rl, cost: Path, train_store: Path, validation_store: Path) -> Path:
-    policy_dir = run.run_dir / "policy"
-    rl_cfg = dataclasses.replace(rl, cost_model=str(cost)) if rl.reward == "energy" and not rl.cost_model else rl
-    run.keys["policy"] = digest(run.keys["rollouts"], run.keys["calibrate"], dataclasses.asdict(rl_cfg))
-
-    def build():
-        train_policy(train_store, policy_dir, rl_cfg, validation_dir=validation_store, overwrite=True)
-
-    run.stages.run("policy", run.keys["policy"], [policy_dir], build,
-                   f"PPO, {rl_cfg.total_timesteps:,} timesteps, reward {rl_cfg.reward}", stale=[policy_dir])
-    return policy_dir
+def rollout_stores(plan: dict) -> tuple[Path, Path]:
+    """The training and validation rollout stores of the rollouts stage."""
+    root = plan["rollouts"].links["rollouts"]
+    return root / "train", root / "validation"
 
 
-def _certify_stage(run: _Run, certify, evaluate_cfg, policy_dir: Path) -> Path:
-    certification = run.run_dir / "certify.json"
-    protocol = {k: evaluate_cfg.evaluation_fields()[k] for k in ("context_fraction", "new_tokens", "max_context")}
-    run.keys["certify"] = digest(run.keys["policy"], dataclasses.asdict(certify), protocol)
+def _policy(config: Config, plan: dict, log):
+    policy_dir = plan["policy"].links["policy"]
+    rl = policy_rl(config, plan["calibrate"].links["cost_model.json"])
+    train_store, validation_store = rollout_stores(plan)
 
     def build():
-        run_certify(run.final, run.data_dir, certification,
+        train_policy(train_store, policy_dir, rl, validation_dir=validation_store, overwrite=True)
+
+    return build, f"PPO, {rl.total_timesteps:,} timesteps, reward {rl.reward}"
+
+
+def _certify(config: Config, plan: dict, log):
+    certify, evaluate_cfg = config.certify, config.eval
+    certification, policy_dir = plan["certify"].links["certify.json"], plan["policy"].links["policy"]
+
+    def build():
+        run_certify(plan["finetune"].links["final"], Path(config.finetune.data.path), certification,
                     policy_dir=policy_dir if "learned" in certify.families else None, config=evaluate_cfg,
                     section=certify)
 
-    run.stages.run("certify", run.keys["certify"], [certification], build,
-                   f"Learn-then-Test on the {certify.split} split: {', '.join(certify.families)}, {certify.loss} "
-                   f"loss, epsilon {certify.epsilon:g}", stale=[certification])
-    return certification
+    return build, (f"Learn-then-Test on the {certify.split} split: {', '.join(certify.families)}, {certify.loss} "
+                   f"loss, epsilon {certify.epsilon:g}")
 
 
-def _evaluate_stage(run: _Run, evaluate_cfg, policy_dir: Path, cost: Path, certification: Path) -> Path:
-    eval_dir = run.run_dir / "evaluate"
-    base = None if run.finetune.model.init == "scratch" else run.finetune.model.init
-    evaluate_cfg = dataclasses.replace(evaluate_cfg, certified=str(certification))
-    run.keys["evaluate"] = digest(run.keys["policy"], run.keys["certify"], evaluate_cfg.evaluation_fields(),
-                                  str(base))
+def _evaluate(config: Config, plan: dict, log):
+    eval_dir = plan["evaluate"].links["evaluate"]
+    evaluate_cfg = dataclasses.replace(config.eval, certified=str(plan["certify"].links["certify.json"]))
 
     def build():
-        evaluate(run.final, run.data_dir, eval_dir, policy_dir=policy_dir, base=base, cost_model=str(cost),
-                 config=evaluate_cfg)
+        evaluate(plan["finetune"].links["final"], Path(config.finetune.data.path), eval_dir,
+                 policy_dir=plan["policy"].links["policy"], base=base_model(config),
+                 cost_model=str(plan["calibrate"].links["cost_model.json"]), config=evaluate_cfg)
 
-    run.stages.run("evaluate", run.keys["evaluate"], [eval_dir / "summary.json", eval_dir / "report.md"], build,
-                   "every policy family on the test split", stale=[eval_dir])
-    return eval_dir
+    return build, "every policy family on the test split"
+
+
+_BUILDERS = {"finetune": _finetune, "calibrate": _calibrate, "rollouts": _rollouts, "policy": _policy,
+             "certify": _certify, "evaluate": _evaluate}

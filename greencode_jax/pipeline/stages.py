@@ -1,17 +1,13 @@
-"""The pipeline's bookkeeping: pipeline.json (per stage, the key of the inputs its outputs were
-made from), running a stage unless its outputs are up to date, and removing what a stage made for
-other inputs (only what is its own)."""
+"""The pipeline's bookkeeping: a stage's key (`digest`), reading a stage's JSON output, and a run
+directory's pipeline.json (which stage directories of the store it uses)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import time
 from pathlib import Path
 
-from greencode_jax import interrupts, ownership
-from greencode_jax.atomic import atomic_write_text, partial_path
+from greencode_jax.atomic import atomic_write_text
 from greencode_jax.errors import GreencodeError
 
 
@@ -35,14 +31,13 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Stages:
-    """pipeline.json: per stage, the key of the inputs its outputs were made from."""
+class RunRecord:
+    """pipeline.json of a run directory: per stage, its key, its directory in the store and the
+    seconds it took (0 when it was up to date)."""
 
-    def __init__(self, run_dir: Path, log=None):
-        self.log = log or say
+    def __init__(self, run_dir: Path):
         self.path = run_dir / "pipeline.json"
         self.done = self._read() if self.path.exists() else {}
-        self.seconds = {}
 
     def _read(self) -> dict:
         try:
@@ -51,57 +46,10 @@ class Stages:
             done = error
         if not isinstance(done, dict) or not all(isinstance(v, dict) for v in done.values()):
             reason = f" ({done})" if isinstance(done, Exception) else ""
-            raise GreencodeError(f"{self.path}: unreadable{reason}; it records which stages are done: delete it and "
-                                 "rerun, and every stage whose outputs it made runs again") from None
+            raise GreencodeError(f"{self.path}: unreadable{reason}; it records which stage directories this run "
+                                 "uses: delete it and rerun") from None
         return done
 
-    def run(self, name: str, key: str, outputs, build, what: str, stale=()):
-        """Runs `build` unless `outputs` exist for `key`. `stale`: paths (an interrupted run's
-        DIR.partial among them) removed first when they were started for other inputs; kept,
-        so that the stage resumes, when an interrupted run had the same inputs."""
-        log = self.log
-        outputs = [Path(p) for p in outputs]
-        entry = self.done.get(name, {})
-        if entry.get("key") == key and all(p.exists() for p in outputs):
-            log(f"[{name}] up to date ({what}), skipped")
-            self.seconds[name] = 0.0
-            return
-        if entry.get("started") != key:
-            try:
-                remove_stale_outputs(stale, name)
-            except GreencodeError as error:
-                raise GreencodeError(f"[{name}] {error}") from None
-        self.done[name] = {"started": key}
+    def save(self, stage, seconds: float):
+        self.done[stage.name] = {"key": stage.key, "dir": str(stage.dir), "seconds": round(seconds, 1)}
         atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
-        log(f"[{name}] {what}")
-        start = time.perf_counter()
-        try:
-            with ownership.stage(name):
-                build()
-        except interrupts.Interrupted as stop:  # what the stage kept; `greencode run` again resumes it
-            raise stop.prefixed(f"[{name}]") from None
-        except BaseException as error:
-            if isinstance(error, KeyboardInterrupt) or (isinstance(error, Exception) and interrupts.received()):
-                raise interrupts.interrupted(f"[{name}] stopped; the same command continues from this stage") \
-                    from None
-            if isinstance(error, GreencodeError):  # the earlier stages' outputs stay as they are, for the rerun
-                raise GreencodeError(f"[{name}] {error}") from None
-            raise
-        seconds = time.perf_counter() - start
-        self.seconds[name] = seconds
-        self.done[name] = {"key": key, "started": key, "seconds": round(seconds, 1)}
-        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
-        log(f"[{name}] done in {seconds:.1f} s")
-
-
-def remove_stale_outputs(paths, stage_name: str):
-    """Removes what stage `stage_name` made for other inputs (each path and its DIR.partial), after
-    checking that every one of them is its own: anything else is left, and named."""
-    present = [p for path in map(Path, paths) for p in (path, partial_path(path)) if p.exists() or p.is_symlink()]
-    for path in present:  # every check first: nothing is removed unless all of it may be
-        ownership.check_stage_output(path, stage_name)
-    for path in present:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
