@@ -181,6 +181,9 @@ def test_finetune_never_writes_over_a_users_directory(world, capsys):
     assert "runs/mine: exists and was not made by greencode-jax" in line, line
     line = refused(["run", "mine.yaml"], capsys, world)
     assert "runs/mine: exists and was not made by greencode-jax" in line, line
+    # a `greencode run` directory holds links into the stage store, not a finetune's own outputs
+    line = refused(["finetune", "chain.yaml"], capsys, world)
+    assert "runs/chain: a `greencode run` directory (its final links to ../.stages/finetune-" in line, line
 
 
 def test_a_stale_partial_is_cleared_by_overwrite_only(world, capsys):

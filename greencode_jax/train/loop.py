@@ -126,6 +126,10 @@ def train(cfg: FinetuneConfig, source: str = "config", resolved_yaml: str | None
     info = initialize_distributed(cfg.parallel.distributed)  # before anything touches the devices
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     inputs = {"data": cfg.data.path or None, "model": None if cfg.model.init == "scratch" else cfg.model.init}
+    if (run_dir / "final").is_symlink():  # greencode run's layout: its stages live in the stage store
+        raise GreencodeError(f"{run_dir}: a `greencode run` directory (its final links to "
+                             f"{os.readlink(run_dir / 'final')}); `greencode finetune` writes a run of its own: choose "
+                             "another run.name or run.out_dir, or rerun `greencode run`")
     check_run_directory(run_dir, inputs)
     with output_lock(run_dir, enabled=info.is_primary):
         return _train(cfg, source, resolved_yaml, progress, re_evaluate, started, info, run_dir, inputs)
