@@ -217,7 +217,15 @@ class Engine:
         logprobs = (itertools.repeat(None) if count is None else  # built only for a request that asked
                     [(float(lp), list(zip(ids[:count].tolist(), tops[:count].tolist())))
                      for lp, ids, tops in zip(out.logprobs[row], out.top_ids[row], out.top_logprobs[row])])
-        done = job.add_tokens(out.tokens[row], out.exit_layers[row], logprobs, self.stop_ids, self.decode)
+        done = self._add_tokens(job, out.tokens[row], out.exit_layers[row], logprobs)
+        if done:
+            self._release(slot, job, job.finish_reason)
+        return job.exit_layers[before:]
+
+    def _add_tokens(self, job: Job, tokens, exit_layers, logprobs) -> bool:
+        """Appends tokens to `job` and hands its client the text they settled; returns whether it finished."""
+        before = len(job.tokens)
+        done = job.add_tokens(tokens, exit_layers, logprobs, self.stop_ids, self.decode)
         if job.first_token is None:
             job.first_token = time.perf_counter()
         if self.observer is not None:
@@ -225,9 +233,7 @@ class Engine:
         delta = job.settled_text()
         if delta:
             job.sink("delta", (delta, before, len(job.tokens)))
-        if done:
-            self._release(slot, job, job.finish_reason)
-        return job.exit_layers[before:]
+        return done
 
     def _release(self, slot: int, job: Job, reason: str):
         self._jobs[slot] = None

@@ -46,13 +46,5 @@ class SequentialEngine(Engine):
         self.energy.end([job], [int((exits + 1).sum())])
         if self.observer is not None:
             self.observer.admitted(job)
-        before = len(job.tokens)
-        job.add_tokens(tokens, exits, itertools.repeat(None), self.stop_ids, self.decode)
-        job.finish_reason = job.finish_reason or "length"
-        job.first_token = time.perf_counter()
-        if self.observer is not None:
-            self.observer.tokens(job, len(job.tokens) - before)
-        delta = job.settled_text()
-        if delta:
-            job.sink("delta", (delta, before, len(job.tokens)))
-        self._finish(job, job.finish_reason)
+        self._add_tokens(job, tokens, exits, itertools.repeat(None))
+        self._finish(job, job.finish_reason or "length")
