@@ -1,10 +1,20 @@
-"""The SLURM backend, through submitit: each stage job one SLURM job, submitted when its upstream jobs
-are done (the sweep's process follows them, as with Ray), its output in the job's log.
+"""The SLURM backend, through submitit: each stage job one SLURM job, its output in the job's log.
+
+On a SLURM cluster the whole stage graph is submitted at once: a job whose upstream jobs are still
+queued or running waits for them in SLURM (`--dependency=afterok:ID[:ID...]`, with
+`--kill-on-invalid-dep=yes`, so a job whose upstream failed is cancelled rather than left pending),
+and the jobs of one stage with the same upstream jobs (the policies of arms that differ only in
+`rl`, say) go as one job array. A calibration job asks for its node alone (`--exclusive`): it
+measures the machine. The jobs need no driver: the sweep's process only follows them, to write the
+results at the end; if it goes, the jobs go on, and rerunning the sweep afterwards writes them.
+
+Off a SLURM cluster submitit runs the jobs as local processes (its local executor, which the tests
+use). It cannot express dependencies, so there each job is submitted only when its upstream jobs
+are done, the sweep's process ordering them as for the local backend.
 
 `folder` (`--address`) is submitit's folder for its scripts and pickles (default sweeps/.submitit). The
 SLURM parameters come from the environment: GREENCODE_SLURM_PARTITION, GREENCODE_SLURM_TIME (minutes,
 default 240), GREENCODE_SLURM_CPUS (per job, default 4), GREENCODE_SLURM_GPUS (per node, default 0).
-Off a SLURM cluster submitit runs the jobs as local processes (its local executor), which the tests use.
 """
 
 from __future__ import annotations
@@ -14,9 +24,12 @@ import time
 from pathlib import Path
 
 from greencode_jax.pipeline.backends.command import job_env, run_logged_command
+from greencode_jax.pipeline.scheduler import ALONE
 
 POLL_SECONDS = 0.5
 DEFAULT_FOLDER = "sweeps/.submitit"
+# Dependents of a failed job are cancelled by SLURM (they could never start), not left pending forever.
+ON_FAILED_UPSTREAM = {"kill-on-invalid-dep": "yes"}
 
 
 def slurm_parameters() -> dict:
@@ -35,18 +48,60 @@ class SlurmBackend:
     def __init__(self, folder: str | None = None, cluster: str | None = None):
         import submitit  # lazy: an optional dependency (requirements-cluster.txt)
 
-        self.executor = submitit.AutoExecutor(folder=Path(folder or DEFAULT_FOLDER) / "%j", cluster=cluster)
-        params = slurm_parameters()
-        if self.executor.cluster != "slurm":  # the local executor takes the generic parameters only
-            params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-        self.executor.update_parameters(name="greencode-sweep", **params)
+        self.submitit, self.folder = submitit, Path(folder or DEFAULT_FOLDER) / "%j"
+        self.cluster = submitit.AutoExecutor(folder=self.folder, cluster=cluster).cluster  # "slurm" where srun is
+        self.executor = self._executor(name="greencode-sweep")
+        # On SLURM, a job goes to the queue as soon as its upstream jobs are submitted (scheduler.py).
+        self.follows_dependencies = self.cluster == "slurm"
         self.slots = 1 << 16  # SLURM queues what it cannot start
+        self._queued = []  # (job, command, log path), submitted by flush()
         self._running = {}  # job id -> (submitit job, start)
 
+    def _executor(self, **extra):
+        """An executor with the stage jobs' parameters and `extra`: a new one for each submission, since
+        submitit's parameters can be set but never unset."""
+        executor = self.submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
+        params = slurm_parameters()
+        if executor.cluster != "slurm":  # the local executor takes the generic parameters only
+            params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        executor.update_parameters(**params, **extra)
+        return executor
+
     def start(self, job, command: list[str], log_path):
+        if self.follows_dependencies:
+            self._queued.append((job, command, os.path.abspath(log_path)))
+            return
         submitted = self.executor.submit(run_logged_command, command, os.getcwd(), os.path.abspath(log_path),
                                          job_env())
         self._running[job.id] = (submitted, time.perf_counter())
+
+    def flush(self):
+        """Submits the started jobs, stage by stage (each one's upstream jobs have their SLURM ids by
+        then): one job array per stage and set of upstream SLURM jobs that are not done."""
+        stages = list(dict.fromkeys(job.stage for job, _, _ in self._queued))
+        for stage in stages:
+            groups = {}
+            for job, command, log_path in self._queued:
+                if job.stage == stage:
+                    upstream = tuple(self._running[d][0].job_id for d in job.deps if d in self._running)
+                    groups.setdefault(upstream, []).append((job, command, log_path))
+            for upstream, members in groups.items():
+                self._submit_array(stage, upstream, members)
+        self._queued = []
+
+    def _submit_array(self, stage: str, upstream: tuple, members: list):
+        extra = {"name": f"greencode-{stage}"}
+        if upstream:
+            extra.update(slurm_dependency="afterok:" + ":".join(upstream),
+                         slurm_additional_parameters=ON_FAILED_UPSTREAM)
+        if stage in ALONE:
+            extra["slurm_exclusive"] = True
+        executor = self._executor(**extra)
+        with executor.batch():  # one job alone is submitted as a job, several as an array
+            submitted = [executor.submit(run_logged_command, command, os.getcwd(), log_path, job_env())
+                         for _, command, log_path in members]
+        for (job, _, _), one in zip(members, submitted):
+            self._running[job.id] = (one, time.perf_counter())
 
     def wait(self) -> list:
         while True:
