@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import yaml
 
 from greencode_jax.pipeline.scheduler import launch_ready
 from greencode_jax.pipeline.sweep import job_command, plan_sweep
@@ -88,3 +89,26 @@ def test_the_whole_graph_is_submitted_at_once_with_dependencies_and_arrays(fake_
     cancelled = (fake_slurm / "scancel.log").read_text().split()
     assert sorted(set(cancelled)) == sorted({finetune, calibrate, rollouts, *by_stage["certify"],
                                              *by_stage["evaluate"]} | {f"{policy}_{t}" for t in range(6)})
+
+
+def test_a_multi_host_stage_asks_for_one_task_per_node(fake_slurm, tmp_path):
+    pytest.importorskip("submitit")
+    from greencode_jax.pipeline.backends.slurm import SlurmBackend
+
+    sweep = {"name": "hosts", "base": str(REPO / "configs/quickstart.yaml"), "grid": {"rl.beta": [1.0, 2.0]},
+             "arms": [{"name": "multi", "set": {"parallel.hosts": 2, "rl.hosts": 3}}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    plan = plan_sweep(read_sweep(tmp_path / "sweep.yaml"))
+    plan.out.mkdir(parents=True)
+    backend = SlurmBackend(str(tmp_path / "submitit"), cluster="slurm")
+    launch_ready(list(plan.jobs.values()), {}, plan.jobs, backend,
+                 lambda job: (job_command(plan.out, job), plan.out / f"{job.id}.log"), lambda line: None)
+    scripts = {sbatch_flags(path.read_text())["job-name"].removeprefix("greencode-"): path.read_text()
+               for path in (tmp_path / "submitit").glob("*/*_submission.sh")}
+    expected_nodes = {"finetune": "2", "calibrate": "1", "rollouts": "1", "policy": "3"}
+    for stage, nodes in expected_nodes.items():
+        flags = sbatch_flags(scripts[stage])
+        assert (flags["nodes"], flags["ntasks-per-node"]) == (nodes, "1"), scripts[stage]
+        assert ("--kill-on-bad-exit=1" in scripts[stage]) == (nodes != "1"), scripts[stage]
+    assert sbatch_flags(scripts["policy"])["array"] == "0-1%2"  # the two betas' policies, 3 nodes each
+    backend.stop()

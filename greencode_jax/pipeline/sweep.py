@@ -100,8 +100,7 @@ def run_sweep(plan: SweepPlan, backend, log) -> dict:
             ownership.write_manifest(out, "sweep", {"sweep": plan.sweep.path})
         elif ownership.read_manifest(out).get("kind") != "sweep":
             ownership.check_replaceable_dir(out, "sweep")  # raises, naming what it is
-        for job in plan.jobs.values():
-            atomic_write_text(_spec_path(out, job), json.dumps(job.spec, indent=2) + "\n")
+        write_job_specs(out, plan.jobs.values())
         errors = run_jobs(plan.jobs, backend, out, lambda job: job_command(out, job), log)
         failed = {}
         for run in plan.sweep.runs:
@@ -115,6 +114,12 @@ def run_sweep(plan: SweepPlan, backend, log) -> dict:
                 link_outputs(run_dir, stage)
         write_results(plan, out, failed)
     return failed
+
+
+def write_job_specs(out: Path, jobs):
+    """sweeps/<name>/jobs/<job>.json of each job: what its command (`job_command`) reads."""
+    for job in jobs:
+        atomic_write_text(_spec_path(out, job), json.dumps(job.spec, indent=2) + "\n")
 
 
 def _spec_path(out: Path, job: Job) -> Path:

@@ -4,13 +4,14 @@ On a SLURM cluster the whole stage graph is submitted at once: a job whose upstr
 queued or running waits for them in SLURM (`--dependency=afterok:ID[:ID...]`, with
 `--kill-on-invalid-dep=yes`, so a job whose upstream failed is cancelled rather than left pending),
 and the jobs of one stage with the same upstream jobs (the policies of arms that differ only in
-`rl`, say) go as one job array. A calibration job asks for its node alone (`--exclusive`): it
+`rl`, say) go as one job array. A stage of `hosts` > 1 asks for that many nodes, one task each: every
+task runs the stage's command, and parallel/distributed.py joins them through SLURM's variables. A calibration job asks for its node alone (`--exclusive`): it
 measures the machine. The jobs need no driver: the sweep's process only follows them, to write the
 results at the end; if it goes, the jobs go on, and rerunning the sweep afterwards writes them.
 
 Off a SLURM cluster submitit runs the jobs as local processes (its local executor, which the tests
 use). It cannot express dependencies, so there each job is submitted only when its upstream jobs
-are done, the sweep's process ordering them as for the local backend.
+are done, the sweep's process ordering them as for the local backend; nor several hosts.
 
 `folder` (`--address`) is submitit's folder for its scripts and pickles (default sweeps/.submitit). The
 SLURM parameters come from the environment: GREENCODE_SLURM_PARTITION, GREENCODE_SLURM_TIME (minutes,
@@ -23,6 +24,7 @@ import os
 import time
 from pathlib import Path
 
+from greencode_jax.errors import GreencodeError
 from greencode_jax.pipeline.backends.command import job_env, run_logged_command
 from greencode_jax.pipeline.scheduler import ALONE
 
@@ -64,10 +66,13 @@ class SlurmBackend:
         params = slurm_parameters()
         if executor.cluster != "slurm":  # the local executor takes the generic parameters only
             params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-        executor.update_parameters(**params, **extra)
+        executor.update_parameters(**dict(params, **extra))
         return executor
 
     def start(self, job, command: list[str], log_path):
+        if job.plan.hosts > 1 and not self.follows_dependencies:
+            raise GreencodeError(f"[{job.stage}] {job.plan.hosts} hosts: submitit's local executor runs one process "
+                                 "per job; off a SLURM cluster, run the sweep with --backend local")
         if self.follows_dependencies:
             self._queued.append((job, command, os.path.abspath(log_path)))
             return
@@ -84,13 +89,16 @@ class SlurmBackend:
             for job, command, log_path in self._queued:
                 if job.stage == stage:
                     upstream = tuple(self._running[d][0].job_id for d in job.deps if d in self._running)
-                    groups.setdefault(upstream, []).append((job, command, log_path))
-            for upstream, members in groups.items():
-                self._submit_array(stage, upstream, members)
+                    groups.setdefault((upstream, job.plan.hosts), []).append((job, command, log_path))
+            for (upstream, hosts), members in groups.items():
+                self._submit_array(stage, upstream, hosts, members)
         self._queued = []
 
-    def _submit_array(self, stage: str, upstream: tuple, members: list):
-        extra = {"name": f"greencode-{stage}"}
+    def _submit_array(self, stage: str, upstream: tuple, hosts: int, members: list):
+        # a multi-host stage: one task per node, which distributed.py's SLURM detection joins
+        extra = {"name": f"greencode-{stage}", "nodes": hosts, "tasks_per_node": 1}
+        if hosts > 1:  # a task that fails ends the others (srun's default waits for them)
+            extra["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         if upstream:
             extra.update(slurm_dependency="afterok:" + ":".join(upstream),
                          slurm_additional_parameters=ON_FAILED_UPSTREAM)
@@ -112,8 +120,9 @@ class SlurmBackend:
         out = []
         for job_id in finished:
             submitted, start = self._running.pop(job_id)
-            try:
-                status, _ = submitted.result()
+            try:  # one (status, seconds) per task: a multi-host job fails if any of its tasks does
+                failed = [status for status, _ in submitted.results() if status != 0]
+                status = failed[0] if failed else 0
             except Exception as error:  # the job died (preempted, timed out, out of memory): its state says why
                 status = f"SLURM job {submitted.job_id} {submitted.state}: {str(error).strip().splitlines()[-1:]}"
             out.append((job_id, status, time.perf_counter() - start))
