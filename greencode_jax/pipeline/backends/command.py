@@ -23,8 +23,8 @@ def process_envs(hosts: int, coordinator: str) -> list[dict]:
     (parallel/distributed.py) with `coordinator` (host:port of process 0); one process needs none."""
     if hosts == 1:
         return [{}]
-    return [{"GREENCODE_COORDINATOR": coordinator, "GREENCODE_NUM_PROCESSES": str(hosts), "GREENCODE_PROCESS_ID": str(i)}
-            for i in range(hosts)]
+    return [{"GREENCODE_COORDINATOR": coordinator, "GREENCODE_NUM_PROCESSES": str(hosts),
+             "GREENCODE_PROCESS_ID": str(i)} for i in range(hosts)]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -5,8 +5,9 @@ queued or running waits for them in SLURM (`--dependency=afterok:ID[:ID...]`, wi
 `--kill-on-invalid-dep=yes`, so a job whose upstream failed is cancelled rather than left pending),
 and the jobs of one stage with the same upstream jobs (the policies of arms that differ only in
 `rl`, say) go as one job array. A stage of `hosts` > 1 asks for that many nodes, one task each: every
-task runs the stage's command, and parallel/distributed.py joins them through SLURM's variables. A calibration job asks for its node alone (`--exclusive`): it
-measures the machine. The jobs need no driver: the sweep's process only follows them, to write the
+task runs the stage's command, and parallel/distributed.py joins them through SLURM's variables
+(`--kill-on-bad-exit=1`: a task that fails ends the others). A calibration job asks for its node
+alone (`--exclusive`): it measures the machine. The jobs need no driver: the sweep's process only follows them, to write the
 results at the end; if it goes, the jobs go on, and rerunning the sweep afterwards writes them.
 
 Off a SLURM cluster submitit runs the jobs as local processes (its local executor, which the tests
