@@ -140,6 +140,7 @@ def test_the_dry_run_shows_what_is_shared_and_runs_nothing_without_jax(tmp_path,
     ({"zip": {"rl.beta": [1, 2], "rl.learning_rate": [0.1]}}, ("the zip lists differ in length",)),
     ({"gird": {"rl.beta": [1]}}, ("unknown key 'gird' (did you mean 'grid'?)",)),
     ({"seeds": [0, "one"]}, ("'seeds' is [0, 'one']; expected a non-empty list of integers",)),
+    ({"grid": {"parallel.hosts": [2, 0]}}, ("arm 'hosts=0': ", "parallel.hosts=0: expected a positive integer")),
 ])
 def test_a_bad_sweep_file_is_one_error_before_anything_runs(sweep, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
