@@ -1,5 +1,5 @@
-"""`greencode sweep SWEEP.yaml [--backend local|ray|slurm] [--jobs N] [--dry-run]`: parses, calls
-greencode_jax.pipeline's sweep, prints the dry run or the results table.
+"""`greencode sweep SWEEP.yaml [--backend local|ray|slurm] [--jobs N] [--cpus-per-stage N] [--gpus-per-stage N]
+[--dry-run]`: parses, calls greencode_jax.pipeline's sweep, prints the dry run or the results table.
 
 Wiring (in main.py's build_parser): `sweep_cmd.register(sub)`.
 """
