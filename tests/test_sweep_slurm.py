@@ -5,6 +5,7 @@ the job array, the resources) and in the pickled commands the jobs would run. No
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 from pathlib import Path
@@ -20,7 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 FAKES = {"sbatch": 'n=$(( $(cat "$0.count" 2>/dev/null || echo 100) + 1 )); echo $n > "$0.count"\n'
                    'echo "Submitted batch job $n"\n',
          "srun": "exit 1\n",
-         "scancel": 'echo "$@" >> "$0.log"\n'}
+         "scancel": 'echo "$@" >> "$0.log"\n',
+         # every job asked for is PENDING (an array's tasks too), but those listed in sacct.cancelled
+         "sacct": 'echo "JobID|State|NodeList"\nwhile [ $# -gt 0 ]; do\n  if [ "$1" = -j ]; then state=PENDING\n'
+                  '    grep -qx "$2" "$0.cancelled" 2>/dev/null && state=CANCELLED\n'
+                  '    echo "$2|$state|"; echo "$2_[0-9]|$state|"; shift; fi\n  shift\ndone\n'}
 
 
 @pytest.fixture
@@ -43,17 +48,23 @@ def sbatch_flags(script: str) -> dict:
     return dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S*))?$", script, flags=re.M))
 
 
-def test_the_whole_graph_is_submitted_at_once_with_dependencies_and_arrays(fake_slurm, tmp_path):
-    submitit = pytest.importorskip("submitit")
+def launch(plan, folder: Path):
+    """The scheduler's launch of every job of `plan` on a SLURM backend: (backend, jobs left pending)."""
     from greencode_jax.pipeline.backends.slurm import SlurmBackend
 
-    plan = plan_sweep(read_sweep(REPO / "configs/sweeps/rl-ablation.yaml"))
-    plan.out.mkdir(parents=True)
-    backend = SlurmBackend(str(tmp_path / "submitit"), cluster="slurm")
-    pending, running = list(plan.jobs.values()), {}
-    launch_ready(pending, running, plan.jobs, backend,
+    plan.out.mkdir(parents=True, exist_ok=True)
+    backend = SlurmBackend(str(folder), cluster="slurm")
+    pending = list(plan.jobs.values())
+    launch_ready(pending, {}, plan.jobs, backend,
                  lambda job: (job_command(plan.out, job), plan.out / f"{job.id}.log"), lambda line: None)
-    assert not pending and len(running) == 21  # every job, without waiting for any
+    return backend, pending
+
+
+def test_the_whole_graph_is_submitted_at_once_with_dependencies_and_arrays(fake_slurm, tmp_path):
+    submitit = pytest.importorskip("submitit")
+    plan = plan_sweep(read_sweep(REPO / "configs/sweeps/rl-ablation.yaml"))
+    backend, pending = launch(plan, tmp_path / "submitit")
+    assert not pending  # every job, without waiting for any
 
     scripts = {path.parent.name: path.read_text() for path in (tmp_path / "submitit").glob("*/*_submission.sh")}
     flags = {slurm_id: sbatch_flags(text) for slurm_id, text in scripts.items()}
@@ -91,18 +102,32 @@ def test_the_whole_graph_is_submitted_at_once_with_dependencies_and_arrays(fake_
                                              *by_stage["evaluate"]} | {f"{policy}_{t}" for t in range(6)})
 
 
+def test_a_rerun_follows_the_jobs_still_queued_and_submits_the_others(fake_slurm, tmp_path):
+    pytest.importorskip("submitit")
+    plan = plan_sweep(read_sweep(REPO / "configs/sweeps/rl-ablation.yaml"))
+    launch(plan, tmp_path / "submitit")  # a sweep that submitted its jobs, then went (--detach, a lost login)
+    scripts = sorted((tmp_path / "submitit").glob("*/*_submission.sh"))
+    record = json.loads((tmp_path / "submitit/greencode-jobs.json").read_text())
+    assert sorted(record) == sorted(plan.jobs) and len(scripts) == 16
+    gone = next(job_id for job_id in record if job_id.startswith("evaluate-"))
+    (fake_slurm / "sacct.cancelled").write_text(record[gone] + "\n")
+    first = next(path for path in scripts if path.parent.name == record[gone]).read_text()
+
+    backend, pending = launch(plan, tmp_path / "submitit")
+    assert not pending
+    again = sorted(set((tmp_path / "submitit").glob("*/*_submission.sh")) - set(scripts))
+    assert len(again) == 1  # the cancelled job alone, waiting on the same upstream jobs as before
+    assert sbatch_flags(again[0].read_text())["dependency"] == sbatch_flags(first)["dependency"]
+    renewed = json.loads((tmp_path / "submitit/greencode-jobs.json").read_text())
+    assert renewed == dict(record, **{gone: again[0].parent.name})
+
+
 def test_a_multi_host_stage_asks_for_one_task_per_node(fake_slurm, tmp_path):
     pytest.importorskip("submitit")
-    from greencode_jax.pipeline.backends.slurm import SlurmBackend
-
     sweep = {"name": "hosts", "base": str(REPO / "configs/quickstart.yaml"), "grid": {"rl.beta": [1.0, 2.0]},
              "arms": [{"name": "multi", "set": {"parallel.hosts": 2, "rl.hosts": 3}}]}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    plan = plan_sweep(read_sweep(tmp_path / "sweep.yaml"))
-    plan.out.mkdir(parents=True)
-    backend = SlurmBackend(str(tmp_path / "submitit"), cluster="slurm")
-    launch_ready(list(plan.jobs.values()), {}, plan.jobs, backend,
-                 lambda job: (job_command(plan.out, job), plan.out / f"{job.id}.log"), lambda line: None)
+    backend, _ = launch(plan_sweep(read_sweep(tmp_path / "sweep.yaml")), tmp_path / "submitit")
     scripts = {sbatch_flags(path.read_text())["job-name"].removeprefix("greencode-"): path.read_text()
                for path in (tmp_path / "submitit").glob("*/*_submission.sh")}
     expected_nodes = {"finetune": "2", "calibrate": "1", "rollouts": "1", "policy": "3"}
@@ -112,3 +137,20 @@ def test_a_multi_host_stage_asks_for_one_task_per_node(fake_slurm, tmp_path):
         assert ("--kill-on-bad-exit=1" in scripts[stage]) == (nodes != "1"), scripts[stage]
     assert sbatch_flags(scripts["policy"])["array"] == "0-1%2"  # the two betas' policies, 3 nodes each
     backend.stop()
+
+
+def test_detach_submits_the_graph_and_returns_where_slurm_can_run_it_alone(fake_slurm, tmp_path, capsys):
+    pytest.importorskip("submitit")
+    from greencode_jax.cli.main import main
+    from greencode_jax.pipeline.backends.slurm import SlurmBackend
+    from greencode_jax.pipeline.sweep import submit_sweep
+
+    plan = plan_sweep(read_sweep(REPO / "configs/sweeps/rl-ablation.yaml"))
+    assert submit_sweep(plan, SlurmBackend(str(tmp_path / "submitit"), cluster="slurm"), lambda line: None) == 21
+    assert len(list((tmp_path / "submitit").glob("*/*_submission.sh"))) == 16
+    assert sorted(p.name for p in plan.out.iterdir()) == [".greencode-output.json", "jobs", "logs"]  # no results
+    # the local backend (or submitit's local executor) needs this process to order the jobs: one error
+    assert main(["sweep", str(REPO / "configs/sweeps/rl-ablation.yaml"), "--detach"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("greencode: error: --detach: only --backend slurm on a SLURM cluster runs the stage jobs "
+                           "without this process (its jobs wait on each other in SLURM)")

@@ -32,9 +32,10 @@ def error_line(log_path: Path, status) -> str:
     return f"exit status {status}" + (f": {last[:300]}" if last else "") + f" (log: {log_path})"
 
 
-def run_jobs(jobs: dict, backend, out: Path, command_of, log) -> dict:
+def run_jobs(jobs: dict, backend, out: Path, command_of, log, detach: bool = False) -> dict:
     """Runs every job of `jobs` (id -> sweep.Job, in dependency order) that is not done, `command_of(job)`
-    on `backend`; returns {job id: one-line error} of the jobs that failed or could not run."""
+    on `backend`; returns {job id: one-line error} of the jobs that failed or could not run. `detach` (a
+    backend that follows dependencies): returns once every job is submitted, and they go on without us."""
     errors, running = {}, {}
     pending = [job for job in jobs.values() if not job.done]
     if len(pending) < len(jobs):
@@ -45,6 +46,8 @@ def run_jobs(jobs: dict, backend, out: Path, command_of, log) -> dict:
             _fail_downstream(pending, errors, log)
             launch_ready(pending, running, jobs, backend,
                          lambda job: (command_of(job), out / "logs" / f"{job.id}.log"), log)
+            if detach:
+                return errors
             if not running:
                 for job in pending:  # upstream neither done nor failed: cannot happen, but never loop forever
                     errors[job.id] = f"[{job.stage}] its upstream jobs did not finish"

@@ -7,8 +7,10 @@ and the jobs of one stage with the same upstream jobs (the policies of arms that
 `rl`, say) go as one job array. A stage of `hosts` > 1 asks for that many nodes, one task each: every
 task runs the stage's command, and parallel/distributed.py joins them through SLURM's variables
 (`--kill-on-bad-exit=1`: a task that fails ends the others). A calibration job asks for its node
-alone (`--exclusive`): it measures the machine. The jobs need no driver: the sweep's process only follows them, to write the
-results at the end; if it goes, the jobs go on, and rerunning the sweep afterwards writes them.
+alone (`--exclusive`): it measures the machine. The jobs need no driver: the sweep's process only
+follows them, to write the results at the end (`--detach`: it returns once they are submitted). Each
+submitted job's SLURM id goes to `greencode-jobs.json` in submitit's folder, so that a rerun follows
+the jobs still queued or running (its new jobs waiting on them) and submits only the others.
 
 Off a SLURM cluster submitit runs the jobs as local processes (its local executor, which the tests
 use). It cannot express dependencies, so there each job is submitted only when its upstream jobs
@@ -21,10 +23,12 @@ default 240), GREENCODE_SLURM_CPUS (per job, default 4), GREENCODE_SLURM_GPUS (p
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
+from greencode_jax.atomic import atomic_write_text
 from greencode_jax.errors import GreencodeError
 from greencode_jax.pipeline.backends.command import job_env, run_logged_command
 from greencode_jax.pipeline.scheduler import ALONE
@@ -33,6 +37,10 @@ POLL_SECONDS = 0.5
 DEFAULT_FOLDER = "sweeps/.submitit"
 # Dependents of a failed job are cancelled by SLURM (they could never start), not left pending forever.
 ON_FAILED_UPSTREAM = {"kill-on-invalid-dep": "yes"}
+# In submitit's folder: {stage job: SLURM job id} of what was submitted, so that a rerun follows a job
+# still queued or running instead of submitting it again.
+RECORD = "greencode-jobs.json"
+WAITING = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
 def slurm_parameters() -> dict:
@@ -84,6 +92,9 @@ class SlurmBackend:
     def flush(self):
         """Submits the started jobs, stage by stage (each one's upstream jobs have their SLURM ids by
         then): one job array per stage and set of upstream SLURM jobs that are not done."""
+        if not self.follows_dependencies:  # the local executor: start() submitted them
+            return
+        self._queued = [entry for entry in self._queued if not self._follow_queued(entry[0])]
         stages = list(dict.fromkeys(job.stage for job, _, _ in self._queued))
         for stage in stages:
             groups = {}
@@ -94,6 +105,31 @@ class SlurmBackend:
             for (upstream, hosts), members in groups.items():
                 self._submit_array(stage, upstream, hosts, members)
         self._queued = []
+        record = self._record()
+        record.update({job_id: submitted.job_id for job_id, (submitted, _) in self._running.items()})
+        atomic_write_text(self._record_path(), json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def _record_path(self) -> Path:
+        return self.folder.parent / RECORD
+
+    def _record(self) -> dict:
+        try:
+            record = json.loads(self._record_path().read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _follow_queued(self, job) -> bool:
+        """Whether `job` was submitted by an earlier sweep and is still queued or running in SLURM: then it
+        is followed (and its dependents wait on it) rather than submitted again."""
+        slurm_id = self._record().get(job.id)
+        if not isinstance(slurm_id, str):
+            return False
+        submitted = self.submitit.SlurmJob(folder=self.folder, job_id=slurm_id, tasks=tuple(range(job.plan.hosts)))
+        if submitted.watcher.get_state(slurm_id, mode="force").split()[0] not in WAITING:
+            return False
+        self._running[job.id] = (submitted, time.perf_counter())
+        return True
 
     def _submit_array(self, stage: str, upstream: tuple, hosts: int, members: list):
         # a multi-host stage: one task per node, which distributed.py's SLURM detection joins
