@@ -140,6 +140,7 @@ def test_the_dry_run_shows_what_is_shared_and_runs_nothing_without_jax(tmp_path,
     ({"zip": {"rl.beta": [1, 2], "rl.learning_rate": [0.1]}}, ("the zip lists differ in length",)),
     ({"gird": {"rl.beta": [1]}}, ("unknown key 'gird' (did you mean 'grid'?)",)),
     ({"seeds": [0, "one"]}, ("'seeds' is [0, 'one']; expected a non-empty list of integers",)),
+    ({"grid": {"parallel.hosts": [2, 0]}}, ("arm 'hosts=0': ", "parallel.hosts=0: expected a positive integer")),
 ])
 def test_a_bad_sweep_file_is_one_error_before_anything_runs(sweep, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -276,3 +277,36 @@ def test_the_paper_sweep_arms_are_the_four_shipped_configs():
         shipped = load_config(REPO / "configs" / f"{run.arm}.yaml").mapping
         assert {k: v for k, v in run.config.mapping.items() if k != "run"} == \
             {k: v for k, v in shipped.items() if k != "run"}, run.arm
+
+
+@pytest.mark.slow
+def test_rollouts_and_ppo_as_two_processes_each_in_a_sweep(swept, stdlib_corpus, env, tmp_path):
+    """One arm with rollouts.hosts and rl.hosts 2 on the local backend: each stage runs as 2 processes, and
+    the rollout store is the 1-process sweep's bit for bit (each process records its chunks with the program
+    one process runs: test_rl_distributed). PPO's 2-process numbers are test_rl_distributed's to compare (one
+    process on two devices); here, that the stage ran as 2 processes and its arm finished."""
+    write_world(tmp_path, stdlib_corpus, {"name": "tiny", "base": "chain.yaml", "arms": [
+        {"name": "two-hosts", "set": {"rl.beta": 1.0, "rollouts.hosts": 2, "rl.hosts": 2}}]})
+    result = sweep_cli(["sweep.yaml"], tmp_path, env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    logs = {log.name.split("-")[0]: log.read_text() for log in (tmp_path / "sweeps/tiny/logs").glob("*.log")}
+    assert logs["rollouts"].count(" in each of 2 processes, ") == 2, logs["rollouts"]  # training + validation
+    assert " in 2 processes" in logs["policy"] and logs["policy"].count("[policy] done in") == 1, logs["policy"]
+    one = next((swept[0] / "runs/.stages").glob("rollouts-*")) / "rollouts"
+    two = tmp_path / "runs/.stages" / one.parent.name / "rollouts"  # the same key: hosts is in none
+
+    def files(root: Path) -> dict:
+        """Every file's bytes, the stores' metadata parsed with the model's path relative to the sweep's
+        directory; the ownership manifests (which record the writing process) aside."""
+        out = {}
+        for path in sorted(root.rglob("*")):
+            if path.name == "rollouts.json":
+                meta = json.loads(path.read_text())
+                meta["model"]["checkpoint"] = str(Path(meta["model"]["checkpoint"]).relative_to(root.parents[2]))
+                out[str(path.relative_to(root))] = meta
+            elif path.is_file() and path.name != ".greencode-output.json":
+                out[str(path.relative_to(root))] = path.read_bytes()
+        return out
+
+    assert files(two) == files(one) and len(files(one)) == 16
+    assert (tmp_path / "sweeps/tiny/runs/two-hosts/evaluate/summary.json").exists()

@@ -1,5 +1,5 @@
-"""`greencode sweep SWEEP.yaml [--backend local|ray|slurm] [--jobs N] [--dry-run]`: parses, calls
-greencode_jax.pipeline's sweep, prints the dry run or the results table.
+"""`greencode sweep SWEEP.yaml [--backend local|ray|slurm] [--jobs N] [--cpus-per-stage N] [--gpus-per-stage N]
+[--detach] [--dry-run]`: parses, calls greencode_jax.pipeline's sweep, prints the dry run or the results table.
 
 Wiring (in main.py's build_parser): `sweep_cmd.register(sub)`.
 """
@@ -31,7 +31,16 @@ def cmd_sweep(args):
     from greencode_jax.pipeline.backends import open_backend
     from greencode_jax.pipeline.sweep import run_sweep
 
-    failed = run_sweep(plan, open_backend(args.backend, jobs=args.jobs, address=args.address), say)
+    backend = open_backend(args.backend, jobs=args.jobs, address=args.address, cpus=args.cpus_per_stage,
+                           gpus=args.gpus_per_stage)
+    if args.detach:
+        from greencode_jax.pipeline.sweep import submit_sweep
+
+        submitted = submit_sweep(plan, backend, say)
+        print(f"{submitted} stage jobs submitted; run the same command without --detach to follow them and write "
+              "the results")
+        return
+    failed = run_sweep(plan, backend, say)
     print("\n" + (plan.out / "report.md").read_text())
     print(f"results: {plan.out / 'summary.csv'}, {plan.out / 'report.md'}, {plan.out / 'pareto.png'}")
     if failed:
@@ -48,6 +57,15 @@ def register(sub):
     p.add_argument("--jobs", type=int, default=1, help="local: stage jobs at once (default 1); ray/slurm: ignored")
     p.add_argument("--address", default=None,
                    help="ray: the cluster's address (default: RAY_ADDRESS); slurm: the submitit folder")
+    p.add_argument("--cpus-per-stage", type=int, default=None,
+                   help="ray: CPUs each stage task asks for (default 1); local/slurm: ignored (slurm: "
+                        "GREENCODE_SLURM_CPUS)")
+    p.add_argument("--gpus-per-stage", type=int, default=None,
+                   help="ray: GPUs each stage task asks for (default 1 where the cluster has GPUs, else 0); "
+                        "local/slurm: ignored (slurm: GREENCODE_SLURM_GPUS)")
+    p.add_argument("--detach", action="store_true",
+                   help="slurm (on a cluster): submit every stage job, each waiting on its upstream jobs in SLURM, "
+                        "and return; the same command without it follows them and writes the results")
     p.add_argument("--dry-run", action="store_true",
                    help="print every arm, its overrides and which stages the arms share, and run nothing")
     p.add_argument("--run-stage", default=None, metavar="SPEC.json", help=argparse.SUPPRESS)

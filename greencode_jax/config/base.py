@@ -39,6 +39,13 @@ class Section:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
+def check_hosts(section) -> None:
+    """`<section>.hosts`: the processes (one per host) a stage runs as under `greencode sweep`."""
+    if isinstance(section.hosts, bool) or section.hosts < 1:
+        raise GreencodeError(f"{section.NAME}.hosts={section.hosts!r}: expected a positive integer (processes, one "
+                             "per host)")
+
+
 def build_section(cls, values, section: str, source: str):
     """`cls` (a config dataclass, a `Section` or not) from the mapping `values` of YAML section
     `section` read from `source`; every error is one line that starts with `source`."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from greencode_jax.config.base import Section
+from greencode_jax.config.base import Section, check_hosts
 from greencode_jax.errors import GreencodeError
 
 METHODS = ("full", "heads")  # train.method
@@ -129,6 +129,10 @@ class ParallelSection(Section):
     data: int = -1  # devices along the data axis (-1: the devices fsdp leaves)
     fsdp: int = 1  # devices along the fsdp axis (parameters and optimiser state sharded)
     distributed: str = "auto"  # auto | on | off (see greencode_jax.parallel.distributed)
+    hosts: int = 1  # `greencode sweep`: the fine-tune as this many processes, one per host (in no stage key)
+
+    def __post_init__(self):
+        check_hosts(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from greencode_jax.config.base import Section
+from greencode_jax.config.base import Section, check_hosts
 from greencode_jax.errors import GreencodeError
 from greencode_jax.yamlfile import check_finite
 
@@ -99,6 +99,10 @@ class RolloutsSection(Section):
     hidden_dtype: str = "float32"
     max_context: int = 0  # 0: what the model's positions allow
     seed: int = 0
+    hosts: int = 1  # `greencode sweep`: collection as this many processes, one per host (in no stage key)
+
+    def __post_init__(self):
+        check_hosts(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +138,13 @@ class RLSection(Section):
     # the run
     checkpoint_every: int = 20  # updates per compiled block; a training-state checkpoint after each
     thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # of the validation table
+    hosts: int = 1  # `greencode sweep`: PPO as this many processes, one per host (in no stage key)
 
     def __post_init__(self):
         def bad(field, expected):
             raise GreencodeError(f"rl.{field}={getattr(self, field)!r}: expected {expected}")
+
+        check_hosts(self)
 
         check_finite(self, "rl")  # before the range checks: NaN passes every comparison
         if self.reward not in REWARDS:

@@ -23,6 +23,9 @@ FINETUNE_RUN = "finetune"  # the fine-tune's own run directory, inside its stage
 # A run-dependent path inside a key is replaced by this: the upstream key it comes from already counts.
 UPSTREAM = "<upstream stage output>"
 _NOT_RESULTS = ("name", "out_dir", "progress", "log_every")  # run fields that change no stage's result
+# How many processes (hosts) a stage runs as: where it runs, not what it makes (a multi-host run equals a
+# one-host run to rounding), so in no key.
+HOSTS = "hosts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,7 @@ class StagePlan:
     dir: Path
     deps: tuple
     links: dict
+    hosts: int = 1  # processes, one per host (the backend starts them with jax.distributed wired)
 
     @property
     def job(self) -> str:
@@ -48,7 +52,12 @@ def finetune_key_fields(config: Config) -> dict:
     """What the fine-tune's result depends on: its sections, less the run's name, place and logging."""
     fields = config.finetune.to_dict()
     fields["run"] = {k: v for k, v in fields["run"].items() if k not in _NOT_RESULTS}
+    fields["parallel"] = _less_hosts(fields["parallel"])
     return fields
+
+
+def _less_hosts(section: dict) -> dict:
+    return {k: v for k, v in section.items() if k != HOSTS}
 
 
 def policy_rl(config: Config, cost: Path):
@@ -67,8 +76,9 @@ def plan_stages(config: Config, store: Path | None = None) -> dict[str, StagePla
     store = Path(store) if store is not None else store_dir(config)
     keys = {"finetune": digest(finetune_key_fields(config))}
     keys["calibrate"] = digest(keys["finetune"], dataclasses.asdict(config.energy))
-    keys["rollouts"] = digest(keys["finetune"], dataclasses.asdict(config.rollouts))
-    keys["policy"] = digest(keys["rollouts"], keys["calibrate"], dataclasses.asdict(policy_rl(config, Path(UPSTREAM))))
+    keys["rollouts"] = digest(keys["finetune"], _less_hosts(dataclasses.asdict(config.rollouts)))
+    keys["policy"] = digest(keys["rollouts"], keys["calibrate"],
+                            _less_hosts(dataclasses.asdict(policy_rl(config, Path(UPSTREAM)))))
     protocol = {k: config.eval.evaluation_fields()[k] for k in ("context_fraction", "new_tokens", "max_context")}
     keys["certify"] = digest(keys["policy"], dataclasses.asdict(config.certify), protocol)
     evaluation = dict(config.eval.evaluation_fields(), certified=UPSTREAM)
@@ -84,4 +94,6 @@ def plan_stages(config: Config, store: Path | None = None) -> dict[str, StagePla
     deps = {"finetune": (), "calibrate": ("finetune",), "rollouts": ("finetune",),
             "policy": ("finetune", "calibrate", "rollouts"), "certify": ("finetune", "policy"),
             "evaluate": ("finetune", "calibrate", "policy", "certify")}
-    return {name: StagePlan(name, keys[name], dirs[name], deps[name], links[name]) for name in STAGES}
+    hosts = {"finetune": config.finetune.parallel.hosts, "rollouts": config.rollouts.hosts, "policy": config.rl.hosts}
+    return {name: StagePlan(name, keys[name], dirs[name], deps[name], links[name], hosts.get(name, 1))
+            for name in STAGES}

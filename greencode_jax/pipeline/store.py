@@ -52,6 +52,8 @@ def run_stage(stage: StagePlan, build, what: str, log) -> float:
     if is_done(stage):
         log(f"[{stage.name}] up to date ({what}), skipped")
         return 0.0
+    if secondary_process():
+        return _run_secondary(stage, build)
     with output_lock(stage.dir):  # the lease: a second worker on this stage gets one line naming the holder
         if is_done(stage):  # another worker finished it between the check and the lease
             log(f"[{stage.name}] up to date ({what}), skipped")
@@ -72,6 +74,28 @@ def run_stage(stage: StagePlan, build, what: str, log) -> float:
         _write_status(stage, "done", seconds=round(seconds, 1))
     log(f"[{stage.name}] done in {seconds:.1f} s")
     return seconds
+
+
+def secondary_process() -> bool:
+    """Whether this process is one of a multi-host stage's processes other than the first, as its backend
+    started it (GREENCODE_PROCESS_ID, or SLURM's task id); read without JAX, which joins them later."""
+    for name in ("GREENCODE_PROCESS_ID", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.strip():
+            return value.strip() != "0"
+    return False
+
+
+def _run_secondary(stage: StagePlan, build) -> float:
+    """A secondary process's part of a multi-host stage: its share of `build` (which joins the others; the
+    libraries write the shared outputs from the primary). The primary holds the lease and the status."""
+    start = time.perf_counter()
+    try:
+        with ownership.stage(stage.name):
+            build()
+    except BaseException as error:
+        raise _one_line(stage.name, error) from None
+    return time.perf_counter() - start
 
 
 def _stopped(error: BaseException) -> bool:

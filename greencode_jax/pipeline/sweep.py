@@ -95,13 +95,7 @@ def run_sweep(plan: SweepPlan, backend, log) -> dict:
     the results; returns {run name: its one-line error} of the runs that failed."""
     out = plan.out
     with output_lock(out):
-        out.mkdir(parents=True, exist_ok=True)
-        if ownership.read_manifest(out) is None:
-            ownership.write_manifest(out, "sweep", {"sweep": plan.sweep.path})
-        elif ownership.read_manifest(out).get("kind") != "sweep":
-            ownership.check_replaceable_dir(out, "sweep")  # raises, naming what it is
-        for job in plan.jobs.values():
-            atomic_write_text(_spec_path(out, job), json.dumps(job.spec, indent=2) + "\n")
+        _prepare(plan)
         errors = run_jobs(plan.jobs, backend, out, lambda job: job_command(out, job), log)
         failed = {}
         for run in plan.sweep.runs:
@@ -115,6 +109,36 @@ def run_sweep(plan: SweepPlan, backend, log) -> dict:
                 link_outputs(run_dir, stage)
         write_results(plan, out, failed)
     return failed
+
+
+def submit_sweep(plan: SweepPlan, backend, log) -> int:
+    """`--detach`: submits every job not done to `backend` (one that follows dependencies: SLURM) and
+    returns how many, without waiting; the same command without `--detach` then follows the jobs still
+    queued (the backend finds them) and writes the results."""
+    if not getattr(backend, "follows_dependencies", False):
+        raise GreencodeError("--detach: only --backend slurm on a SLURM cluster runs the stage jobs without this "
+                             "process (its jobs wait on each other in SLURM)")
+    with output_lock(plan.out):
+        _prepare(plan)
+        errors = run_jobs(plan.jobs, backend, plan.out, lambda job: job_command(plan.out, job), log, detach=True)
+    return sum(not job.done and job.id not in errors for job in plan.jobs.values())
+
+
+def _prepare(plan: SweepPlan):
+    """sweeps/<name>/ with its manifest (or one that is a sweep's already) and every job's spec."""
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    if ownership.read_manifest(out) is None:
+        ownership.write_manifest(out, "sweep", {"sweep": plan.sweep.path})
+    elif ownership.read_manifest(out).get("kind") != "sweep":
+        ownership.check_replaceable_dir(out, "sweep")  # raises, naming what it is
+    write_job_specs(out, plan.jobs.values())
+
+
+def write_job_specs(out: Path, jobs):
+    """sweeps/<name>/jobs/<job>.json of each job: what its command (`job_command`) reads."""
+    for job in jobs:
+        atomic_write_text(_spec_path(out, job), json.dumps(job.spec, indent=2) + "\n")
 
 
 def _spec_path(out: Path, job: Job) -> Path:

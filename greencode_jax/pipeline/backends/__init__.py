@@ -8,8 +8,10 @@ BACKENDS = ("local", "ray", "slurm")
 from greencode_jax.errors import GreencodeError
 
 
-def open_backend(name: str, *, jobs: int = 1, address: str | None = None):
-    """The backend `name`; ray and slurm import their (optional) libraries only when chosen."""
+def open_backend(name: str, *, jobs: int = 1, address: str | None = None, cpus: int | None = None,
+                 gpus: int | None = None):
+    """The backend `name`; ray and slurm import their (optional) libraries only when chosen. `cpus`, `gpus`:
+    what each Ray task asks for (ray.py's defaults when None)."""
     if name == "local":
         from greencode_jax.pipeline.backends.local import LocalBackend
 
@@ -17,7 +19,7 @@ def open_backend(name: str, *, jobs: int = 1, address: str | None = None):
     if name == "ray":
         from greencode_jax.pipeline.backends.ray import RayBackend
 
-        return RayBackend(address)
+        return RayBackend(address, cpus=cpus, gpus=gpus)
     if name == "slurm":
         from greencode_jax.pipeline.backends.slurm import SlurmBackend
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -15,6 +16,22 @@ def job_env() -> dict:
     memory preallocation off: several jobs may share one accelerator."""
     env = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_", "PYTHONPATH"))}
     return dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+
+
+def process_envs(hosts: int, coordinator: str) -> list[dict]:
+    """The variables of each process of a stage that runs as `hosts` processes: jax.distributed's
+    (parallel/distributed.py) with `coordinator` (host:port of process 0); one process needs none."""
+    if hosts == 1:
+        return [{}]
+    return [{"GREENCODE_COORDINATOR": coordinator, "GREENCODE_NUM_PROCESSES": str(hosts),
+             "GREENCODE_PROCESS_ID": str(i)} for i in range(hosts)]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now, for a multi-host stage's coordinator."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def run_logged_command(command: list[str], cwd: str, log_path: str, env: dict) -> tuple[int, float]:
