@@ -75,7 +75,8 @@ def reward_parameters(cfg: RLSection, num_layers: int, architecture: dict | None
 def _settings(store: RolloutStore, cfg: RLSection, validation: RolloutStore | None, devices: int) -> dict:
     return {"rollouts": str(store.root.resolve()), "model": store.model,
             "validation": None if validation is None else str(validation.root.resolve()),
-            "rl": dataclasses.asdict(cfg), "devices": devices}
+            # hosts says where it runs (the devices are recorded), not what it trains
+            "rl": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "hosts"}, "devices": devices}
 
 
 def _kept(latest, total: int, work: Path) -> str:
