@@ -246,3 +246,32 @@ def assert_no_output(out: Path):
     assert not out.exists(), f"{out} was left behind"
     leftovers = sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
     assert not leftovers, f"temporary siblings left behind: {leftovers}"
+
+
+# Every executable XLA:CPU compiles keeps memory maps of its own (the generate tests alone leave
+# 10,000), and Linux allows a process vm.max_map_count of them (65,530 by default): the whole
+# suite in one process crossed it, and the next compile crashed (a segfault in
+# backend_compile_and_load). Between test modules, once the process holds more than
+# MAP_LIMIT maps, JAX's caches are cleared: the executables and their maps go, and a module
+# that runs later compiles what it needs again (rarely, so the suite stays fast).
+MAP_LIMIT = 30_000
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux: no such limit to watch
+        return 0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    yield
+    if (nextitem is None or nextitem.module is not item.module) and _memory_maps() > MAP_LIMIT:
+        import gc as garbage
+        import sys
+
+        if "jax" in sys.modules:
+            sys.modules["jax"].clear_caches()
+        garbage.collect()
