@@ -186,6 +186,17 @@ def test_finetune_never_writes_over_a_users_directory(world, capsys):
     assert "runs/chain: a `greencode run` directory (its final links to ../.stages/finetune-" in line, line
 
 
+def test_run_never_replaces_a_users_own_link(world, capsys):
+    """A link in a run directory is replaced only when it points into the stage store (a run made it)."""
+    (world / "mine").mkdir()
+    (world / "mine/cost_model.json").write_text("{}\n")
+    link = world / "runs/chain/cost_model.json"
+    link.unlink()
+    link.symlink_to(world / "mine/cost_model.json")
+    line = refused(["run", "chain.yaml"], capsys, world)
+    assert "runs/chain/cost_model.json: a link to" in line and "not in the stage store" in line, line
+
+
 def test_a_stale_partial_is_cleared_by_overwrite_only(world, capsys):
     from greencode_jax.atomic import resumable_directory
 

@@ -14,7 +14,7 @@ FAMILY_COLOURS = {"base": "tab:gray", "full": "black", "fixed": "tab:blue", "con
                   "learned": "tab:green"}
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -23,7 +23,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -45,11 +45,11 @@ def pareto_png(summary: dict) -> bytes:
     """Energy (the protocol's Pareto cost) vs ROUGE-L, one panel per protocol, one colour per
     family, each point labelled with its setting (threshold, layer), the front as a step line."""
     protocols = list(summary["protocols"].items())
-    fig = _figure(6.5 * max(1, len(protocols)), 5.0)
+    fig = new_figure(6.5 * max(1, len(protocols)), 5.0)
     if not protocols:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no records", ha="center", va="center")
-        return _png(fig)
+        return figure_png(fig)
     for index, (protocol, proto) in enumerate(protocols, start=1):
         ax = fig.add_subplot(1, len(protocols), index)
         cost = proto.get("pareto_cost")
@@ -106,7 +106,7 @@ def pareto_png(summary: dict) -> bytes:
             ax.text(0.5, 0.5, "no policy has both a cost and ROUGE-L", ha="center", va="center",
                     transform=ax.transAxes)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def exits_png(summary: dict, records: list[dict]) -> bytes:
@@ -119,11 +119,11 @@ def exits_png(summary: dict, records: list[dict]) -> bytes:
     protocols = list(summary["protocols"]) or sorted({p for p, _ in counts})
     rows = list(dict.fromkeys(k for proto in protocols for k in ordered_keys(summary["protocols"][proto]["policies"])))
     if not rows:
-        fig = _figure(6.0, 3.0)
+        fig = new_figure(6.0, 3.0)
         fig.add_subplot(1, 1, 1).text(0.5, 0.5, "no records", ha="center", va="center")
-        return _png(fig)
+        return figure_png(fig)
     top = max((layer for c in counts.values() for layer in c), default=0)
-    fig = _figure(4.5 * len(protocols), max(2.5, 1.3 * len(rows)))
+    fig = new_figure(4.5 * len(protocols), max(2.5, 1.3 * len(rows)))
     axes = fig.subplots(len(rows), len(protocols), squeeze=False, sharex=True)
     for i, key in enumerate(rows):
         for j, protocol in enumerate(protocols):
@@ -145,4 +145,4 @@ def exits_png(summary: dict, records: list[dict]) -> bytes:
             if i == len(rows) - 1:
                 ax.set_xlabel("exit layer (0-based)", fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from greencode_jax.atomic import atomic_write_bytes, atomic_write_text
 from greencode_jax.eval.metrics import METRICS
-from greencode_jax.eval.plots import _figure, _png  # the report's Agg canvas, shared with evaluate's plots
+from greencode_jax.eval.plots import figure_png, new_figure  # the Agg canvas evaluate's plots draw on
 from greencode_jax.eval.report import main_table
 from greencode_jax.pipeline.stages import read_stage_json
 
@@ -156,7 +156,7 @@ def render_report(plan, rows: list[dict], failed: dict) -> str:
 def pareto_png(rows: list[dict]) -> bytes:
     """Modelled J per sample vs ROUGE-L of every arm's policies, one colour per arm, one panel per protocol."""
     protocols = list(dict.fromkeys(r["protocol"] for r in rows)) or ["(no finished arm)"]
-    fig = _figure(6.5 * len(protocols), 5.0)
+    fig = new_figure(6.5 * len(protocols), 5.0)
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     colours = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
     for index, protocol in enumerate(protocols, start=1):
@@ -176,4 +176,4 @@ def pareto_png(rows: list[dict]) -> bytes:
         if arms:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)

@@ -127,6 +127,12 @@ def _record_failure(stage: StagePlan, error: BaseException):
         _write_status(stage, "failed", error=(message[0] if message else type(error).__name__))
 
 
+def _into_store(link: Path, stage: StagePlan) -> bool:
+    """Whether `link` points into the stage store (a link a run made, to this or an older key)."""
+    target = Path(os.path.abspath(link.parent / os.readlink(link)))
+    return target.is_relative_to(os.path.abspath(stage.dir.parent))
+
+
 def link_outputs(run_dir: Path, stage: StagePlan, check_only: bool = False):
     """Makes each of the stage's names in `run_dir` a relative link to its output in the store. What
     stands in the way is replaced only when it is a link or this stage's own output (a run made before
@@ -135,7 +141,12 @@ def link_outputs(run_dir: Path, stage: StagePlan, check_only: bool = False):
         path = run_dir / name
         relative = os.path.relpath(target, run_dir)
         if path.is_symlink():
-            if os.readlink(path) == relative or check_only:
+            if os.readlink(path) == relative:
+                continue
+            if not _into_store(path, stage):  # a user's own link: theirs, not replaced
+                raise GreencodeError(f"[{stage.name}] {path}: a link to {os.readlink(path)}, which is not in the "
+                                     f"stage store {stage.dir.parent}; it is left as it is: move it away")
+            if check_only:
                 continue
         elif path.exists():
             try:
