@@ -112,6 +112,7 @@ def test_two_processes_collect_the_store_one_process_collects(setup, one_process
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no .partial, no lock file left
 
 
+@pytest.mark.slow  # 16-34 s of three 2-process collections: .ci/run's 20-minute budget
 def test_an_interrupted_two_process_collection_resumes(setup, one_process_store, compile_cache,  # noqa: F811
                                                        tmp_path):
     """Ctrl-C reaching process 1 alone: it stops at its next batch, and process 0, once its own chunks are

@@ -53,6 +53,7 @@ def run_the_finetune_stage(backend, one_device_run):
     assert_equivalent_runs(one_device_run, finetune.plan.dir / "finetune")
 
 
+@pytest.mark.slow  # 30 s of two fine-tune processes plus the one-process reference: .ci/run's 20-minute budget
 def test_a_two_host_finetune_stage_on_the_local_backend_trains_as_one_process_does(two_host_world,
                                                                                     one_device_run):
     from greencode_jax.pipeline.backends.local import LocalBackend
